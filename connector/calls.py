@@ -1,0 +1,227 @@
+"""The call policy: rate limit, concurrency cap, retries with backoff, the auth pause.
+
+For each event: take a token, take a concurrency slot, make one attempt, give the slot
+back; on a retriable failure wait (exponential backoff with full jitter, at least
+``Retry-After``) *without* holding a slot, and go again until the attempt or time budget
+is spent. 401/403 close a gate: every call waits while one probe retries periodically,
+so a bad key never burns through the backlog; the key is re-read on each probe, so a
+rotated secret file heals the connector without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from connector.config import ApiSettings
+from connector.errors import (
+    AuthError,
+    EventRejected,
+    PermanentApiError,
+    RetriableApiError,
+    Stage,
+)
+from connector.events import ThreadCreated
+from connector.metrics import Metrics
+from connector.ratelimit import AdaptiveRate, TokenBucket
+from connector.routing import ThreadRequest
+from connector.threads_client import ApiThread, status_class
+
+log = logging.getLogger(__name__)
+Sleep = Callable[[float], Awaitable[None]]
+Attempt = Callable[[ThreadRequest, str, str], Awaitable[ApiThread]]
+OVERLOAD_STATUSES = frozenset({429, 503})
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(max, initial * 2^(attempt-1))]."""
+    return rng.uniform(0.0, min(max_s, initial_s * 2 ** (attempt - 1)))
+
+
+class AuthGate:
+    """Closed while the API answers 401/403. While closed, one caller at a time is the
+    probe: it waits ``probe_interval_s`` and tries again; the others wait for the gate."""
+
+    def __init__(self, probe_interval_s: float = 30.0) -> None:
+        self.probe_interval_s = probe_interval_s
+        self._open = asyncio.Event()
+        self._open.set()
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    async def enter(self) -> bool:
+        """Wait until a call may go; True when this caller is the probe."""
+        while not self._open.is_set():
+            if not self._probing:
+                self._probing = True
+                return True
+            await self._open.wait()
+        return False
+
+    def fail(self, was_probe: bool) -> bool:
+        """A 401/403: close the gate. True when it was open until now."""
+        if was_probe:
+            self._probing = False
+        was_open = self._open.is_set()
+        self._open.clear()
+        return was_open
+
+    def succeed(self, was_probe: bool) -> bool:
+        """A call went through: open the gate. True when it was closed until now."""
+        if was_probe:
+            self._probing = False
+        was_closed = not self._open.is_set()
+        self._open.set()
+        return was_closed
+
+
+class ThreadCaller:
+    """Turns a ThreadRequest into a ThreadCreated, or an EventRejected(stage=api)."""
+
+    def __init__(
+        self,
+        attempt: Attempt,
+        settings: ApiSettings,
+        bucket: TokenBucket,
+        adaptive: AdaptiveRate,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+        auth_gate: AuthGate | None = None,
+    ) -> None:
+        self._attempt = attempt
+        self._settings = settings
+        self._bucket = bucket
+        self._adaptive = adaptive
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self.auth_gate = auth_gate or AuthGate()
+        self.in_flight = 0
+
+    async def call(
+        self, request: ThreadRequest, event_id: str, correlation_id: str
+    ) -> ThreadCreated:
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            is_probe = await self.auth_gate.enter()
+            if is_probe:
+                await self._sleep(self.auth_gate.probe_interval_s)
+            waited = await self._bucket.acquire()
+            self._metrics.rate_limit_wait.inc(waited)
+            attempts += 1
+            try:
+                thread = await self._one_attempt(request, event_id, correlation_id)
+            except AuthError as exc:
+                attempts -= 1  # an auth pause is not the event's fault: no budget spent
+                if self.auth_gate.fail(is_probe):
+                    self._metrics.auth_paused.set(1)
+                    log.error(
+                        "Threads API refused the API key (HTTP %s): calls paused, "
+                        "probing every %.0fs",
+                        exc.status,
+                        self.auth_gate.probe_interval_s,
+                    )
+                continue
+            except PermanentApiError as exc:
+                self._auth_ok(is_probe)  # any answer but 401/403 means the key was accepted
+                self._metrics.event_attempts.observe(attempts)
+                raise EventRejected(
+                    Stage.API, str(exc), code=f"http_{exc.status}", status=exc.status
+                ) from exc
+            except RetriableApiError as exc:
+                self._auth_ok(is_probe)
+                delay = self._retry_delay(exc, attempts, started)
+                if delay is None:
+                    self._metrics.event_attempts.observe(attempts)
+                    raise EventRejected(
+                        Stage.API,
+                        f"gave up after {attempts} attempts: {exc}",
+                        code="retries_exhausted",
+                        status=exc.status,
+                    ) from exc
+                self._metrics.api_retries.labels(_code(exc)).inc()
+                await self._sleep(delay)
+                continue
+            self._auth_ok(is_probe)
+            self._metrics.event_attempts.observe(attempts)
+            return ThreadCreated(
+                thread_uid=thread.thread_uid,
+                human_uid=thread.human_uid,
+                agent_uid=thread.agent_uid or request.agent_uid,
+                attempts=attempts,
+                latency_ms=(time.monotonic() - started) * 1000,
+            )
+
+    async def _one_attempt(
+        self, request: ThreadRequest, event_id: str, correlation_id: str
+    ) -> ApiThread:
+        m = self._metrics
+        async with self._slots:
+            self.in_flight += 1
+            m.calls_in_flight.inc()
+            t0 = time.monotonic()
+            try:
+                thread = await self._attempt(request, event_id, correlation_id)
+            except RetriableApiError as exc:
+                code = _code(exc)
+                klass = status_class(exc.status) if exc.status else "error"
+                m.api_responses.labels(klass, code).inc()
+                m.api_call_duration.labels(klass).observe(time.monotonic() - t0)
+                if exc.outcome_unknown:
+                    m.api_outcome_unknown.inc()
+                    log.warning(
+                        "outcome unknown, a thread may exist",
+                        extra={"event_id": event_id, "correlation_id": correlation_id},
+                    )
+                raise
+            except (PermanentApiError, AuthError) as exc:
+                klass = status_class(exc.status or 0)
+                m.api_responses.labels(klass, str(exc.status)).inc()
+                m.api_call_duration.labels(klass).observe(time.monotonic() - t0)
+                raise
+            finally:
+                self.in_flight -= 1
+                m.calls_in_flight.dec()
+        m.api_responses.labels("2xx", "201").inc()
+        m.api_call_duration.labels("2xx").observe(time.monotonic() - t0)
+        self._adaptive_update()
+        return thread
+
+    def _auth_ok(self, was_probe: bool) -> None:
+        if self.auth_gate.succeed(was_probe):
+            self._metrics.auth_paused.set(0)
+            log.warning("Threads API accepts the API key again: calls resumed")
+
+    def _retry_delay(self, exc: RetriableApiError, attempts: int, started: float) -> float | None:
+        s = self._settings
+        if exc.status in OVERLOAD_STATUSES:
+            self._adaptive.on_overload()
+            self._metrics.rate_limited.inc()
+            if exc.retry_after_s:
+                self._bucket.pause_for(exc.retry_after_s)
+            self._adaptive_update()
+        delay = backoff_s(attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
+        if exc.retry_after_s is not None:
+            delay = max(delay, exc.retry_after_s)
+        if attempts >= s.max_attempts or time.monotonic() - started + delay > s.retry_budget_s:
+            return None
+        return delay
+
+    def _adaptive_update(self) -> None:
+        self._metrics.rate_limit_rate.set(self._bucket.rate)
+
+
+def _code(exc: RetriableApiError) -> str:
+    if exc.status is not None:
+        return str(exc.status)
+    return "timeout" if exc.outcome_unknown else "connect_error"

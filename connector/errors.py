@@ -1,0 +1,92 @@
+"""The connector's exceptions, classified by what the caller does next.
+
+::
+
+    ConnectorError
+    ├── ConfigError            bad configuration: stop at start-up, naming the field
+    ├── EventRejected          this event cannot be processed: dead-letter it (stage, reason)
+    ├── ApiError               a Threads API call failed
+    │   ├── RetriableApiError  429/502/503/504, timeout, connection error: back off and retry
+    │   ├── PermanentApiError  400/404/422: dead-letter the event
+    │   └── AuthError          401/403: the connector is misconfigured: pause and alert
+    └── FencedError            another instance took over our transactional id: rejoin
+
+Foreign exceptions (``httpx.*``, ``aiokafka.errors.*``) are translated into these only in
+the adapters that call those libraries (``threads_client``, ``source``, ``sink``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    """Where in the pipeline an event was rejected (the dead-letter ``stage`` header)."""
+
+    PARSE = "parse"
+    VALIDATE = "validate"
+    ROUTE = "route"
+    API = "api"
+
+
+class ConnectorError(Exception):
+    """Base of every error the connector raises on purpose."""
+
+
+class ConfigError(ConnectorError):
+    """The configuration is invalid; the message names each offending field."""
+
+
+class EventRejected(ConnectorError):
+    """An event that must go to the dead-letter topic.
+
+    ``reason`` is for people (it may name fields); ``code`` is a short, bounded label
+    (``invalid_json``, ``no_route``, ``http_422`` …) safe to use as a metric label.
+    """
+
+    def __init__(self, stage: Stage, reason: str, *, code: str, status: int | None = None) -> None:
+        super().__init__(f"{stage.value}: {reason}")
+        self.stage = stage
+        self.reason = reason
+        self.code = code
+        self.status = status
+
+
+class ApiError(ConnectorError):
+    """A Threads API call did not return 201."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RetriableApiError(ApiError):
+    """Worth retrying after a backoff.
+
+    ``outcome_unknown`` is true when the request may have reached the API (a read timeout
+    after the body was sent): the thread may exist even though we never saw its id.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        outcome_unknown: bool = False,
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+        self.outcome_unknown = outcome_unknown
+
+
+class PermanentApiError(ApiError):
+    """The API rejected this request; retrying cannot help."""
+
+
+class AuthError(ApiError):
+    """401/403: the API key is missing, wrong, or not valid for the appUid."""
+
+
+class FencedError(ConnectorError):
+    """Our transactional producer was fenced; the instance must stop its work and rejoin."""

@@ -1,0 +1,200 @@
+"""Domain values and their wire forms: input records, parsed events, results, dead letters.
+
+Pure: no I/O. Everything the sink writes is built here, so what reaches Kafka is decided
+in one place (and the API key or the system message text can never slip into it).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from connector.errors import EventRejected, Stage
+
+RESULT_SCHEMA_VERSION = 1
+Headers = tuple[tuple[str, bytes], ...]
+TopicPartitionKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """One record as consumed, untouched."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    timestamp_ms: int = 0
+
+    @property
+    def tp(self) -> TopicPartitionKey:
+        return (self.topic, self.partition)
+
+    def header(self, name: str) -> bytes | None:
+        """The last header of that name (case-insensitive), as Kafka clients do."""
+        found = None
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                found = value
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A parsed domain event: its id, its type and its JSON body."""
+
+    event_id: str
+    event_type: str
+    body: dict[str, Any]
+    record: InputRecord
+    correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadCreated:
+    """The API's 201 answer, with what it cost to get it."""
+
+    thread_uid: str
+    human_uid: str
+    agent_uid: str
+    attempts: int
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record for the sink to write."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    partition: int | None = None
+
+
+def lookup(body: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path (``user.id``); KeyError if any step is missing."""
+    node: Any = body
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(path)
+    return node
+
+
+def parse_event(record: InputRecord, *, id_field: str, id_header: str, type_field: str) -> Event:
+    """Decode the record's JSON and find its event id and type, or raise EventRejected."""
+    if record.value is None:
+        raise EventRejected(Stage.PARSE, "record has no value (tombstone)", code="empty_value")
+    try:
+        body = orjson.loads(record.value)
+    except orjson.JSONDecodeError as exc:
+        raise EventRejected(
+            Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
+    if not isinstance(body, dict):
+        raise EventRejected(
+            Stage.PARSE,
+            f"value is JSON {type(body).__name__}, not an object",
+            code="not_an_object",
+        )
+    event_id = _scalar(body, id_field)
+    if event_id is None:
+        raw = record.header(id_header)
+        event_id = raw.decode("utf-8", "replace").strip() if raw else None
+    if not event_id:
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"no event id: field '{id_field}' and header '{id_header}' missing",
+            code="no_event_id",
+        )
+    event_type = _scalar(body, type_field)
+    if not event_type:
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"no event type: field '{type_field}' missing",
+            code="no_event_type",
+        )
+    return Event(event_id=event_id, event_type=event_type, body=body, record=record)
+
+
+def _scalar(body: dict[str, Any], path: str) -> str | None:
+    try:
+        value = lookup(body, path)
+    except KeyError:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return str(value)
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_record(
+    topic: str,
+    event: Event,
+    *,
+    app_uid: str,
+    created: ThreadCreated,
+    deep_link: str,
+    user_key: str,
+) -> OutRecord:
+    """The results-topic record (DESIGN.md §7). Keyed by the user for per-user order."""
+    src = event.record
+    value = {
+        "schemaVersion": RESULT_SCHEMA_VERSION,
+        "eventId": event.event_id,
+        "eventType": event.event_type,
+        "appUid": app_uid,
+        "agentUid": created.agent_uid,
+        "threadUid": created.thread_uid,
+        "humanUid": created.human_uid,
+        "deepLink": deep_link,
+        "createdAt": utc_now_iso(),
+        "attempts": created.attempts,
+        "latencyMs": round(created.latency_ms, 1),
+        "source": {"topic": src.topic, "partition": src.partition, "offset": src.offset},
+    }
+    headers = (
+        ("event-id", event.event_id.encode()),
+        ("correlation-id", event.correlation_id.encode()),
+    )
+    return OutRecord(topic, user_key.encode(), orjson.dumps(value), headers)
+
+
+def dead_letter_record(
+    topic: str,
+    record: InputRecord,
+    error: EventRejected,
+    *,
+    attempts: int = 0,
+    event_id: str | None = None,
+    first_seen_ms: int | None = None,
+) -> OutRecord:
+    """The original key, value and headers untouched, plus ``dlq-*`` headers saying why."""
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    extra: list[tuple[str, bytes]] = [
+        ("dlq-stage", error.stage.value.encode()),
+        ("dlq-code", error.code.encode()),
+        ("dlq-reason", error.reason.encode()[:1000]),
+        ("dlq-attempts", str(attempts).encode()),
+        ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ("dlq-first-seen-ms", str(first_seen_ms or now_ms).encode()),
+        ("dlq-failed-at-ms", str(now_ms).encode()),
+    ]
+    if error.status is not None:
+        extra.append(("dlq-http-status", str(error.status).encode()))
+    if event_id is not None:
+        extra.append(("dlq-event-id", event_id.encode()))
+    return OutRecord(topic, record.key, record.value, record.headers + tuple(extra))

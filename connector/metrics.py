@@ -1,0 +1,170 @@
+"""Prometheus metrics, defined once.
+
+Named by Prometheus conventions: a ``threads_connector_`` prefix, base units in the name
+(``_seconds``), ``_total`` on counters. Labels are bounded: topics, partitions, stages,
+short reason codes and HTTP codes; never event ids or user ids.
+
+Each ``Metrics`` owns its registry, so several connectors can run in one process (tests)
+without colliding; the app serves its own registry on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "threads_connector"
+# An API call starts an LLM agent turn: 0.1 s to a minute and more.
+CALL_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120)
+E2E_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+COMMIT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
+
+
+class Metrics:
+    """Every metric the connector exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        self.events_consumed = Counter(
+            f"{p}_events_consumed_total",
+            "Records fetched from input topics.",
+            ["topic"],
+            registry=r,
+        )
+        self.dedup_hits = Counter(
+            f"{p}_dedup_hits_total",
+            "Events dropped as duplicates: seen in the window, or in flight already.",
+            ["topic", "kind"],
+            registry=r,
+        )
+        self.threads_created = Counter(
+            f"{p}_threads_created_total",
+            "Threads created (201 from the API).",
+            ["topic"],
+            registry=r,
+        )
+        self.results_published = Counter(
+            f"{p}_results_published_total", "Result records published.", registry=r
+        )
+        self.api_responses = Counter(
+            f"{p}_api_responses_total",
+            "Threads API responses by status class (2xx, 4xx, 5xx, error) and code "
+            "(HTTP status, or timeout / connect_error / protocol_error).",
+            ["status_class", "code"],
+            registry=r,
+        )
+        self.api_call_duration = Histogram(
+            f"{p}_api_call_duration_seconds",
+            "Duration of one Threads API call attempt.",
+            ["status_class"],
+            buckets=CALL_BUCKETS_S,
+            registry=r,
+        )
+        self.event_attempts = Histogram(
+            f"{p}_event_attempts",
+            "API attempts an event needed, success or not.",
+            buckets=ATTEMPT_BUCKETS,
+            registry=r,
+        )
+        self.api_retries = Counter(
+            f"{p}_api_retries_total",
+            "API attempts retried, by the code that caused it.",
+            ["code"],
+            registry=r,
+        )
+        self.api_outcome_unknown = Counter(
+            f"{p}_api_outcome_unknown_total",
+            "Attempts whose outcome is unknown (timeout after sending): possible duplicates.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            f"{p}_dead_letters_total",
+            "Records sent to the dead-letter topic.",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.calls_in_flight = Gauge(
+            f"{p}_calls_in_flight", "Threads API calls in flight now.", registry=r
+        )
+        self.events_in_progress = Gauge(
+            f"{p}_events_in_progress", "Events fetched and not yet finished.", registry=r
+        )
+        self.rate_limit_rate = Gauge(
+            f"{p}_rate_limit_per_second",
+            "This replica's current call rate limit (group share times adaptive factor).",
+            registry=r,
+        )
+        self.rate_limit_share = Gauge(
+            f"{p}_rate_limit_share_per_second",
+            "This replica's share of the group rate, before adaptive backoff.",
+            registry=r,
+        )
+        self.rate_limit_tokens = Gauge(
+            f"{p}_rate_limit_tokens", "Tokens in the bucket now.", registry=r
+        )
+        self.rate_limit_wait = Counter(
+            f"{p}_rate_limit_wait_seconds_total",
+            "Time calls spent waiting for a token.",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            f"{p}_rate_limited_total", "429 and 503 answers that slowed the rate down.", registry=r
+        )
+        self.auth_paused = Gauge(
+            f"{p}_auth_paused", "1 while calls are paused by a 401/403 from the API.", registry=r
+        )
+        self.partitions_assigned = Gauge(
+            f"{p}_partitions_assigned", "Input partitions owned by this replica.", registry=r
+        )
+        self.partitions_paused = Gauge(
+            f"{p}_partitions_paused", "Input partitions paused for backpressure.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            f"{p}_consumer_lag",
+            "Records between the committed offset and the log end.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.end_to_end_latency = Histogram(
+            f"{p}_end_to_end_latency_seconds",
+            "From the event's Kafka timestamp to its result being published.",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.commit_duration = Histogram(
+            f"{p}_commit_duration_seconds",
+            "One commit cycle: publish, flush and commit offsets (in a transaction or not).",
+            ["mode"],
+            buckets=COMMIT_BUCKETS_S,
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            f"{p}_commit_failures_total",
+            "Commit cycles that failed (aborted transactions).",
+            ["mode"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            f"{p}_producer_fenced_total", "Times the transactional producer was fenced.", registry=r
+        )
+        self.dedup_entries = Gauge(
+            f"{p}_dedup_entries", "Event ids held in the dedup window.", registry=r
+        )
+        self.dedup_evictions = Counter(
+            f"{p}_dedup_evictions_total",
+            "Dedup entries dropped for the size bound before their window expired.",
+            registry=r,
+        )
+        self.dedup_restored = Counter(
+            f"{p}_dedup_restored_total", "Dedup entries restored from the changelog.", registry=r
+        )
+        self.rebalances = Counter(
+            f"{p}_rebalances_total", "Partition assignments and revocations.", ["kind"], registry=r
+        )
+        self.up = Gauge(
+            f"{p}_ready",
+            "1 when assigned, connected and not paused by an auth failure.",
+            registry=r,
+        )

@@ -1,0 +1,145 @@
+"""Rate limiting: a token bucket, the group share, adaptive backoff and ``Retry-After``.
+
+The group-wide limit needs no shared store: each replica takes the share of the global
+rate that its share of the input partitions gives it, recomputed on every rebalance, so
+the replicas together never exceed the global rate. On 429/503 the local rate backs off
+multiplicatively and recovers additively (AIMD); ``Retry-After`` pauses new calls.
+
+The clock is injectable so these primitives are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def group_share(global_rate: float, owned: int, total: int) -> float:
+    """This replica's part of the group's rate: proportional to the partitions it owns."""
+    if total <= 0 or owned <= 0:
+        return 0.0
+    return global_rate * min(owned, total) / total
+
+
+class AdaptiveRate:
+    """AIMD factor in [min_fraction, 1] applied to the configured rate."""
+
+    def __init__(
+        self,
+        *,
+        decrease_factor: float,
+        increase_per_s: float,
+        min_fraction: float,
+        clock: Clock = time.monotonic,
+        cooldown_s: float = 1.0,
+    ) -> None:
+        self._decrease = decrease_factor
+        self._increase = increase_per_s
+        self._min = min_fraction
+        self._clock = clock
+        self._cooldown = cooldown_s
+        self._factor = 1.0
+        self._last_update = clock()
+        self._last_decrease = float("-inf")
+
+    @property
+    def factor(self) -> float:
+        self._recover()
+        return self._factor
+
+    def on_overload(self) -> None:
+        """A 429 or 503: cut the rate, at most once per cool-down (one burst, one cut)."""
+        self._recover()
+        now = self._clock()
+        if now - self._last_decrease >= self._cooldown:
+            self._factor = max(self._min, self._factor * self._decrease)
+            self._last_decrease = now
+
+    def _recover(self) -> None:
+        now = self._clock()
+        elapsed = now - self._last_update
+        self._last_update = now
+        if elapsed > 0 and now - self._last_decrease >= self._cooldown:
+            self._factor = min(1.0, self._factor + self._increase * elapsed)
+
+
+class TokenBucket:
+    """Tokens at ``rate`` per second up to ``burst``; starts empty so a (re)start never bursts.
+
+    ``acquire`` is FIFO: waiters queue on a lock and take tokens in arrival order.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        adaptive: AdaptiveRate | None = None,
+    ) -> None:
+        self._rate = rate
+        self._burst = max(1.0, burst)
+        self._clock = clock
+        self._sleep = sleep
+        self._adaptive = adaptive
+        self._tokens = 0.0
+        self._stamp = clock()
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+        self.waited_s = 0.0  # total time callers spent waiting (for metrics)
+
+    @property
+    def rate(self) -> float:
+        """The rate in force now (the share times the adaptive factor)."""
+        factor = self._adaptive.factor if self._adaptive else 1.0
+        return self._rate * factor
+
+    def set_rate(self, rate: float, burst: float | None = None) -> None:
+        self._refill()
+        self._rate = rate
+        if burst is not None:
+            self._burst = max(1.0, burst)
+        self._tokens = min(self._tokens, self._burst)
+
+    def pause_for(self, seconds: float) -> None:
+        """``Retry-After``: no token is handed out before ``seconds`` from now."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def tokens(self) -> float:
+        self._refill()
+        return self._tokens
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._stamp)
+        self._stamp = now
+        self._tokens = min(self._burst, self._tokens + elapsed * self.rate)
+
+    def try_acquire(self) -> float:
+        """Take a token and return 0, or return how long to wait before trying again."""
+        self._refill()
+        pause = self._paused_until - self._clock()
+        if pause > 0:
+            return pause
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        rate = self.rate
+        if rate <= 0:
+            return 1.0  # no partitions owned: nothing should be calling; check again soon
+        return (1.0 - self._tokens) / rate
+
+    async def acquire(self) -> float:
+        """Wait for a token; return the seconds waited."""
+        async with self._lock:
+            waited = 0.0
+            while (wait := self.try_acquire()) > 0:
+                await self._sleep(wait)
+                waited += wait
+            self.waited_s += waited
+            return waited

@@ -1,0 +1,195 @@
+"""Event → thread request: pick the route, render the templates, check the API's rules.
+
+Everything the Threads API would answer 400/422 to is caught here, so such an event goes
+to the dead-letter topic without spending a rate-limit token.
+
+Templates use ``string.Template`` syntax with dotted paths into the event:
+``"Order ${data.orderId} shipped to ${user.name}"``. Rendering only looks values up; it
+never evaluates anything, and a missing field rejects the event (stage ``validate``).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from connector.config import IDENTIFIER_FIELDS, Route
+from connector.errors import EventRejected, Stage
+from connector.events import Event, lookup
+
+EXTERNAL_USER_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+IDENTIFIER_MAX_LENGTH = 100  # externalUserId, sdkUserEmail, realEmailAddress (OpenAPI)
+
+
+class _DottedTemplate(string.Template):
+    idpattern = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
+
+
+class _EventView(Mapping[str, str]):
+    """A read-only mapping that resolves dotted paths in the event body."""
+
+    def __init__(self, body: dict[str, Any], extra: Mapping[str, str]) -> None:
+        self._body = body
+        self._extra = extra
+
+    def __getitem__(self, path: str) -> str:
+        if path in self._extra:
+            return self._extra[path]
+        value = lookup(self._body, path)
+        if value is None:
+            raise KeyError(path)
+        if isinstance(value, str):
+            return value
+        return orjson.dumps(value).decode()
+
+    def __iter__(self) -> Any:
+        return iter(self._body)
+
+    def __len__(self) -> int:
+        return len(self._body)
+
+
+def render(template: str, body: dict[str, Any], extra: Mapping[str, str] | None = None) -> str:
+    """Render a template against the event; KeyError names the first missing field."""
+    return _DottedTemplate(template).substitute(_EventView(body, extra or {}))
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError if the template itself is malformed (used at config time)."""
+    if not _DottedTemplate(template).is_valid():
+        raise ValueError(f"invalid template: {template!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRequest:
+    """A request the Threads API will accept, already checked against its OpenAPI rules."""
+
+    app_uid: str
+    agent_uid: str
+    message: str
+    message_type: str
+    identifier_field: str
+    identifier_value: str
+
+    def body(self) -> dict[str, str]:
+        """The JSON body of ``POST /api/v1/appuid/{appUid}/threads``."""
+        return {
+            "agentUid": self.agent_uid,
+            "message": self.message,
+            "messageType": self.message_type,
+            self.identifier_field: self.identifier_value,
+        }
+
+    @property
+    def user_key(self) -> str:
+        """Key for the results topic: one user's results stay in order."""
+        return f"{self.identifier_field}:{self.identifier_value}"
+
+
+def validate_request(request: ThreadRequest) -> None:
+    """The OpenAPI's rules for the create-thread body; raise EventRejected(validate)."""
+    problems: list[str] = []
+    if not request.app_uid:
+        problems.append("appUid is empty")
+    agent = request.agent_uid
+    if not agent or agent.startswith("::") or agent.endswith("::"):
+        problems.append(f"agentUid {agent!r} must be agentUid or agentUid::sessionUid")
+    if not request.message.strip():
+        problems.append("message is empty")
+    if request.message_type not in ("user", "system"):
+        problems.append(f"messageType {request.message_type!r} is not user or system")
+    value = request.identifier_value
+    if not value:
+        problems.append(f"{request.identifier_field} is empty")
+    elif request.identifier_field != "humanUid" and len(value) > IDENTIFIER_MAX_LENGTH:
+        problems.append(
+            f"{request.identifier_field} is {len(value)} characters, over {IDENTIFIER_MAX_LENGTH}"
+        )
+    if request.identifier_field == "externalUserId" and value and not EXTERNAL_USER_ID.match(value):
+        problems.append("externalUserId may only contain A-Za-z0-9_-")
+    if problems:
+        raise EventRejected(Stage.VALIDATE, "; ".join(problems), code="invalid_request")
+
+
+def _identifier(route: Route, event: Event) -> tuple[str, Any]:
+    """The (API field, raw value) of the user identifier; KeyError if absent."""
+    found = lookup(event.body, route.user.path)
+    if route.user.field is not None:
+        return route.user.field, found
+    if not isinstance(found, dict):
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"{route.user.path!r} must be an object holding one user identifier",
+            code="invalid_identifier",
+        )
+    present = [name for name in IDENTIFIER_FIELDS if found.get(name) not in (None, "")]
+    if len(present) != 1:
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"exactly one user identifier of {', '.join(IDENTIFIER_FIELDS)} is required "
+            f"at {route.user.path!r}, found {len(present)}"
+            + (f" ({', '.join(present)})" if present else ""),
+            code="invalid_identifier",
+        )
+    return present[0], found[present[0]]
+
+
+class Router:
+    """Finds the route for an event and builds its ThreadRequest."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        for route in routes:
+            check_template(route.message_template)
+            check_template(route.agent_uid)
+        self._routes = tuple(routes)
+
+    def find(self, event: Event) -> Route:
+        topic = event.record.topic
+        for route in self._routes:
+            if route.topic in ("*", topic) and route.event_type in ("*", event.event_type):
+                return route
+        raise EventRejected(
+            Stage.ROUTE,
+            f"no route for event type {event.event_type!r} on topic {topic!r}",
+            code="no_route",
+        )
+
+    def build(self, event: Event) -> tuple[Route, ThreadRequest]:
+        route = self.find(event)
+        extra = {"eventId": event.event_id, "eventType": event.event_type}
+        try:
+            message = render(route.message_template, event.body, extra)
+            agent_uid = render(route.agent_uid, event.body, extra)
+            id_field, raw_user = _identifier(route, event)
+        except KeyError as exc:
+            raise EventRejected(
+                Stage.VALIDATE,
+                f"field {exc.args[0]!r} is missing from the event",
+                code="missing_field",
+            ) from exc
+        except ValueError as exc:
+            raise EventRejected(
+                Stage.VALIDATE, f"template error: {exc}", code="template_error"
+            ) from exc
+        if isinstance(raw_user, bool) or not isinstance(raw_user, str | int):
+            raise EventRejected(
+                Stage.VALIDATE,
+                f"user identifier at {route.user.path!r} must be a string, "
+                f"got {type(raw_user).__name__}",
+                code="invalid_identifier",
+            )
+        request = ThreadRequest(
+            app_uid=route.app_uid,
+            agent_uid=agent_uid,
+            message=message,
+            message_type=route.message_type,
+            identifier_field=id_field,
+            identifier_value=str(raw_user),
+        )
+        validate_request(request)
+        return route, request
