@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from connector.config import ApiSettings
 from connector.errors import (
@@ -32,8 +33,32 @@ from connector.threads_client import ApiThread, status_class
 
 log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
-Attempt = Callable[[ThreadRequest, str, str], Awaitable[ApiThread]]
 OVERLOAD_STATUSES = frozenset({429, 503})
+
+
+class Attempt(Protocol):
+    """One HTTP attempt (``ThreadsClient.create_thread`` or a test double)."""
+
+    def __call__(
+        self, request: ThreadRequest, *, event_id: str, correlation_id: str
+    ) -> Awaitable[ApiThread]: ...
+
+
+class Abandoned(Exception):
+    """The event's partition was revoked (or the connector is draining): stop here."""
+
+
+class CallGuard(Protocol):
+    """Per-event flags shared with the pipeline: is an HTTP attempt under way, and has the
+    event been abandoned (no new attempt may start)."""
+
+    calling: bool
+    abandoned: bool
+
+
+class _NoGuard:
+    calling = False
+    abandoned = False
 
 
 def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
@@ -108,8 +133,15 @@ class ThreadCaller:
         self.in_flight = 0
 
     async def call(
-        self, request: ThreadRequest, event_id: str, correlation_id: str
+        self,
+        request: ThreadRequest,
+        event_id: str,
+        correlation_id: str,
+        guard: CallGuard | None = None,
     ) -> ThreadCreated:
+        """Raise EventRejected(stage=api) when the API refuses or the budget runs out, and
+        Abandoned when ``guard.abandoned`` is set before an attempt could start."""
+        guard = guard or _NoGuard()
         started = time.monotonic()
         attempts = 0
         while True:
@@ -118,9 +150,11 @@ class ThreadCaller:
                 await self._sleep(self.auth_gate.probe_interval_s)
             waited = await self._bucket.acquire()
             self._metrics.rate_limit_wait.inc(waited)
+            if guard.abandoned:
+                raise Abandoned(event_id)
             attempts += 1
             try:
-                thread = await self._one_attempt(request, event_id, correlation_id)
+                thread = await self._one_attempt(request, event_id, correlation_id, guard)
             except AuthError as exc:
                 attempts -= 1  # an auth pause is not the event's fault: no budget spent
                 if self.auth_gate.fail(is_probe):
@@ -149,6 +183,8 @@ class ThreadCaller:
                         code="retries_exhausted",
                         status=exc.status,
                     ) from exc
+                if guard.abandoned:
+                    raise Abandoned(event_id) from exc
                 self._metrics.api_retries.labels(_code(exc)).inc()
                 await self._sleep(delay)
                 continue
@@ -163,15 +199,20 @@ class ThreadCaller:
             )
 
     async def _one_attempt(
-        self, request: ThreadRequest, event_id: str, correlation_id: str
+        self, request: ThreadRequest, event_id: str, correlation_id: str, guard: CallGuard
     ) -> ApiThread:
         m = self._metrics
         async with self._slots:
+            if guard.abandoned:
+                raise Abandoned(event_id)
+            guard.calling = True
             self.in_flight += 1
             m.calls_in_flight.inc()
             t0 = time.monotonic()
             try:
-                thread = await self._attempt(request, event_id, correlation_id)
+                thread = await self._attempt(
+                    request, event_id=event_id, correlation_id=correlation_id
+                )
             except RetriableApiError as exc:
                 code = _code(exc)
                 klass = status_class(exc.status) if exc.status else "error"
@@ -190,6 +231,7 @@ class ThreadCaller:
                 m.api_call_duration.labels(klass).observe(time.monotonic() - t0)
                 raise
             finally:
+                guard.calling = False
                 self.in_flight -= 1
                 m.calls_in_flight.dec()
         m.api_responses.labels("2xx", "201").inc()

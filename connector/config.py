@@ -208,8 +208,9 @@ class ConnectorSettings(BaseSettings):
                 f"api.api_key is required: set {ENV_PREFIX}API__API_KEY "
                 f"or api.api_key_file (a mounted secret file)"
             )
-        if self.kafka.sasl_mechanism and not (self.kafka.sasl_password or
-                                              self.kafka.sasl_password_file):
+        if self.kafka.sasl_mechanism and not (
+            self.kafka.sasl_password or self.kafka.sasl_password_file
+        ):
             raise ValueError("kafka.sasl_password (env) or kafka.sasl_password_file is required")
         return self
 

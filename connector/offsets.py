@@ -64,6 +64,15 @@ class OffsetTracker:
             if part is not None:
                 part.committed = position
 
+    def committed_position(self, tp: TopicPartitionKey) -> int | None:
+        """The last position committed in this session, else the first offset fetched."""
+        part = self._parts.get(tp)
+        if part is None:
+            return None
+        if part.committed is not None:
+            return part.committed
+        return part.order[0] if part.order else part.position
+
     def pending(self, tp: TopicPartitionKey | None = None) -> int:
         """Records fetched but not finished (one partition, or all)."""
         if tp is not None:

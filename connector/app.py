@@ -1,0 +1,283 @@
+"""Composition root and lifecycle.
+
+``Connector.run(stop)`` owns everything for the process: the health server, the HTTP
+client, the topics, and a loop of *sessions*. A session is one consumer-group membership
+with one producer (transactional in ``exactly_once`` mode); a fenced producer or a failed
+commit ends the session without committing, and a new one starts from the committed
+offsets (what was not committed is replayed and deduplicated).
+
+Shutdown (``stop`` set, e.g. by SIGTERM): stop fetching, cancel jobs that are not inside
+an HTTP attempt, let attempts finish up to ``delivery.drain_timeout_s``, run a last commit
+cycle, leave the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from contextlib import AsyncExitStack
+
+from connector.calls import ThreadCaller
+from connector.config import ConnectorSettings
+from connector.dedup import (
+    ChangelogDedupStore,
+    DedupStore,
+    DedupWindow,
+    MemoryDedupStore,
+    changelog_topic,
+)
+from connector.errors import FencedError
+from connector.events import TopicPartitionKey
+from connector.health import HealthServer
+from connector.kafka_common import client_kwargs
+from connector.metrics import Metrics
+from connector.pipeline import Pipeline
+from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
+from connector.routing import Router
+from connector.sink import Sink
+from connector.source import ChangelogReader, Source
+from connector.threads_client import ThreadsClient
+from connector.topics import TopicManager
+
+log = logging.getLogger(__name__)
+FETCH_TIMEOUT_MS = 200
+GAUGE_INTERVAL_S = 2.0
+LIVENESS_STALE_S = 60.0
+
+
+class Connector:
+    """One connector process (or one of several in a test process)."""
+
+    def __init__(self, settings: ConnectorSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.router = Router(settings.routes)
+        api = settings.api
+        self.adaptive = AdaptiveRate(
+            decrease_factor=api.adaptive_decrease_factor,
+            increase_per_s=api.adaptive_increase_per_s,
+            min_fraction=api.adaptive_min_fraction,
+        )
+        self.bucket = TokenBucket(0.0, api.rate_limit_burst, adaptive=self.adaptive)
+        self.health = HealthServer(
+            settings.server.host,
+            settings.server.port,
+            self.metrics.registry,
+            self._live,
+            self._ready,
+        )
+        self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries)
+        self.input_partitions: dict[str, int] = {}
+        self.pipeline: Pipeline | None = None
+        self.caller: ThreadCaller | None = None
+        self._assigned: list[TopicPartitionKey] = []
+        self._joined = False
+        self._heartbeat = time.monotonic()
+        self._last_commit_ok = time.monotonic()
+        self._evictions_reported = 0
+        self._reader: ChangelogReader | None = None
+        self._sink: Sink | None = None
+        self._store: DedupStore = MemoryDedupStore(self.window)
+        self.sessions = 0
+        self.started = asyncio.Event()
+
+    # -- health -------------------------------------------------------------------------
+
+    def _live(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._heartbeat
+        return age < LIVENESS_STALE_S, f"loop heartbeat {age:.1f}s ago"
+
+    def _ready(self) -> tuple[bool, str]:
+        if not self._joined:
+            return False, "not in the consumer group yet"
+        if self.caller is not None and not self.caller.auth_gate.is_open:
+            return False, "paused: the Threads API refuses the API key (401/403)"
+        age = time.monotonic() - self._last_commit_ok
+        if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
+            return False, f"no successful commit cycle for {age:.0f}s"
+        return True, f"{len(self._assigned)} partitions assigned"
+
+    # -- run ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            await self.health.start()
+            stack.push_async_callback(self.health.stop)
+            client = ThreadsClient(
+                s.api.base_url,
+                s.api_key,
+                connect_timeout_s=s.api.connect_timeout_s,
+                request_timeout_s=s.api.request_timeout_s,
+                max_in_flight=s.api.max_in_flight,
+            )
+            stack.push_async_callback(client.close)
+            self.caller = ThreadCaller(
+                client.create_thread, s.api, self.bucket, self.adaptive, self.metrics
+            )
+            async with TopicManager(s) as topics:
+                self.input_partitions = await topics.ensure()
+            log.info(
+                "connector started",
+                extra={
+                    "inputs": self.input_partitions,
+                    "mode": s.delivery.mode.value,
+                    "metrics_port": self.health.port,
+                },
+            )
+            self.started.set()
+            while not stop.is_set():
+                self.sessions += 1
+                try:
+                    await self._session(stop)
+                except FencedError as exc:
+                    self.metrics.fenced.inc()
+                    log.warning("session ended without committing, rejoining: %s", exc)
+                    await _sleep_unless(stop, 1.0 + random.random())
+        log.info("connector stopped")
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        kwargs = client_kwargs(s)
+        store = self._dedup_store()
+        if self.caller is None:
+            raise RuntimeError("run() sets the caller before sessions start")
+        pipeline = Pipeline(s, self.router, store, self.caller, self.metrics)
+        self.pipeline = pipeline
+        source = Source(s, self._on_revoked, self._on_assigned)
+        sink = Sink(s, source, kwargs)
+        self._sink = sink
+        self._store = store
+        async with AsyncExitStack() as stack:
+            if self._reader is not None:
+                stack.push_async_callback(self._reader.stop)
+                await self._reader.start()
+            await sink.start()
+            stack.push_async_callback(sink.stop)
+            await source.start()
+            stack.push_async_callback(source.stop)  # leaves the group; runs before sink.stop
+            async with asyncio.TaskGroup() as tasks:
+                committer = tasks.create_task(self._commit_loop(pipeline, sink))
+                gauges = tasks.create_task(self._gauge_loop(source, pipeline))
+                await self._fetch_loop(source, pipeline, tasks, stop)
+                # drain: stop fetching, let HTTP attempts finish, commit, then leave
+                cut = await pipeline.abandon(
+                    pipeline.tracker.partitions(), s.delivery.drain_timeout_s
+                )
+                committer.cancel()
+                gauges.cancel()
+            await pipeline.commit(sink)
+            log.info("drained", extra={"cut_short": cut, **vars(pipeline.stats)})
+            self._joined = False
+
+    def _dedup_store(self) -> DedupStore:
+        s = self.settings
+        if s.dedup.store == "memory":
+            self._reader = None
+            return MemoryDedupStore(self.window)
+        self._reader = ChangelogReader(s)
+        group, suffix = s.kafka.group_id, s.dedup.changelog_suffix
+        return ChangelogDedupStore(
+            self.window, lambda topic: changelog_topic(group, topic, suffix), self._reader.read
+        )
+
+    async def _fetch_loop(
+        self, source: Source, pipeline: Pipeline, tasks: asyncio.TaskGroup, stop: asyncio.Event
+    ) -> None:
+        limit = self.settings.delivery.max_buffered_events
+        paused = False
+        while not stop.is_set():
+            self._heartbeat = time.monotonic()
+            records = await source.fetch(FETCH_TIMEOUT_MS)
+            for record in records:
+                pipeline.submit(record, tasks)
+            busy = pipeline.in_progress()
+            if not paused and busy >= limit:
+                source.pause(source.assignment())
+                paused = True
+            elif paused and busy < limit // 2:
+                source.resume(source.assignment())
+                paused = False
+            self.metrics.partitions_paused.set(source.paused())
+
+    async def _commit_loop(self, pipeline: Pipeline, sink: Sink) -> None:
+        interval = self.settings.delivery.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await pipeline.commit(sink)
+            self._last_commit_ok = time.monotonic()
+
+    async def _gauge_loop(self, source: Source, pipeline: Pipeline) -> None:
+        m = self.metrics
+        while True:
+            m.events_in_progress.set(pipeline.in_progress())
+            m.dedup_entries.set(len(self.window))
+            m.dedup_evictions.inc(self.window.evicted - self._evictions_reported)
+            self._evictions_reported = self.window.evicted
+            m.rate_limit_tokens.set(self.bucket.tokens())
+            m.rate_limit_rate.set(self.bucket.rate)
+            for tp in source.assignment():
+                high = source.highwater(tp)
+                committed = pipeline.tracker.committed_position(tp)
+                if high is not None and committed is not None:
+                    m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, high - committed))
+            m.up.set(1 if self._ready()[0] else 0)
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+
+    # -- rebalance ----------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: list[TopicPartitionKey]) -> None:
+        """Finish or abandon the partitions' work and commit what is done, then forget."""
+        self.metrics.rebalances.labels("revoke").inc()
+        pipeline, sink = self.pipeline, self._sink
+        if pipeline is None or sink is None:
+            return
+        self.bucket.set_rate(0.0)  # no new calls until the new assignment sets our share
+        await pipeline.abandon(revoked, self.settings.delivery.revoke_timeout_s)
+        await pipeline.commit(sink)
+        pipeline.forget(revoked)
+        gone = set(revoked)
+        for tp in gone:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
+        self._assigned = [tp for tp in self._assigned if tp not in gone]
+        log.info("partitions revoked", extra={"partitions": len(revoked)})
+
+    async def _on_assigned(self, assigned: list[TopicPartitionKey]) -> None:
+        """Restore dedup state first, then take our share of the group's rate."""
+        self.metrics.rebalances.labels("assign").inc()
+        self._assigned = list(assigned)
+        started = time.monotonic()
+        restored = await asyncio.wait_for(
+            self._store.restore(assigned), self.settings.dedup.restore_timeout_s
+        )
+        self.metrics.dedup_restored.inc(restored)
+        self._apply_share()
+        self.metrics.partitions_assigned.set(len(assigned))
+        self._joined = True
+        log.info(
+            "partitions assigned",
+            extra={
+                "partitions": len(assigned),
+                "dedup_restored": restored,
+                "restore_s": round(time.monotonic() - started, 3),
+                "rate_per_s": round(self.bucket.rate, 3),
+            },
+        )
+
+    def _apply_share(self) -> None:
+        api = self.settings.api
+        total = sum(self.input_partitions.values())
+        share = group_share(api.rate_limit_per_s, len(self._assigned), total)
+        burst = max(1.0, api.rate_limit_burst * (share / api.rate_limit_per_s))
+        self.bucket.set_rate(share, burst)
+        self.metrics.rate_limit_share.set(share)
+        self.metrics.rate_limit_rate.set(self.bucket.rate)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

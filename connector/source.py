@@ -1,0 +1,172 @@
+"""The input side of Kafka: the group consumer, its rebalance hooks, the changelog reader.
+
+With ``source.py`` and ``sink.py`` the only modules that talk to Kafka; aiokafka's errors
+that matter to the flow are translated here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from connector.config import ConnectorSettings, DeliveryMode
+from connector.errors import FencedError
+from connector.events import InputRecord, TopicPartitionKey
+from connector.kafka_common import client_kwargs
+
+log = logging.getLogger(__name__)
+PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]
+
+
+class _Listener:
+    """aiokafka's rebalance hooks (registered as a virtual ConsumerRebalanceListener)."""
+
+    def __init__(self, on_revoked: PartitionsHook, on_assigned: PartitionsHook) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._on_revoked([(tp.topic, tp.partition) for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._on_assigned([(tp.topic, tp.partition) for tp in assigned])
+
+
+ConsumerRebalanceListener.register(_Listener)
+
+
+def _tp(key: TopicPartitionKey) -> TopicPartition:
+    return TopicPartition(key[0], key[1])
+
+
+class Source:
+    """The consumer group member: fetch, pause/resume, commit (at-least-once mode)."""
+
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        on_revoked: PartitionsHook,
+        on_assigned: PartitionsHook,
+    ) -> None:
+        k = settings.kafka
+        self._settings = settings
+        rebalance_ms = max(
+            k.session_timeout_ms, int(settings.delivery.revoke_timeout_s * 1000) + 10_000
+        )
+        self._consumer = AIOKafkaConsumer(
+            **client_kwargs(settings),
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            isolation_level="read_committed",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            rebalance_timeout_ms=rebalance_ms,
+            max_poll_records=k.fetch_max_records,
+        )
+        self._listener = _Listener(on_revoked, on_assigned)
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe(list(self._settings.kafka.input_topics), listener=self._listener)
+
+    async def stop(self) -> None:
+        await self._consumer.stop()  # leaves the group
+
+    @property
+    def group_id(self) -> str:
+        return self._settings.kafka.group_id
+
+    async def fetch(self, timeout_ms: int) -> list[InputRecord]:
+        batches = await self._consumer.getmany(
+            timeout_ms=timeout_ms, max_records=self._settings.kafka.fetch_max_records
+        )
+        records: list[InputRecord] = []
+        for msgs in batches.values():
+            records.extend(
+                InputRecord(
+                    topic=m.topic,
+                    partition=m.partition,
+                    offset=m.offset,
+                    key=m.key,
+                    value=m.value,
+                    headers=tuple((h[0], bytes(h[1] or b"")) for h in (m.headers or ())),
+                    timestamp_ms=m.timestamp,
+                )
+                for m in msgs
+            )
+        return records
+
+    def assignment(self) -> list[TopicPartitionKey]:
+        return [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
+
+    def pause(self, tps: Iterable[TopicPartitionKey]) -> None:
+        self._consumer.pause(*[_tp(t) for t in tps])
+
+    def resume(self, tps: Iterable[TopicPartitionKey]) -> None:
+        self._consumer.resume(*[_tp(t) for t in tps])
+
+    def paused(self) -> int:
+        return len(self._consumer.paused())
+
+    def highwater(self, tp: TopicPartitionKey) -> int | None:
+        value = self._consumer.highwater(_tp(tp))
+        return int(value) if value is not None else None
+
+    async def committed(self, tp: TopicPartitionKey) -> int | None:
+        value = await self._consumer.committed(_tp(tp))
+        return int(value) if value is not None else None
+
+    async def commit(self, positions: dict[TopicPartitionKey, int]) -> None:
+        """At-least-once mode: commit "next offset to read" per partition."""
+        if self._settings.delivery.mode is DeliveryMode.EXACTLY_ONCE:
+            raise RuntimeError("offsets are committed in the transaction in exactly_once mode")
+        try:
+            await self._consumer.commit({_tp(tp): pos for tp, pos in positions.items()})
+        except CommitFailedError as exc:
+            raise FencedError(f"offset commit refused, the group moved on: {exc}") from exc
+
+
+class ChangelogReader:
+    """Reads one changelog partition from the beginning to its end, read_committed."""
+
+    def __init__(self, settings: ConnectorSettings) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **client_kwargs(settings),
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def read(
+        self, topic: str, partition: int
+    ) -> AsyncIterator[tuple[bytes | None, bytes | None]]:
+        tp = TopicPartition(topic, partition)
+        consumer = self._consumer
+        try:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            await consumer.seek_to_beginning(tp)
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                for msg in batch.get(tp, []):
+                    if msg.offset >= end:
+                        return
+                    yield msg.key, msg.value
+        except KafkaError as exc:
+            raise RuntimeError(
+                f"cannot restore dedup state from {topic}/{partition}: {exc}"
+            ) from exc
+        finally:
+            consumer.assign([])

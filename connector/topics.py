@@ -1,0 +1,124 @@
+"""Topic set-up: create what is missing, check what exists (partitions, cleanup policy)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from connector.config import ConnectorSettings, DeliveryMode
+from connector.dedup import changelog_topic
+from connector.errors import ConfigError
+from connector.kafka_common import client_kwargs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+class TopicManager:
+    """Creates and checks the connector's topics with an admin client."""
+
+    def __init__(self, settings: ConnectorSettings) -> None:
+        self._settings = settings
+        self._admin = AIOKafkaAdminClient(**client_kwargs(settings))
+
+    async def __aenter__(self) -> TopicManager:
+        await self._admin.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._admin.close()
+
+    async def partitions(self, topics: list[str]) -> dict[str, int]:
+        """Partition counts of existing topics (missing topics are absent)."""
+        described = await self._admin.describe_topics(topics)
+        return {
+            t["topic"]: len(t["partitions"])
+            for t in described
+            if t.get("error_code", 0) == 0 and t["partitions"]
+        }
+
+    async def ensure(self) -> dict[str, int]:
+        """Create missing topics (when allowed); check changelogs; return input partitions."""
+        s = self._settings
+        k = s.kafka
+        wanted = [
+            TopicSpec(t, k.topic_partitions, {})
+            for t in [*k.input_topics, k.results_topic, k.dead_letter_topic]
+        ]
+        await self._create_missing(wanted, allow=k.create_topics)
+        inputs = await self.partitions(list(k.input_topics))
+        missing = [t for t in k.input_topics if t not in inputs]
+        if missing:
+            raise ConfigError(f"kafka.input_topics: topic(s) {', '.join(missing)} do not exist")
+        if s.dedup.store == "changelog":
+            await self._ensure_changelogs(inputs)
+        return inputs
+
+    async def _ensure_changelogs(self, inputs: dict[str, int]) -> None:
+        s = self._settings
+        if s.delivery.mode is not DeliveryMode.EXACTLY_ONCE:
+            log.info("dedup changelog without transactions: written after results, not with them")
+        retention_ms = str(int(s.dedup.ttl_s * 1000))
+        specs = {
+            changelog_topic(s.kafka.group_id, topic, s.dedup.changelog_suffix): TopicSpec(
+                changelog_topic(s.kafka.group_id, topic, s.dedup.changelog_suffix),
+                partitions,
+                {"cleanup.policy": "compact,delete", "retention.ms": retention_ms},
+            )
+            for topic, partitions in inputs.items()
+        }
+        await self._create_missing(list(specs.values()), allow=True)
+        existing = await self.partitions(list(specs))
+        for name, spec in specs.items():
+            if existing.get(name) != spec.partitions:
+                raise ConfigError(
+                    f"dedup changelog {name} has {existing.get(name)} partitions but its input "
+                    f"topic has {spec.partitions}: they must be co-partitioned (delete the "
+                    f"changelog, or set dedup.changelog_suffix to start a new one)"
+                )
+        policies = await self._cleanup_policies(list(specs))
+        for name, policy in policies.items():
+            if "compact" not in policy.split(","):
+                raise ConfigError(
+                    f"dedup changelog {name} has cleanup.policy={policy}; it must include 'compact'"
+                )
+
+    async def _create_missing(self, specs: list[TopicSpec], *, allow: bool) -> None:
+        existing = await self.partitions([s.name for s in specs])
+        todo = [s for s in specs if s.name not in existing]
+        if not todo:
+            return
+        if not allow:
+            names = ", ".join(s.name for s in todo)
+            raise ConfigError(f"kafka.create_topics is false and topic(s) {names} do not exist")
+        rf = self._settings.kafka.replication_factor
+        new = [NewTopic(s.name, s.partitions, rf, topic_configs=s.config) for s in todo]
+        try:
+            await self._admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            pass  # another replica created it at the same moment
+        except KafkaError as exc:
+            raise ConfigError(f"cannot create topics {[s.name for s in todo]}: {exc}") from exc
+        log.info("created topics %s", [s.name for s in todo])
+
+    async def _cleanup_policies(self, topics: list[str]) -> dict[str, str]:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        responses = await self._admin.describe_configs(resources)
+        policies: dict[str, str] = {}
+        for response in responses:
+            for resource in response.resources:
+                _err, _msg, _type, name, entries = resource[:5]
+                for entry in entries:
+                    if entry[0] == "cleanup.policy":
+                        policies[name] = entry[1]
+        return policies
