@@ -38,7 +38,7 @@ from connector.pipeline import Pipeline
 from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
 from connector.routing import Router
 from connector.sink import Sink
-from connector.source import ChangelogReader, Source
+from connector.source import Source, TopicReader
 from connector.threads_client import ThreadsClient
 from connector.topics import TopicManager
 
@@ -78,7 +78,7 @@ class Connector:
         self._heartbeat = time.monotonic()
         self._last_commit_ok = time.monotonic()
         self._evictions_reported = 0
-        self._reader: ChangelogReader | None = None
+        self._reader: TopicReader | None = None
         self._sink: Sink | None = None
         self._store: DedupStore = MemoryDedupStore(self.window)
         self.sessions = 0
@@ -178,10 +178,12 @@ class Connector:
         if s.dedup.store == "memory":
             self._reader = None
             return MemoryDedupStore(self.window)
-        self._reader = ChangelogReader(s)
+        self._reader = TopicReader(s)
         group, suffix = s.kafka.group_id, s.dedup.changelog_suffix
         return ChangelogDedupStore(
-            self.window, lambda topic: changelog_topic(group, topic, suffix), self._reader.read
+            self.window,
+            lambda topic: changelog_topic(group, topic, suffix),
+            self._reader.read_changelog,
         )
 
     async def _fetch_loop(

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from connector.calls import Abandoned, ThreadCaller
 from connector.config import ConnectorSettings, Ordering
@@ -70,7 +70,6 @@ class _Stats:
     dead_letters: int = 0
     duplicates: int = 0
     abandoned: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class Pipeline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -85,21 +86,7 @@ class Source:
         batches = await self._consumer.getmany(
             timeout_ms=timeout_ms, max_records=self._settings.kafka.fetch_max_records
         )
-        records: list[InputRecord] = []
-        for msgs in batches.values():
-            records.extend(
-                InputRecord(
-                    topic=m.topic,
-                    partition=m.partition,
-                    offset=m.offset,
-                    key=m.key,
-                    value=m.value,
-                    headers=tuple((h[0], bytes(h[1] or b"")) for h in (m.headers or ())),
-                    timestamp_ms=m.timestamp,
-                )
-                for m in msgs
-            )
-        return records
+        return [_record(m) for msgs in batches.values() for m in msgs]
 
     def assignment(self) -> list[TopicPartitionKey]:
         return [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
@@ -131,8 +118,21 @@ class Source:
             raise FencedError(f"offset commit refused, the group moved on: {exc}") from exc
 
 
-class ChangelogReader:
-    """Reads one changelog partition from the beginning to its end, read_committed."""
+def _record(m: Any) -> InputRecord:
+    return InputRecord(
+        topic=m.topic,
+        partition=m.partition,
+        offset=m.offset,
+        key=m.key,
+        value=m.value,
+        headers=tuple((h[0], bytes(h[1] or b"")) for h in (m.headers or ())),
+        timestamp_ms=m.timestamp,
+    )
+
+
+class TopicReader:
+    """Reads a partition from the beginning to its end offset (read_committed), without a
+    group: dedup restore reads changelogs with it, the demo reads the output topics."""
 
     def __init__(self, settings: ConnectorSettings) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -149,9 +149,7 @@ class ChangelogReader:
     async def stop(self) -> None:
         await self._consumer.stop()
 
-    async def read(
-        self, topic: str, partition: int
-    ) -> AsyncIterator[tuple[bytes | None, bytes | None]]:
+    async def read(self, topic: str, partition: int) -> AsyncIterator[InputRecord]:
         tp = TopicPartition(topic, partition)
         consumer = self._consumer
         try:
@@ -163,10 +161,21 @@ class ChangelogReader:
                 for msg in batch.get(tp, []):
                     if msg.offset >= end:
                         return
-                    yield msg.key, msg.value
+                    yield _record(msg)
         except KafkaError as exc:
-            raise RuntimeError(
-                f"cannot restore dedup state from {topic}/{partition}: {exc}"
-            ) from exc
+            raise RuntimeError(f"cannot read {topic}/{partition}: {exc}") from exc
         finally:
             consumer.assign([])
+
+    async def read_changelog(
+        self, topic: str, partition: int
+    ) -> AsyncIterator[tuple[bytes | None, bytes | None]]:
+        async for record in self.read(topic, partition):
+            yield record.key, record.value
+
+    async def read_topic(self, topic: str, partitions: int) -> list[InputRecord]:
+        """Every committed record of every partition, in partition then offset order."""
+        records: list[InputRecord] = []
+        for partition in range(partitions):
+            records.extend([r async for r in self.read(topic, partition)])
+        return records

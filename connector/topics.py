@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -110,6 +111,19 @@ class TopicManager:
         except KafkaError as exc:
             raise ConfigError(f"cannot create topics {[s.name for s in todo]}: {exc}") from exc
         log.info("created topics %s", [s.name for s in todo])
+        await self._wait_visible([s.name for s in todo])
+
+    async def _wait_visible(self, names: list[str], timeout_s: float = 30.0) -> None:
+        """A new topic's metadata reaches every broker a moment after creation."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            found = await self.partitions(names)
+            if all(name in found for name in names):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                missing = [n for n in names if n not in found]
+                raise ConfigError(f"topics {missing} were created but never became visible")
+            await asyncio.sleep(0.1)
 
     async def _cleanup_policies(self, topics: list[str]) -> dict[str, str]:
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]

@@ -1,0 +1,127 @@
+"""The command line: ``connector run | check-config | simulate-api | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from connector import __version__
+from connector.config import ConnectorSettings, load_settings
+from connector.errors import ConfigError
+from connector.logs import configure_logging
+
+log = logging.getLogger(__name__)
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="connector",
+        description="Kafka domain events -> Mindset Threads API conversations.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the connector (a consumer group member)")
+    run.add_argument("--config", type=Path, default=Path("config/connector.yaml"))
+
+    check = sub.add_parser("check-config", help="validate a config file, field by field")
+    check.add_argument("--config", type=Path, default=Path("config/connector.yaml"))
+
+    sub.add_parser(
+        "simulate-api",
+        help="start the Threads API simulator (see: connector simulate-api --help)",
+        add_help=False,
+    )
+
+    demo = sub.add_parser(
+        "demo", help="local Kafka + simulator + sample events, end to end, results shown"
+    )
+    demo.add_argument("--config", type=Path, default=Path("config/connector.yaml"))
+    demo.add_argument("--events", type=Path, default=Path("config/samples/events.jsonl"))
+    demo.add_argument("--keep-running", action="store_true", help="keep everything up until Ctrl-C")
+    demo.add_argument(
+        "--bootstrap-servers", help="use this Kafka instead of starting the local broker"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["simulate-api"]:
+        from connector.simulator.cli import main as simulator_main
+
+        return simulator_main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "run":
+        try:
+            settings = load_settings(args.config)
+        except ConfigError as exc:
+            sys.stderr.write(f"connector: {exc}\n")
+            return EXIT_CONFIG
+        configure_logging(settings.logging.level, settings.logging.format)
+        return asyncio.run(run(settings))
+    if args.command == "demo":
+        from connector.demo import run_demo
+
+        configure_logging("WARNING", "text")
+        return asyncio.run(
+            run_demo(args.config, args.events, args.keep_running, args.bootstrap_servers)
+        )
+    return EXIT_CONFIG
+
+
+def check_config(path: Path) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        sys.stderr.write(f"{path}: {exc}\n")
+        return EXIT_CONFIG
+    k, d, a = settings.kafka, settings.delivery, settings.api
+    sys.stdout.write(
+        f"{path}: OK\n"
+        f"  kafka: {k.bootstrap_servers} group={k.group_id} inputs={','.join(k.input_topics)}"
+        f" results={k.results_topic} dead-letters={k.dead_letter_topic}\n"
+        f"  delivery: {d.mode.value}, ordering {d.ordering.value}, dedup {settings.dedup.store}\n"
+        f"  api: {a.base_url} rate {a.rate_limit_per_s}/s for the group,"
+        f" {a.max_in_flight} in flight\n"
+        f"  routes: {len(settings.routes)}\n"
+    )
+    return 0
+
+
+async def run(settings: ConnectorSettings) -> int:
+    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    from connector.app import Connector
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now; uncommitted work will be replayed")
+            os._exit(128 + signum)
+        log.info("signal %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await Connector(settings).run(stop)
+    except ConfigError as exc:
+        log.error("configuration problem: %s", exc)
+        return EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
