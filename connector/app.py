@@ -20,7 +20,7 @@ import random
 import time
 from contextlib import AsyncExitStack
 
-from connector.calls import ThreadCaller
+from connector.calls import AuthGate, ThreadCaller
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
@@ -30,7 +30,7 @@ from connector.dedup import (
     changelog_topic,
 )
 from connector.errors import FencedError
-from connector.events import TopicPartitionKey
+from connector.events import InputRecord, TopicPartitionKey
 from connector.health import HealthServer
 from connector.kafka_common import client_kwargs
 from connector.metrics import Metrics
@@ -80,6 +80,11 @@ class Connector:
         self._evictions_reported = 0
         self._reader: TopicReader | None = None
         self._sink: Sink | None = None
+        self._source: Source | None = None
+        # aiokafka sets a new assignment (and may fetch) before it awaits the assign hook:
+        # records of partitions still restoring their dedup state wait here, in order.
+        self._restoring: set[TopicPartitionKey] = set()
+        self._held: dict[TopicPartitionKey, list[InputRecord]] = {}
         self._store: DedupStore = MemoryDedupStore(self.window)
         self.sessions = 0
         self.started = asyncio.Event()
@@ -109,14 +114,19 @@ class Connector:
             stack.push_async_callback(self.health.stop)
             client = ThreadsClient(
                 s.api.base_url,
-                s.api_key,
+                s.api_key(),
                 connect_timeout_s=s.api.connect_timeout_s,
                 request_timeout_s=s.api.request_timeout_s,
                 max_in_flight=s.api.max_in_flight,
             )
             stack.push_async_callback(client.close)
             self.caller = ThreadCaller(
-                client.create_thread, s.api, self.bucket, self.adaptive, self.metrics
+                client.create_thread,
+                s.api,
+                self.bucket,
+                self.adaptive,
+                self.metrics,
+                auth_gate=AuthGate(s.api.auth_probe_interval_s),
             )
             async with TopicManager(s) as topics:
                 self.input_partitions = await topics.ensure()
@@ -150,6 +160,7 @@ class Connector:
         source = Source(s, self._on_revoked, self._on_assigned)
         sink = Sink(s, source, kwargs)
         self._sink = sink
+        self._source = source
         self._store = store
         async with AsyncExitStack() as stack:
             if self._reader is not None:
@@ -159,17 +170,24 @@ class Connector:
             stack.push_async_callback(sink.stop)
             await source.start()
             stack.push_async_callback(source.stop)  # leaves the group; runs before sink.stop
-            async with asyncio.TaskGroup() as tasks:
-                committer = tasks.create_task(self._commit_loop(pipeline, sink))
-                gauges = tasks.create_task(self._gauge_loop(source, pipeline))
-                await self._fetch_loop(source, pipeline, tasks, stop)
-                # drain: stop fetching, let HTTP attempts finish, commit, then leave
-                cut = await pipeline.abandon(
-                    pipeline.tracker.partitions(), s.delivery.drain_timeout_s
-                )
-                committer.cancel()
-                gauges.cancel()
-            await pipeline.commit(sink)
+            draining = asyncio.Event()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    committer = tasks.create_task(self._commit_loop(pipeline, sink, draining))
+                    gauges = tasks.create_task(self._gauge_loop(source, pipeline))
+                    await self._fetch_loop(source, pipeline, tasks, stop)
+                    # drain: stop fetching, let HTTP attempts finish, commit, then leave
+                    cut = await pipeline.abandon(
+                        pipeline.tracker.partitions(), s.delivery.drain_timeout_s
+                    )
+                    draining.set()  # the committer finishes its cycle and makes a last one
+                    gauges.cancel()
+                    await committer
+            except BaseException:
+                # Entries remembered for outcomes that were never committed would drop their
+                # replays as duplicates: forget them (the changelog restores what is durable).
+                self.window.clear()
+                raise
             log.info("drained", extra={"cut_short": cut, **vars(pipeline.stats)})
             self._joined = False
 
@@ -194,8 +212,14 @@ class Connector:
         while not stop.is_set():
             self._heartbeat = time.monotonic()
             records = await source.fetch(FETCH_TIMEOUT_MS)
+            for tp in [tp for tp in self._held if tp not in self._restoring]:
+                for record in self._held.pop(tp):
+                    pipeline.submit(record, tasks)
             for record in records:
-                pipeline.submit(record, tasks)
+                if record.tp in self._restoring:
+                    self._held.setdefault(record.tp, []).append(record)
+                else:
+                    pipeline.submit(record, tasks)
             busy = pipeline.in_progress()
             if not paused and busy >= limit:
                 source.pause(source.assignment())
@@ -205,12 +229,19 @@ class Connector:
                 paused = False
             self.metrics.partitions_paused.set(source.paused())
 
-    async def _commit_loop(self, pipeline: Pipeline, sink: Sink) -> None:
+    async def _commit_loop(self, pipeline: Pipeline, sink: Sink, draining: asyncio.Event) -> None:
+        """Commit cycles every interval; never cancelled mid-cycle (that would abort a
+        transaction whose events the tracker already counts as done)."""
         interval = self.settings.delivery.commit_interval_ms / 1000
         while True:
-            await asyncio.sleep(interval)
+            await _sleep_unless(draining, interval)
+            # read before the cycle: the drain is signalled once every job has finished, so
+            # a cycle that starts after it has seen every outcome and can be the last one
+            last = draining.is_set()
             await pipeline.commit(sink)
             self._last_commit_ok = time.monotonic()
+            if last:
+                return
 
     async def _gauge_loop(self, source: Source, pipeline: Pipeline) -> None:
         m = self.metrics
@@ -242,6 +273,9 @@ class Connector:
         await pipeline.commit(sink)
         pipeline.forget(revoked)
         gone = set(revoked)
+        self._restoring -= gone
+        for tp in gone:
+            self._held.pop(tp, None)  # uncommitted: the next owner fetches them again
         for tp in gone:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
@@ -252,10 +286,16 @@ class Connector:
         """Restore dedup state first, then take our share of the group's rate."""
         self.metrics.rebalances.labels("assign").inc()
         self._assigned = list(assigned)
+        self._restoring |= set(assigned)
+        if self._source is not None:
+            self._source.pause(assigned)
         started = time.monotonic()
         restored = await asyncio.wait_for(
             self._store.restore(assigned), self.settings.dedup.restore_timeout_s
         )
+        self._restoring -= set(assigned)
+        if self._source is not None:
+            self._source.resume(assigned)  # the fetch loop pauses again if it is too busy
         self.metrics.dedup_restored.inc(restored)
         self._apply_share()
         self.metrics.partitions_assigned.set(len(assigned))

@@ -8,8 +8,10 @@ YAML file stops start-up.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +117,8 @@ class ApiSettings(_Frozen):
     max_in_flight: int = Field(default=256, ge=1, le=10_000)
     rate_limit_per_s: float = Field(default=20.0, gt=0, description="for the whole group")
     rate_limit_burst: int = Field(default=20, ge=1)
+    auth_probe_interval_s: float = Field(default=30.0, gt=0, description="after 401/403")
+    secret_refresh_s: float = Field(default=10.0, gt=0, description="re-read api_key_file")
     max_attempts: int = Field(default=6, ge=1)
     retry_budget_s: float = Field(default=600.0, gt=0)
     backoff_initial_s: float = Field(default=0.5, gt=0)
@@ -214,9 +218,11 @@ class ConnectorSettings(BaseSettings):
             raise ValueError("kafka.sasl_password (env) or kafka.sasl_password_file is required")
         return self
 
-    def api_key(self) -> SecretStr:
-        """The API key, from the environment or the mounted file."""
-        return _secret(self.api.api_key, self.api.api_key_file, "api.api_key_file")
+    def api_key(self) -> CachedSecret:
+        """The API key provider (environment, or the mounted file re-read periodically)."""
+        return CachedSecret(
+            self.api.api_key, self.api.api_key_file, "api.api_key_file", self.api.secret_refresh_s
+        )
 
     def sasl_password(self) -> SecretStr | None:
         if self.kafka.sasl_password is None and self.kafka.sasl_password_file is None:
@@ -224,6 +230,29 @@ class ConnectorSettings(BaseSettings):
         return _secret(
             self.kafka.sasl_password, self.kafka.sasl_password_file, "kafka.sasl_password_file"
         )
+
+
+class CachedSecret:
+    """A secret from the environment or a mounted file, re-read from the file at most every
+    ``refresh_s`` seconds, so a rotated Kubernetes secret is picked up without a restart."""
+
+    def __init__(
+        self, value: SecretStr | None, path: Path | None, name: str, refresh_s: float
+    ) -> None:
+        self._value = value
+        self._path = path
+        self._name = name
+        self._refresh_s = refresh_s
+        self._cached = _secret(value, path, name)
+        self._read_at = time.monotonic()
+
+    def __call__(self) -> SecretStr:
+        if self._value is None and time.monotonic() - self._read_at > self._refresh_s:
+            self._read_at = time.monotonic()
+            # keep the last good value while the file is being replaced
+            with contextlib.suppress(ConfigError):
+                self._cached = _secret(None, self._path, self._name)
+        return self._cached
 
 
 def _secret(value: SecretStr | None, path: Path | None, name: str) -> SecretStr:

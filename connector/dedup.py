@@ -80,6 +80,9 @@ class DedupWindow:
     def discard(self, tp: TopicPartitionKey, event_id: str) -> None:
         self._entries.pop((tp, event_id), None)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def drop(self, tps: Iterable[TopicPartitionKey]) -> None:
         gone = set(tps)
         if gone:

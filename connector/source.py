@@ -7,6 +7,7 @@ that matter to the flow are translated here.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -141,6 +142,7 @@ class TopicReader:
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
         )
 
     async def start(self) -> None:
@@ -149,19 +151,36 @@ class TopicReader:
     async def stop(self) -> None:
         await self._consumer.stop()
 
-    async def read(self, topic: str, partition: int) -> AsyncIterator[InputRecord]:
+    async def read(
+        self, topic: str, partition: int, settle_s: float = 5.0
+    ) -> AsyncIterator[InputRecord]:
+        """Yield the partition's committed records up to its end.
+
+        Right after a transaction commits, its markers may not be written yet, so the last
+        stable offset (LSO) can lag the high watermark for a moment: reading stops only
+        when the LSO has caught up, or after ``settle_s`` (then what remains is a
+        transaction still open, e.g. of a crashed producer, which will be aborted).
+        """
         tp = TopicPartition(topic, partition)
         consumer = self._consumer
+        deadline = time.monotonic() + settle_s
         try:
             consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
             await consumer.seek_to_beginning(tp)
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=500)
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=100)
                 for msg in batch.get(tp, []):
-                    if msg.offset >= end:
-                        return
                     yield _record(msg)
+                lso = consumer.last_stable_offset(tp)
+                high = consumer.highwater(tp)
+                if lso is None or high is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no fetch response for {topic}/{partition}")
+                    continue
+                if await consumer.position(tp) >= lso and (
+                    lso >= high or time.monotonic() > deadline
+                ):
+                    return
         except KafkaError as exc:
             raise RuntimeError(f"cannot read {topic}/{partition}: {exc}") from exc
         finally:
