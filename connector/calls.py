@@ -72,38 +72,49 @@ class AuthGate:
 
     def __init__(self, probe_interval_s: float = 30.0) -> None:
         self.probe_interval_s = probe_interval_s
-        self._open = asyncio.Event()
-        self._open.set()
+        self._closed = False
         self._probing = False
+        self._changed = asyncio.Event()
 
     @property
     def is_open(self) -> bool:
-        return self._open.is_set()
+        return not self._closed
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def enter(self) -> bool:
         """Wait until a call may go; True when this caller is the probe."""
-        while not self._open.is_set():
+        while self._closed:
             if not self._probing:
                 self._probing = True
                 return True
-            await self._open.wait()
+            await self._changed.wait()
         return False
 
     def fail(self, was_probe: bool) -> bool:
         """A 401/403: close the gate. True when it was open until now."""
-        if was_probe:
-            self._probing = False
-        was_open = self._open.is_set()
-        self._open.clear()
+        was_open = not self._closed
+        self._closed = True
+        self._end_probe(was_probe)
         return was_open
 
     def succeed(self, was_probe: bool) -> bool:
         """A call went through: open the gate. True when it was closed until now."""
+        was_closed = self._closed
+        self._closed = False
+        self._end_probe(was_probe)
+        return was_closed
+
+    def _end_probe(self, was_probe: bool) -> None:
         if was_probe:
             self._probing = False
-        was_closed = not self._open.is_set()
-        self._open.set()
-        return was_closed
+        self._notify()
+
+    def abandon_probe(self) -> None:
+        """The probe left without an answer (abandoned, cancelled): let another probe."""
+        self._end_probe(True)
 
 
 class ThreadCaller:
@@ -146,57 +157,65 @@ class ThreadCaller:
         attempts = 0
         while True:
             is_probe = await self.auth_gate.enter()
-            if is_probe:
-                await self._sleep(self.auth_gate.probe_interval_s)
-            waited = await self._bucket.acquire()
-            self._metrics.rate_limit_wait.inc(waited)
-            if guard.abandoned:
-                raise Abandoned(event_id)
-            attempts += 1
             try:
-                thread = await self._one_attempt(request, event_id, correlation_id, guard)
-            except AuthError as exc:
-                attempts -= 1  # an auth pause is not the event's fault: no budget spent
-                if self.auth_gate.fail(is_probe):
-                    self._metrics.auth_paused.set(1)
-                    log.error(
-                        "Threads API refused the API key (HTTP %s): calls paused, "
-                        "probing every %.0fs",
-                        exc.status,
-                        self.auth_gate.probe_interval_s,
-                    )
-                continue
-            except PermanentApiError as exc:
-                self._auth_ok(is_probe)  # any answer but 401/403 means the key was accepted
-                self._metrics.event_attempts.observe(attempts)
-                raise EventRejected(
-                    Stage.API, str(exc), code=f"http_{exc.status}", status=exc.status
-                ) from exc
-            except RetriableApiError as exc:
-                self._auth_ok(is_probe)
-                delay = self._retry_delay(exc, attempts, started)
-                if delay is None:
+                if is_probe:
+                    await self._sleep(self.auth_gate.probe_interval_s)
+                waited = await self._bucket.acquire()
+                self._metrics.rate_limit_wait.inc(waited)
+                if guard.abandoned:
+                    raise Abandoned(event_id)
+                attempts += 1
+                try:
+                    thread = await self._one_attempt(request, event_id, correlation_id, guard)
+                except AuthError as exc:
+                    attempts -= 1  # an auth pause is not the event's fault: no budget spent
+                    if self.auth_gate.fail(is_probe):
+                        self._metrics.auth_paused.set(1)
+                        log.error(
+                            "Threads API refused the API key (HTTP %s): calls paused, "
+                            "probing every %.0fs",
+                            exc.status,
+                            self.auth_gate.probe_interval_s,
+                        )
+                    is_probe = False
+                    continue
+                except PermanentApiError as exc:
+                    self._auth_ok(is_probe)  # any answer but 401/403: the key was accepted
+                    is_probe = False
                     self._metrics.event_attempts.observe(attempts)
                     raise EventRejected(
-                        Stage.API,
-                        f"gave up after {attempts} attempts: {exc}",
-                        code="retries_exhausted",
-                        status=exc.status,
+                        Stage.API, str(exc), code=f"http_{exc.status}", status=exc.status
                     ) from exc
-                if guard.abandoned:
-                    raise Abandoned(event_id) from exc
-                self._metrics.api_retries.labels(_code(exc)).inc()
-                await self._sleep(delay)
-                continue
-            self._auth_ok(is_probe)
-            self._metrics.event_attempts.observe(attempts)
-            return ThreadCreated(
-                thread_uid=thread.thread_uid,
-                human_uid=thread.human_uid,
-                agent_uid=thread.agent_uid or request.agent_uid,
-                attempts=attempts,
-                latency_ms=(time.monotonic() - started) * 1000,
-            )
+                except RetriableApiError as exc:
+                    self._auth_ok(is_probe)
+                    is_probe = False
+                    delay = self._retry_delay(exc, attempts, started)
+                    if delay is None:
+                        self._metrics.event_attempts.observe(attempts)
+                        raise EventRejected(
+                            Stage.API,
+                            f"gave up after {attempts} attempts: {exc}",
+                            code="retries_exhausted",
+                            status=exc.status,
+                        ) from exc
+                    if guard.abandoned:
+                        raise Abandoned(event_id) from exc
+                    self._metrics.api_retries.labels(_code(exc)).inc()
+                    await self._sleep(delay)
+                    continue
+                self._auth_ok(is_probe)
+                is_probe = False
+                self._metrics.event_attempts.observe(attempts)
+                return ThreadCreated(
+                    thread_uid=thread.thread_uid,
+                    human_uid=thread.human_uid,
+                    agent_uid=thread.agent_uid or request.agent_uid,
+                    attempts=attempts,
+                    latency_ms=(time.monotonic() - started) * 1000,
+                )
+            finally:
+                if is_probe:  # left without an answer (abandoned, cancelled): hand it on
+                    self.auth_gate.abandon_probe()
 
     async def _one_attempt(
         self, request: ThreadRequest, event_id: str, correlation_id: str, guard: CallGuard

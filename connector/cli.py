@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from connector.demo import run_demo
 
-        configure_logging("WARNING", "text")
+        configure_logging("ERROR", "text")
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # start-up coordinator noise
         return asyncio.run(
             run_demo(args.config, args.events, args.keep_running, args.bootstrap_servers)
         )

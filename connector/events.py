@@ -108,7 +108,7 @@ def parse_event(record: InputRecord, *, id_field: str, id_header: str, type_fiel
             code="not_an_object",
         )
     event_id = _scalar(body, id_field)
-    if event_id is None:
+    if not event_id:
         raw = record.header(id_header)
         event_id = raw.decode("utf-8", "replace").strip() if raw else None
     if not event_id:

@@ -38,8 +38,11 @@ class OffsetTracker:
     def add(self, tp: TopicPartitionKey, offset: int) -> None:
         """A record was fetched and handed to the pipeline (offsets rise per partition)."""
         part = self._parts.setdefault(tp, _Partition())
-        if part.order and offset <= part.order[-1]:
-            raise ValueError(f"{tp}: offset {offset} is not after {part.order[-1]}")
+        last = (
+            part.order[-1] if part.order else (None if part.position is None else part.position - 1)
+        )
+        if last is not None and offset <= last:
+            raise ValueError(f"{tp}: offset {offset} is not after {last}")
         part.order.append(offset)
 
     def done(self, tp: TopicPartitionKey, offset: int) -> None:

@@ -104,7 +104,7 @@ class TokenBucket:
         self._rate = rate
         if burst is not None:
             self._burst = max(1.0, burst)
-        self._tokens = min(self._tokens, self._burst)
+        self._tokens = min(self._tokens, self._burst) if rate > 0 else 0.0
 
     def pause_for(self, seconds: float) -> None:
         """``Retry-After``: no token is handed out before ``seconds`` from now."""

@@ -110,7 +110,11 @@ def validate_request(request: ThreadRequest) -> None:
         problems.append(
             f"{request.identifier_field} is {len(value)} characters, over {IDENTIFIER_MAX_LENGTH}"
         )
-    if request.identifier_field == "externalUserId" and value and not EXTERNAL_USER_ID.match(value):
+    if (
+        request.identifier_field == "externalUserId"
+        and value
+        and not EXTERNAL_USER_ID.fullmatch(value)
+    ):
         problems.append("externalUserId may only contain A-Za-z0-9_-")
     if problems:
         raise EventRejected(Stage.VALIDATE, "; ".join(problems), code="invalid_request")

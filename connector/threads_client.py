@@ -102,7 +102,8 @@ class ThreadsClient:
         headers = {
             "x-api-key": self._api_key().get_secret_value(),
             "content-type": "application/json",
-            "x-event-id": event_id,
+            # percent-encoded: event ids are the producer's data and may hold any character
+            "x-event-id": quote(event_id, safe=""),
             "x-correlation-id": correlation_id,
         }
         try:
@@ -117,6 +118,10 @@ class ThreadsClient:
             raise RetriableApiError("timeout", outcome_unknown=True) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
             raise RetriableApiError(f"protocol error: {exc}", outcome_unknown=True) from exc
+        except httpx.LocalProtocolError as exc:  # we could not even form the request
+            raise PermanentApiError(f"request could not be sent: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise RetriableApiError(f"transport error: {exc}", outcome_unknown=True) from exc
         return _interpret(response)
 
 

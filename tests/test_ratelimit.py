@@ -1,0 +1,203 @@
+"""connector.ratelimit: token bucket, AIMD factor and group share, on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
+
+
+class FakeClock:
+    """A clock that only moves when someone sleeps on it.
+
+    Like a real sleep, every sleep lets a little time pass: a float clock that did not move
+    for a tiny residual wait would leave the bucket's acquire loop spinning.
+    """
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(seconds, 1e-9)
+        await asyncio.sleep(0)
+
+
+def bucket(
+    rate: float, burst: float, clock: FakeClock, adaptive: AdaptiveRate | None = None
+) -> TokenBucket:
+    return TokenBucket(rate, burst, clock=clock, sleep=clock.sleep, adaptive=adaptive)
+
+
+def adaptive(clock: FakeClock, **kw: float) -> AdaptiveRate:
+    params = {"decrease_factor": 0.5, "increase_per_s": 0.05, "min_fraction": 0.1} | kw
+    return AdaptiveRate(clock=clock, **params)
+
+
+# -- TokenBucket ---------------------------------------------------------------------------
+
+
+def test_starts_empty() -> None:
+    clock = FakeClock()
+    b = bucket(4.0, 10, clock)
+    assert b.tokens() == 0
+    assert b.try_acquire() == pytest.approx(0.25)
+
+
+async def test_rate_is_respected_over_many_acquisitions() -> None:
+    clock = FakeClock()
+    b = bucket(5.0, 1, clock)
+    start = clock.now
+
+    waited = [await b.acquire() for _ in range(50)]
+
+    assert clock.now - start == pytest.approx(10.0)
+    assert sum(waited) == pytest.approx(10.0)
+    assert b.waited_s == pytest.approx(10.0)
+    assert all(w == pytest.approx(0.2) for w in waited)
+
+
+async def test_burst_is_capped() -> None:
+    clock = FakeClock()
+    b = bucket(10.0, 5, clock)
+    clock.now += 100  # idle for long: still only `burst` tokens
+
+    assert b.tokens() == pytest.approx(5)
+    assert [await b.acquire() for _ in range(5)] == [0.0] * 5
+    assert await b.acquire() == pytest.approx(0.1)
+
+
+async def test_concurrent_acquirers_share_the_rate() -> None:
+    clock = FakeClock()
+    b = bucket(2.0, 1, clock)
+    start = clock.now
+
+    await asyncio.gather(*(b.acquire() for _ in range(8)))
+
+    assert clock.now - start == pytest.approx(4.0)
+
+
+async def test_pause_for_delays_the_next_token() -> None:
+    clock = FakeClock()
+    b = bucket(100.0, 10, clock)
+    clock.now += 1  # bucket full
+    b.pause_for(3.0)
+    b.pause_for(1.0)  # a shorter pause does not shorten the longer one
+
+    assert b.try_acquire() == pytest.approx(3.0)
+    assert await b.acquire() == pytest.approx(3.0)
+    assert await b.acquire() == 0.0  # tokens kept while paused
+
+
+def test_set_rate_changes_the_refill_speed() -> None:
+    clock = FakeClock()
+    b = bucket(1.0, 100, clock)
+    clock.now += 2
+    b.set_rate(10.0)  # tokens earned so far are kept at the old rate
+    assert b.tokens() == pytest.approx(2)
+    clock.now += 1
+    assert b.tokens() == pytest.approx(12)
+    assert b.rate == 10.0
+
+
+def test_set_rate_with_a_smaller_burst_drops_extra_tokens() -> None:
+    clock = FakeClock()
+    b = bucket(10.0, 20, clock)
+    clock.now += 10
+    assert b.tokens() == pytest.approx(20)
+    b.set_rate(10.0, burst=3)
+    assert b.tokens() == pytest.approx(3)
+
+
+def test_zero_rate_hands_out_no_new_tokens() -> None:
+    clock = FakeClock()
+    b = bucket(5.0, 5, clock)
+    b.set_rate(0.0)
+    clock.now += 60
+    assert b.tokens() == 0
+    assert b.try_acquire() > 0
+
+
+def test_bucket_rate_follows_the_adaptive_factor() -> None:
+    clock = FakeClock()
+    aimd = adaptive(clock)
+    b = bucket(10.0, 1, clock, adaptive=aimd)
+    assert b.rate == pytest.approx(10.0)
+    aimd.on_overload()
+    assert b.rate == pytest.approx(5.0)
+    assert b.try_acquire() == pytest.approx(0.2)
+
+
+# -- AdaptiveRate --------------------------------------------------------------------------
+
+
+def test_multiplicative_decrease_once_per_cooldown() -> None:
+    clock = FakeClock()
+    aimd = adaptive(clock, increase_per_s=1e-9)
+    assert aimd.factor == 1.0
+
+    aimd.on_overload()
+    assert aimd.factor == pytest.approx(0.5)
+    clock.now += 0.5
+    aimd.on_overload()  # same burst of 429s: no second cut
+    assert aimd.factor == pytest.approx(0.5)
+
+    clock.now += 0.6
+    aimd.on_overload()
+    assert aimd.factor == pytest.approx(0.25, abs=1e-6)
+
+
+def test_no_recovery_during_the_cooldown() -> None:
+    clock = FakeClock()
+    aimd = adaptive(clock, cooldown_s=2.0)
+    aimd.on_overload()
+    for _ in range(3):
+        clock.now += 0.5
+        assert aimd.factor == pytest.approx(0.5)
+
+
+def test_additive_recovery_up_to_one() -> None:
+    clock = FakeClock()
+    aimd = adaptive(clock, increase_per_s=0.05, cooldown_s=1.0)
+    aimd.on_overload()
+    clock.now += 5.0
+    # 4 s past the cool-down at 0.05/s (the cool-down itself may count or not)
+    assert 0.5 + 0.05 * 4 - 1e-9 <= aimd.factor <= 0.5 + 0.05 * 5 + 1e-9
+
+    previous = aimd.factor
+    for _ in range(20):
+        clock.now += 1.0
+        assert aimd.factor >= previous
+        previous = aimd.factor
+    assert aimd.factor == 1.0  # 0.5 + 0.05 * 25 > 1: capped
+
+
+def test_floor() -> None:
+    clock = FakeClock()
+    aimd = adaptive(clock, min_fraction=0.2, increase_per_s=1e-9, cooldown_s=1.0)
+    for _ in range(10):
+        aimd.on_overload()
+        clock.now += 1.0
+    assert aimd.factor == pytest.approx(0.2)
+
+
+# -- group_share ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("owned", "total", "expected"),
+    [(6, 6, 20.0), (3, 6, 10.0), (1, 6, 20 / 6), (0, 6, 0.0), (4, 0, 0.0), (8, 6, 20.0)],
+)
+def test_group_share(owned: int, total: int, expected: float) -> None:
+    assert group_share(20.0, owned, total) == pytest.approx(expected)
+
+
+def test_shares_of_a_split_assignment_add_up_to_the_global_rate() -> None:
+    assignment = [3, 2, 1, 1, 0]  # partitions per replica, 7 in all
+    assert sum(group_share(35.0, n, 7) for n in assignment) == pytest.approx(35.0)
