@@ -315,7 +315,7 @@ class Connector:
         total = sum(self.input_partitions.values())
         share = group_share(api.rate_limit_per_s, len(self._assigned), total)
         burst = max(1.0, api.rate_limit_burst * (share / api.rate_limit_per_s))
-        self.bucket.set_rate(share, burst)
+        self.bucket.set_rate(share, burst, ramp_s=api.ramp_up_s)
         self.metrics.rate_limit_share.set(share)
         self.metrics.rate_limit_rate.set(self.bucket.rate)
 

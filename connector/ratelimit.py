@@ -90,6 +90,8 @@ class TokenBucket:
         self._tokens = 0.0
         self._stamp = clock()
         self._paused_until = 0.0
+        self._ramp_from = float("-inf")
+        self._ramp_s = 0.0
         self._lock = asyncio.Lock()
         self.waited_s = 0.0  # total time callers spent waiting (for metrics)
 
@@ -97,10 +99,18 @@ class TokenBucket:
     def rate(self) -> float:
         """The rate in force now (the share times the adaptive factor)."""
         factor = self._adaptive.factor if self._adaptive else 1.0
+        if self._ramp_s > 0:
+            ramp = (self._clock() - self._ramp_from) / self._ramp_s
+            factor *= min(1.0, max(0.1, ramp))
         return self._rate * factor
 
-    def set_rate(self, rate: float, burst: float | None = None) -> None:
+    def set_rate(self, rate: float, burst: float | None = None, ramp_s: float = 0.0) -> None:
+        """Change the rate; with ``ramp_s`` it climbs linearly to it from 10% (slow start,
+        so a replica that just got partitions does not send a burst while it is busiest)."""
         self._refill()
+        if ramp_s > 0:
+            self._ramp_from = self._clock()
+        self._ramp_s = ramp_s
         self._rate = rate
         if burst is not None:
             self._burst = max(1.0, burst)
@@ -114,15 +124,20 @@ class TokenBucket:
         self._refill()
         return self._tokens
 
-    def _refill(self) -> None:
+    def _refill(self, waiting: bool = False) -> None:
         now = self._clock()
         elapsed = max(0.0, now - self._stamp)
         self._stamp = now
-        self._tokens = min(self._burst, self._tokens + elapsed * self.rate)
+        # While a caller waits, what accrues during its oversleep (timer and event-loop
+        # latency) is its own: without that one token of slack, a burst of 1 would lose
+        # the oversleep every time and the real rate would fall short of the limit.
+        cap = self._burst + 1.0 if waiting else self._burst
+        self._tokens = min(cap, self._tokens + elapsed * self.rate)
 
-    def try_acquire(self) -> float:
-        """Take a token and return 0, or return how long to wait before trying again."""
-        self._refill()
+    def try_acquire(self, waiting: bool = False) -> float:
+        """Take a token and return 0, or return how long to wait before trying again.
+        ``waiting``: the caller has been waiting for this token (see ``_refill``)."""
+        self._refill(waiting)
         pause = self._paused_until - self._clock()
         if pause > 0:
             return pause
@@ -138,7 +153,7 @@ class TokenBucket:
         """Wait for a token; return the seconds waited."""
         async with self._lock:
             waited = 0.0
-            while (wait := self.try_acquire()) > 0:
+            while (wait := self.try_acquire(waiting=waited > 0)) > 0:
                 await self._sleep(wait)
                 waited += wait
             self.waited_s += waited
