@@ -48,32 +48,39 @@ class Seen:
 
 
 class DedupWindow:
-    """Event ids per partition, expiring after ``ttl_s``, at most ``max_entries`` in all."""
+    """Event ids per partition, expiring after ``ttl_s``, at most ``max_entries`` in all.
+
+    An entry is only the time the event was seen, keyed by (partition, event id), with the
+    partition tuples shared: about 200 bytes an entry (``bench/dedup_memory.py``).
+    """
 
     def __init__(self, ttl_s: float, max_entries: int, clock: Clock = time.time) -> None:
         self._ttl = ttl_s
         self._max = max_entries
         self._clock = clock
-        self._entries: OrderedDict[tuple[TopicPartitionKey, str], Seen] = OrderedDict()
+        self._entries: OrderedDict[tuple[TopicPartitionKey, str], float] = OrderedDict()
+        self._tps: dict[TopicPartitionKey, TopicPartitionKey] = {}
         self.evicted = 0  # dropped for the size bound before they expired
         self.expired = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, tp: TopicPartitionKey, event_id: str) -> Seen | None:
-        seen = self._entries.get((tp, event_id))
-        if seen is None:
+    def get(self, tp: TopicPartitionKey, event_id: str) -> float | None:
+        """When the event was seen (epoch seconds), or None if not within the window."""
+        key = (tp, event_id)
+        seen_at = self._entries.get(key)
+        if seen_at is None:
             return None
-        if seen.seen_at < self._clock() - self._ttl:
-            del self._entries[(tp, event_id)]
+        if seen_at < self._clock() - self._ttl:
+            del self._entries[key]
             self.expired += 1
             return None
-        return seen
+        return seen_at
 
     def add(self, tp: TopicPartitionKey, seen: Seen) -> None:
-        key = (tp, seen.event_id)
-        self._entries[key] = seen
+        key = (self._tps.setdefault(tp, tp), seen.event_id)
+        self._entries[key] = seen.seen_at
         self._entries.move_to_end(key)
         self._trim()
 
@@ -94,7 +101,7 @@ class DedupWindow:
         entries = self._entries
         while entries:
             key, oldest = next(iter(entries.items()))
-            if oldest.seen_at < horizon:
+            if oldest < horizon:
                 self.expired += 1
             elif len(entries) > self._max:
                 self.evicted += 1
@@ -136,7 +143,9 @@ class DedupStore(Protocol):
 
     def forget(self, tps: Iterable[TopicPartitionKey]) -> None: ...
 
-    def seen(self, tp: TopicPartitionKey, event_id: str) -> Seen | None: ...
+    def seen(self, tp: TopicPartitionKey, event_id: str) -> float | None:
+        """When the event was turned into a thread, if within the window."""
+        ...
 
     def remember(self, tp: TopicPartitionKey, seen: Seen) -> OutRecord | None:
         """Record the event; return the changelog record to write with its result."""
@@ -155,7 +164,7 @@ class MemoryDedupStore:
     def forget(self, tps: Iterable[TopicPartitionKey]) -> None:
         self.window.drop(tps)
 
-    def seen(self, tp: TopicPartitionKey, event_id: str) -> Seen | None:
+    def seen(self, tp: TopicPartitionKey, event_id: str) -> float | None:
         return self.window.get(tp, event_id)
 
     def remember(self, tp: TopicPartitionKey, seen: Seen) -> OutRecord | None:
