@@ -90,8 +90,8 @@ class DeliverySettings(_Frozen):
     transactional_id_prefix: str = "threads-connector"
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
     max_buffered_events: int = Field(default=2_000, ge=1, description="pause fetching above")
-    drain_timeout_s: float = Field(default=30.0, gt=0)
-    revoke_timeout_s: float = Field(default=20.0, gt=0)
+    drain_timeout_s: float = Field(default=70.0, gt=0)
+    revoke_timeout_s: float = Field(default=65.0, gt=0)
 
 
 class DedupSettings(_Frozen):
