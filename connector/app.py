@@ -86,6 +86,8 @@ class Connector:
         self._restoring: set[TopicPartitionKey] = set()
         self._held: dict[TopicPartitionKey, list[InputRecord]] = {}
         self._store: DedupStore = MemoryDedupStore(self.window)
+        self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
+        self._fences = 0
         self.sessions = 0
         self.started = asyncio.Event()
 
@@ -144,6 +146,7 @@ class Connector:
                 try:
                     await self._session(stop)
                 except FencedError as exc:
+                    self._fences += 1
                     self.metrics.fenced.inc()
                     log.warning("session ended without committing, rejoining: %s", exc)
                     await _sleep_unless(stop, 1.0 + random.random())
@@ -158,7 +161,10 @@ class Connector:
         pipeline = Pipeline(s, self.router, store, self.caller, self.metrics)
         self.pipeline = pipeline
         source = Source(s, self._on_revoked, self._on_assigned)
-        sink = Sink(s, source, kwargs)
+        # after a fence, rejoin under a new transactional id: reusing ours would fence the
+        # instance that fenced us, and the two would take turns forever
+        suffix = f"-f{self._fences}" if self._fences else ""
+        sink = Sink(s, source, kwargs, transactional_suffix=suffix)
         self._sink = sink
         self._source = source
         self._store = store
@@ -183,11 +189,14 @@ class Connector:
                     draining.set()  # the committer finishes its cycle and makes a last one
                     gauges.cancel()
                     await committer
-            except BaseException:
+            except BaseException as exc:
                 # Entries remembered for outcomes that were never committed would drop their
                 # replays as duplicates: forget them (the changelog restores what is durable).
                 self.window.clear()
-                raise
+                fenced = _only_fenced(exc)
+                if fenced is exc:
+                    raise
+                raise fenced from exc
             log.info("drained", extra={"cut_short": cut, **vars(pipeline.stats)})
             self._joined = False
 
@@ -211,6 +220,9 @@ class Connector:
         paused = False
         while not stop.is_set():
             self._heartbeat = time.monotonic()
+            if self._fatal is not None:
+                fatal, self._fatal = self._fatal, None
+                raise fatal
             records = await source.fetch(FETCH_TIMEOUT_MS)
             for tp in [tp for tp in self._held if tp not in self._restoring]:
                 for record in self._held.pop(tp):
@@ -263,7 +275,24 @@ class Connector:
     # -- rebalance ----------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: list[TopicPartitionKey]) -> None:
-        """Finish or abandon the partitions' work and commit what is done, then forget."""
+        """Finish or abandon the partitions' work and commit what is done, then forget.
+        aiokafka only logs a hook's exception: a failure here ends the session instead."""
+        try:
+            await self._revoke(revoked)
+        except Exception as exc:
+            log.exception("partition revocation failed; the session restarts")
+            self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
+
+    async def _on_assigned(self, assigned: list[TopicPartitionKey]) -> None:
+        """Restore dedup state first, then take our share of the group's rate. A failed
+        restore ends the session: processing without dedup state could call twice."""
+        try:
+            await self._assign(assigned)
+        except Exception as exc:
+            log.exception("partition assignment failed; the session restarts")
+            self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
+
+    async def _revoke(self, revoked: list[TopicPartitionKey]) -> None:
         self.metrics.rebalances.labels("revoke").inc()
         pipeline, sink = self.pipeline, self._sink
         if pipeline is None or sink is None:
@@ -282,8 +311,7 @@ class Connector:
         self._assigned = [tp for tp in self._assigned if tp not in gone]
         log.info("partitions revoked", extra={"partitions": len(revoked)})
 
-    async def _on_assigned(self, assigned: list[TopicPartitionKey]) -> None:
-        """Restore dedup state first, then take our share of the group's rate."""
+    async def _assign(self, assigned: list[TopicPartitionKey]) -> None:
         self.metrics.rebalances.labels("assign").inc()
         self._assigned = list(assigned)
         self._restoring |= set(assigned)
@@ -318,6 +346,19 @@ class Connector:
         self.bucket.set_rate(share, burst, ramp_s=api.ramp_up_s)
         self.metrics.rate_limit_share.set(share)
         self.metrics.rate_limit_rate.set(self.bucket.rate)
+
+
+def _only_fenced(exc: BaseException) -> BaseException:
+    """A TaskGroup wraps its failures in an ExceptionGroup: when every one of them is a
+    FencedError, the session ends by a fence (and restarts); anything else propagates."""
+    if isinstance(exc, BaseExceptionGroup):
+        fenced, rest = exc.split(FencedError)
+        if fenced is not None and rest is None:
+            first: BaseException = fenced
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            return first
+    return exc
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

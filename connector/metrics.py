@@ -6,11 +6,19 @@ short reason codes and HTTP codes; never event ids or user ids.
 
 Each ``Metrics`` owns its registry, so several connectors can run in one process (tests)
 without colliding; the app serves its own registry on ``/metrics``.
+
+Labelled counters whose label values are known up front are created at 0 (Prometheus'
+"avoid missing metrics"): a series born at 1 is invisible to ``increase()``/``rate()``, so
+without this the first dead letter of a kind, the first 401 or the first failed commit
+would never reach a dashboard or fire an alert. The dashboard and the alerts are in the Helm
+chart (``dashboards/``, ``rules/``); docs/monitoring.md describes them.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from connector import __version__
 
 PREFIX = "threads_connector"
 # An API call starts an LLM agent turn: 0.1 s to a minute and more.
@@ -18,6 +26,38 @@ CALL_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 1
 E2E_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 COMMIT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
+
+# Label values created at 0 (see the module docstring). ``DEAD_LETTER_REASONS`` lists the
+# ``EventRejected.code`` values per stage; a code missing here still counts, it only skips
+# its first increment in ``increase()`` (tests/test_observability.py keeps the list in step
+# with the code).
+DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
+    "parse": ("empty_value", "invalid_json", "not_an_object"),
+    "validate": (
+        "no_event_id",
+        "no_event_type",
+        "invalid_request",
+        "invalid_identifier",
+        "missing_field",
+        "template_error",
+    ),
+    "route": ("no_route",),
+    "api": ("retries_exhausted", "http_400", "http_404", "http_422"),
+}
+API_RESPONSE_CODES: tuple[tuple[str, str], ...] = (
+    ("2xx", "201"),
+    ("4xx", "401"),
+    ("4xx", "403"),
+    ("4xx", "429"),
+    ("5xx", "502"),
+    ("5xx", "503"),
+    ("5xx", "504"),
+    ("error", "timeout"),
+    ("error", "connect_error"),
+)
+RETRY_CODES = ("429", "502", "503", "504", "timeout", "connect_error")
+COMMIT_MODES = ("transaction", "at_least_once")  # ``Sink.mode``
+REBALANCE_KINDS = ("assign", "revoke")
 
 
 class Metrics:
@@ -51,7 +91,7 @@ class Metrics:
         self.api_responses = Counter(
             f"{p}_api_responses_total",
             "Threads API responses by status class (2xx, 4xx, 5xx, error) and code "
-            "(HTTP status, or timeout / connect_error / protocol_error).",
+            "(HTTP status, or timeout / connect_error).",
             ["status_class", "code"],
             registry=r,
         )
@@ -168,3 +208,25 @@ class Metrics:
             "1 when assigned, connected and not paused by an auth failure.",
             registry=r,
         )
+        self.build_info = Gauge(
+            f"{p}_build_info",
+            "Always 1; the connector's version as a label (dashboard variables use it).",
+            ["version"],
+            registry=r,
+        )
+        self.build_info.labels(__version__).set(1)
+        self._initialise_labels()
+
+    def _initialise_labels(self) -> None:
+        """Create the known label combinations at 0 (see the module docstring)."""
+        for stage, reasons in DEAD_LETTER_REASONS.items():
+            for reason in reasons:
+                self.dead_letters.labels(stage, reason)
+        for status_class, code in API_RESPONSE_CODES:
+            self.api_responses.labels(status_class, code)
+        for code in RETRY_CODES:
+            self.api_retries.labels(code)
+        for mode in COMMIT_MODES:
+            self.commit_failures.labels(mode)
+        for kind in REBALANCE_KINDS:
+            self.rebalances.labels(kind)

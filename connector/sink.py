@@ -31,6 +31,7 @@ from connector.events import OutRecord, TopicPartitionKey
 from connector.source import Source
 
 log = logging.getLogger(__name__)
+FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 Positions = dict[TopicPartitionKey, int]
 
 
@@ -42,13 +43,19 @@ class Sink:
     """The producer, transactional or not, and the commit cycle."""
 
     def __init__(
-        self, settings: ConnectorSettings, source: Source, kafka_kwargs: dict[str, object]
+        self,
+        settings: ConnectorSettings,
+        source: Source,
+        kafka_kwargs: dict[str, object],
+        transactional_suffix: str = "",
     ) -> None:
         d = settings.delivery
         self._exactly_once = d.mode is DeliveryMode.EXACTLY_ONCE
         self._source = source
         self.transactional_id = (
-            f"{d.transactional_id_prefix}-{d.instance_id}" if self._exactly_once else None
+            f"{d.transactional_id_prefix}-{d.instance_id}{transactional_suffix}"
+            if self._exactly_once
+            else None
         )
         self._producer = AIOKafkaProducer(
             **kafka_kwargs,
@@ -65,7 +72,7 @@ class Sink:
     async def start(self) -> None:
         try:
             await self._producer.start()  # with a transactional id: fences older instances
-        except (ProducerFenced, InvalidProducerEpoch) as exc:
+        except FENCED as exc:
             raise FencedError(f"producer fenced at start: {exc}") from exc
 
     async def stop(self) -> None:
@@ -86,7 +93,6 @@ class Sink:
         producer = self._producer
         try:
             await producer.begin_transaction()
-            committed = False
             try:
                 for record in records:
                     await self._send(record)
@@ -97,11 +103,12 @@ class Sink:
                         self._source.group_id,
                     )
                 await producer.commit_transaction()
-                committed = True
-            finally:
-                if not committed:
-                    await _abort_quietly(producer)
-        except (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed) as exc:
+            except FENCED:
+                raise  # the broker aborted it already; the producer cannot abort any more
+            except BaseException:
+                await _abort_quietly(producer)
+                raise
+        except FENCED as exc:
             raise FencedError(f"transactional producer fenced: {exc}") from exc
         except KafkaError as exc:
             raise CommitError(f"transaction failed and was aborted: {exc}") from exc
@@ -134,5 +141,5 @@ class Sink:
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:
     try:
         await producer.abort_transaction()
-    except KafkaError:
+    except (KafkaError, AssertionError):  # aiokafka asserts on a producer in a fatal state
         log.warning("abort_transaction failed; the broker will time the transaction out")

@@ -22,6 +22,8 @@ from connector import __version__
 from connector.errors import AuthError, PermanentApiError, RetriableApiError
 from connector.routing import ThreadRequest
 
+# printable ASCII (and space) but '%' stays as it is in the x-event-id header
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 
@@ -102,8 +104,8 @@ class ThreadsClient:
         headers = {
             "x-api-key": self._api_key().get_secret_value(),
             "content-type": "application/json",
-            # percent-encoded: event ids are the producer's data and may hold any character
-            "x-event-id": quote(event_id, safe=""),
+            # event ids are the producer's data: percent-encode what a header cannot carry
+            "x-event-id": quote(event_id, safe=_HEADER_SAFE),
             "x-correlation-id": correlation_id,
         }
         try:

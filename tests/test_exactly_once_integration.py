@@ -228,3 +228,36 @@ async def test_rate_limited_api_slows_the_group_without_dead_letters(kafka_boots
         assert_exactly_once(
             await results(kafka_bootstrap, names.results), ids, sim.store.count_by_event_id()
         )
+
+
+async def test_a_fenced_instance_rejoins_without_duplicate_results(kafka_bootstrap: str) -> None:
+    """Two replicas given the same instance id: the second's producer fences the first,
+    which stops its work and rejoins under a new transactional id."""
+    names = Names.fresh("fence")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=8)) as sim:
+        sim.set_latency(LatencySpec(distribution="uniform", min_ms=20, max_ms=150))
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=4,
+            api={"rate_limit_per_s": 150},
+            delivery={"instance_id": "twin"},
+        )
+        await ensure_topics(settings)
+        ids = [f"f-{i}" for i in range(400)]
+        await produce(kafka_bootstrap, names.input, [(i.encode(), event(i)) for i in ids])
+        async with running(settings) as first:
+            await asyncio.sleep(1.5)
+            async with running(settings) as second:
+                await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
+                fences = first.metrics.fenced._value.get() + second.metrics.fenced._value.get()
+                unknown = sum(c.metrics.api_outcome_unknown._value.get() for c in (first, second))
+        assert fences >= 1
+        assert first.sessions >= 2 or second.sessions >= 2
+        out = await results(kafka_bootstrap, names.results)
+        counts = Counter(str(r["eventId"]) for r in out)
+        assert set(counts) == set(ids) and all(c == 1 for c in counts.values())
+        # threads made twice can only come from work the fenced instance had not committed
+        twice = sum(c - 1 for c in sim.store.count_by_event_id().values())
+        assert twice <= 150 * 1.0 + unknown  # at most ~1 s of calls at the group rate

@@ -274,3 +274,24 @@ async def test_restart_mid_stream_loses_nothing(
     assert len(ids) == n  # no duplicate result records
     dupes = {e: c for e, c in sim.store.count_by_event_id().items() if c != 1}
     assert not dupes, [(t.event_id, t.created_at) for t in sim.store.all() if t.event_id in dupes]
+
+
+async def test_key_ordering_keeps_calls_for_one_key_in_order(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    names = Names.fresh("order")
+    # random latency would reorder calls for one key if they were made concurrently
+    sim.set_latency(LatencySpec(distribution="uniform", min_ms=5, max_ms=150))
+    settings = make_settings(
+        kafka_bootstrap, sim.base_url, names, partitions=2, delivery={"ordering": "key"}
+    )
+    keys = [f"user-{k}" for k in range(5)]
+    records = [(key.encode(), event(f"{key}:{seq}", user=key)) for seq in range(12) for key in keys]
+    async with running(settings):
+        await produce(kafka_bootstrap, names.input, records)
+        await wait_until_committed(kafka_bootstrap, names.group, names.input)
+    by_key: dict[str, list[int]] = {}
+    for thread in sorted(sim.store.all(), key=lambda t: t.created_at):
+        key, seq = str(thread.event_id).split(":")
+        by_key.setdefault(key, []).append(int(seq))
+    assert by_key == {key: list(range(12)) for key in keys}
