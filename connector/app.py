@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 
 from connector.calls import AuthGate, ThreadCaller
@@ -275,21 +276,20 @@ class Connector:
     # -- rebalance ----------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: list[TopicPartitionKey]) -> None:
-        """Finish or abandon the partitions' work and commit what is done, then forget.
-        aiokafka only logs a hook's exception: a failure here ends the session instead."""
-        try:
-            await self._revoke(revoked)
-        except Exception as exc:
-            log.exception("partition revocation failed; the session restarts")
-            self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
+        """Finish or abandon the partitions' work and commit what is done, then forget."""
+        await self._guarded("revocation", self._revoke(revoked))
 
     async def _on_assigned(self, assigned: list[TopicPartitionKey]) -> None:
-        """Restore dedup state first, then take our share of the group's rate. A failed
-        restore ends the session: processing without dedup state could call twice."""
+        """Restore dedup state first, then take our share of the group's rate."""
+        await self._guarded("assignment", self._assign(assigned))
+
+    async def _guarded(self, what: str, work: Awaitable[None]) -> None:
+        """aiokafka only logs a rebalance hook's exception; here a failure ends the session
+        (a failed restore, say, must not let processing go on without dedup state)."""
         try:
-            await self._assign(assigned)
+            await work
         except Exception as exc:
-            log.exception("partition assignment failed; the session restarts")
+            log.exception("partition %s failed; the session restarts", what)
             self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
 
     async def _revoke(self, revoked: list[TopicPartitionKey]) -> None:
