@@ -295,3 +295,37 @@ async def test_key_ordering_keeps_calls_for_one_key_in_order(
         key, seq = str(thread.event_id).split(":")
         by_key.setdefault(key, []).append(int(seq))
     assert by_key == {key: list(range(12)) for key in keys}
+
+
+async def test_backpressure_pauses_fetching_and_resumes(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    names = Names.fresh("bp")
+    sim.set_latency(LatencySpec(distribution="fixed", median_ms=100))
+    limit, fetch = 20, 10
+    settings = make_settings(
+        kafka_bootstrap,
+        sim.base_url,
+        names,
+        partitions=2,
+        delivery={"max_buffered_events": limit},
+        kafka={"fetch_max_records": fetch},
+        api={"rate_limit_per_s": 100, "max_in_flight": 8},
+    )
+    n = 200
+    await ensure_topics(settings)
+    await produce(kafka_bootstrap, names.input, [(b"k%d" % i, event(f"bp-{i}")) for i in range(n)])
+    peak, paused_seen = 0, 0.0
+    async with running(settings) as connector:
+        done = asyncio.create_task(
+            wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=90)
+        )
+        while not done.done():
+            if connector.pipeline is not None:
+                peak = max(peak, connector.pipeline.in_progress())
+            paused_seen = max(paused_seen, connector.metrics.partitions_paused._value.get())
+            await asyncio.sleep(0.01)
+        await done
+    assert paused_seen >= 1  # fetching paused while the buffer was full
+    assert peak <= limit + fetch  # bounded: at most one fetch beyond the limit
+    assert len(await results(kafka_bootstrap, names.results)) == n  # and it resumed
