@@ -133,6 +133,7 @@ class Connector:
             )
             async with TopicManager(s) as topics:
                 self.input_partitions = await topics.ensure()
+            self.metrics.init_topics(self.input_partitions)
             log.info(
                 "connector started",
                 extra={

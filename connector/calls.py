@@ -184,7 +184,10 @@ class ThreadCaller:
                     is_probe = False
                     self._metrics.event_attempts.observe(attempts)
                     raise EventRejected(
-                        Stage.API, str(exc), code=f"http_{exc.status}", status=exc.status
+                        Stage.API,
+                        str(exc),
+                        code=f"http_{exc.status}" if exc.status else "request_error",
+                        status=exc.status,
                     ) from exc
                 except RetriableApiError as exc:
                     self._auth_ok(is_probe)
@@ -245,8 +248,9 @@ class ThreadCaller:
                     )
                 raise
             except (PermanentApiError, AuthError) as exc:
-                klass = status_class(exc.status or 0)
-                m.api_responses.labels(klass, str(exc.status)).inc()
+                klass = status_class(exc.status) if exc.status else "error"
+                code = str(exc.status) if exc.status else "request_error"
+                m.api_responses.labels(klass, code).inc()
                 m.api_call_duration.labels(klass).observe(time.monotonic() - t0)
                 raise
             finally:

@@ -11,10 +11,12 @@ Labelled counters whose label values are known up front are created at 0 (Promet
 "avoid missing metrics"): a series born at 1 is invisible to ``increase()``/``rate()``, so
 without this the first dead letter of a kind, the first 401 or the first failed commit
 would never reach a dashboard or fire an alert. The dashboard and the alerts are in the Helm
-chart (``dashboards/``, ``rules/``); docs/monitoring.md describes them.
+chart (``dashboards/``, ``rules/``); the README's Monitoring section describes them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -42,7 +44,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
         "template_error",
     ),
     "route": ("no_route",),
-    "api": ("retries_exhausted", "http_400", "http_404", "http_422"),
+    "api": ("retries_exhausted", "http_400", "http_404", "http_422", "request_error"),
 }
 API_RESPONSE_CODES: tuple[tuple[str, str], ...] = (
     ("2xx", "201"),
@@ -56,8 +58,10 @@ API_RESPONSE_CODES: tuple[tuple[str, str], ...] = (
     ("error", "connect_error"),
 )
 RETRY_CODES = ("429", "502", "503", "504", "timeout", "connect_error")
+STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")
 COMMIT_MODES = ("transaction", "at_least_once")  # ``Sink.mode``
 REBALANCE_KINDS = ("assign", "revoke")
+DEDUP_KINDS = ("window", "in_flight")
 
 
 class Metrics:
@@ -226,7 +230,18 @@ class Metrics:
             self.api_responses.labels(status_class, code)
         for code in RETRY_CODES:
             self.api_retries.labels(code)
+        for status_class in STATUS_CLASSES:
+            self.api_call_duration.labels(status_class)
         for mode in COMMIT_MODES:
             self.commit_failures.labels(mode)
+            self.commit_duration.labels(mode)
         for kind in REBALANCE_KINDS:
             self.rebalances.labels(kind)
+
+    def init_topics(self, topics: Iterable[str]) -> None:
+        """Create the per-input-topic series at 0 (call once the input topics are known)."""
+        for topic in topics:
+            self.events_consumed.labels(topic)
+            self.threads_created.labels(topic)
+            for kind in DEDUP_KINDS:
+                self.dedup_hits.labels(topic, kind)

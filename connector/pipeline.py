@@ -169,7 +169,7 @@ class Pipeline:
         try:
             route, request = self._router.build(event)
         except EventRejected as exc:
-            return self._dead(record, exc, event.event_id)
+            return self._dead(record, exc, event.event_id, event.correlation_id)
         if job.previous is not None:
             await job.previous
         try:
@@ -177,7 +177,7 @@ class Pipeline:
                 request, event.event_id, event.correlation_id, guard=job
             )
         except EventRejected as exc:
-            return self._dead(record, exc, event.event_id)
+            return self._dead(record, exc, event.event_id, event.correlation_id)
         values = {
             "threadUid": created.thread_uid,
             "humanUid": created.human_uid,
@@ -214,12 +214,17 @@ class Pipeline:
         return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
 
     def _dead(
-        self, record: InputRecord, exc: EventRejected, event_id: str | None = None
+        self,
+        record: InputRecord,
+        exc: EventRejected,
+        event_id: str | None = None,
+        correlation_id: str | None = None,
     ) -> Outcome:
         log.warning(
             "event dead-lettered",
             extra={
                 "event_id": event_id,
+                "correlation_id": correlation_id,
                 "stage": exc.stage.value,
                 "code": exc.code,
                 "reason": exc.reason,

@@ -127,6 +127,29 @@ class ThreadsClient:
         return _interpret(response)
 
 
+def _safe_detail(response: httpx.Response) -> str:
+    """What of an error body may go into a dead letter and a log: the ``error`` title and
+    the names of the fields at fault, never free text (it could echo the system message)."""
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return "(no JSON body)"
+    if not isinstance(data, dict):
+        return "(no error object)"
+    parts = []
+    title = data.get("error")
+    if isinstance(title, str):
+        parts.append(title[:120])
+    detail = data.get("detail")
+    if isinstance(detail, list):
+        fields = sorted(
+            {str(d["field"])[:60] for d in detail if isinstance(d, dict) and "field" in d}
+        )
+        if fields:
+            parts.append("fields: " + ", ".join(fields))
+    return "; ".join(parts) or "(no error title)"
+
+
 def _interpret(response: httpx.Response) -> ApiThread:
     status = response.status_code
     if status == 201:
@@ -139,7 +162,7 @@ def _interpret(response: httpx.Response) -> ApiThread:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise PermanentApiError("201 without a threadUid in its body", status=201) from exc
-    detail = response.text[:300]
+    detail = _safe_detail(response)
     if status in AUTH_STATUSES:
         raise AuthError(f"HTTP {status}: {detail}", status=status)
     if status in RETRIABLE_STATUSES or status >= 500:

@@ -227,3 +227,19 @@ async def test_non_ascii_event_id_does_not_escape_as_a_foreign_error() -> None:
 
 async def test_local_protocol_error_is_translated() -> None:
     await api_error(raising(httpx.LocalProtocolError))
+
+
+async def test_error_body_free_text_never_reaches_the_error() -> None:
+    """A 422 that echoes the request (the system message) must not carry it onward."""
+    secret_text = "INVISIBLE SYSTEM PROMPT 42"
+    body = {
+        "error": "Validation error",
+        "detail": [{"field": "message", "message": secret_text}],
+        "echo": secret_text,
+    }
+    exc = await api_error(lambda request: httpx.Response(422, content=orjson.dumps(body)))
+    assert isinstance(exc, PermanentApiError)
+    assert secret_text not in str(exc)
+    assert "Validation error" in str(exc) and "message" in str(exc)
+    plain = await api_error(lambda request: httpx.Response(400, text=f"bad: {secret_text}"))
+    assert secret_text not in str(plain)
