@@ -85,6 +85,10 @@ class Connector:
         # aiokafka sets a new assignment (and may fetch) before it awaits the assign hook:
         # records of partitions still restoring their dedup state wait here, in order.
         self._restoring: set[TopicPartitionKey] = set()
+        # partitions whose dedup entries in the window are current. aiokafka's eager protocol
+        # revokes every partition at each rebalance; one given straight back to us was owned
+        # by nobody in between, so its entries need no restore.
+        self._dedup_held: set[TopicPartitionKey] = set()
         self._held: dict[TopicPartitionKey, list[InputRecord]] = {}
         self._store: DedupStore = MemoryDedupStore(self.window)
         self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
@@ -158,6 +162,8 @@ class Connector:
         s = self.settings
         kwargs = client_kwargs(s)
         store = self._dedup_store()
+        self.window.clear()  # a new session restores what it is assigned
+        self._dedup_held = set()
         if self.caller is None:
             raise RuntimeError("run() sets the caller before sessions start")
         pipeline = Pipeline(s, self.router, store, self.caller, self.metrics)
@@ -195,6 +201,7 @@ class Connector:
                 # Entries remembered for outcomes that were never committed would drop their
                 # replays as duplicates: forget them (the changelog restores what is durable).
                 self.window.clear()
+                self._dedup_held = set()
                 fenced = _only_fenced(exc)
                 if fenced is exc:
                     raise
@@ -319,9 +326,13 @@ class Connector:
         if self._source is not None:
             self._source.pause(assigned)
         started = time.monotonic()
+        self._store.forget(self._dedup_held - set(assigned))
+        fresh = [tp for tp in assigned if tp not in self._dedup_held]
+        self._dedup_held = set()  # until the restore has finished
         restored = await asyncio.wait_for(
-            self._store.restore(assigned), self.settings.dedup.restore_timeout_s
+            self._store.restore(fresh), self.settings.dedup.restore_timeout_s
         )
+        self._dedup_held = set(assigned)
         self._restoring -= set(assigned)
         if self._source is not None:
             self._source.resume(assigned)  # the fetch loop pauses again if it is too busy

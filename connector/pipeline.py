@@ -262,13 +262,14 @@ class Pipeline:
         return len(pending)
 
     def forget(self, tps: Iterable[TopicPartitionKey]) -> None:
+        """Drop revoked partitions' offsets and jobs. Their dedup entries are the
+        connector's to drop: they stay valid if the partitions come straight back."""
         tps = list(tps)
         for tp in tps:
             self.tracker.drop(tp)
             self._jobs.pop(tp, None)
         gone = set(tps)
         self._key_tails = {k: v for k, v in self._key_tails.items() if k[0] not in gone}
-        self._store.forget(tps)
 
     # -- commit -------------------------------------------------------------------------
 

@@ -261,3 +261,32 @@ async def test_a_fenced_instance_rejoins_without_duplicate_results(kafka_bootstr
         # threads made twice can only come from work the fenced instance had not committed
         twice = sum(c - 1 for c in sim.store.count_by_event_id().values())
         assert twice <= 150 * 1.0 + unknown  # at most ~1 s of calls at the group rate
+
+
+async def test_rebalance_restores_only_partitions_new_to_the_replica(kafka_bootstrap: str) -> None:
+    names = Names.fresh("keep")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=9)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=4)
+        other = settings.model_copy(
+            update={"delivery": settings.delivery.model_copy(update={"instance_id": "other"})}
+        )
+        ids = [f"kp-{i}" for i in range(80)]
+        records = [(i.encode(), event(i, user=f"u{i}")) for i in ids]
+        async with running(settings) as first:
+            await produce(kafka_bootstrap, names.input, records)
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
+            assert first.metrics.dedup_restored._value.get() == 0  # a new topic: nothing
+            async with running(other) as second:  # first keeps half, second restores half
+                while len(second._assigned) == 0 or len(first._assigned) == 4:
+                    await asyncio.sleep(0.05)
+                moved = second.metrics.dedup_restored._value.get()
+            # the second replica left: its partitions come back to the first, only they restore
+            while len(first._assigned) < 4:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            came_back = first.metrics.dedup_restored._value.get()
+            assert 0 < moved < len(ids) and came_back == moved
+            # every copy is still caught after the moves
+            await produce(kafka_bootstrap, names.input, records)
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
+        assert sim.store.count_by_event_id() == dict.fromkeys(ids, 1)
