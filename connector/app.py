@@ -99,8 +99,10 @@ class Connector:
     # -- health -------------------------------------------------------------------------
 
     def _live(self) -> tuple[bool, str]:
+        # a revoke may hold the fetch loop while calls under way finish: not a hang
+        stale_s = max(LIVENESS_STALE_S, self.settings.delivery.revoke_timeout_s + 30)
         age = time.monotonic() - self._heartbeat
-        return age < LIVENESS_STALE_S, f"loop heartbeat {age:.1f}s ago"
+        return age < stale_s, f"loop heartbeat {age:.1f}s ago"
 
     def _ready(self) -> tuple[bool, str]:
         if not self._joined:

@@ -277,13 +277,13 @@ async def test_rebalance_restores_only_partitions_new_to_the_replica(kafka_boots
             await wait_until_committed(kafka_bootstrap, names.group, names.input)
             assert first.metrics.dedup_restored._value.get() == 0  # a new topic: nothing
             async with running(other) as second:  # first keeps half, second restores half
-                while len(second._assigned) == 0 or len(first._assigned) == 4:
+                # _dedup_held is set once an assignment's restore has finished
+                while not second._dedup_held or len(first._dedup_held) != 2:
                     await asyncio.sleep(0.05)
                 moved = second.metrics.dedup_restored._value.get()
             # the second replica left: its partitions come back to the first, only they restore
-            while len(first._assigned) < 4:
+            while len(first._dedup_held) < 4:
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
             came_back = first.metrics.dedup_restored._value.get()
             assert 0 < moved < len(ids) and came_back == moved
             # every copy is still caught after the moves
