@@ -25,6 +25,7 @@ from connector.calls import AuthGate, ThreadCaller
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
+    Clock,
     DedupStore,
     DedupWindow,
     MemoryDedupStore,
@@ -52,7 +53,15 @@ LIVENESS_STALE_S = 60.0
 class Connector:
     """One connector process (or one of several in a test process)."""
 
-    def __init__(self, settings: ConnectorSettings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        metrics: Metrics | None = None,
+        *,
+        clock: Clock = time.time,
+    ) -> None:
+        """``clock``: the dedup window's time (epoch seconds); tests move it to stand for
+        a restart minutes or days later."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.router = Router(settings.routes)
@@ -62,7 +71,9 @@ class Connector:
             increase_per_s=api.adaptive_increase_per_s,
             min_fraction=api.adaptive_min_fraction,
         )
-        self.bucket = TokenBucket(0.0, api.rate_limit_burst, adaptive=self.adaptive)
+        self.bucket = TokenBucket(
+            0.0, api.rate_limit_burst, adaptive=self.adaptive, window_s=api.rate_limit_window_s
+        )
         self.health = HealthServer(
             settings.server.host,
             settings.server.port,
@@ -70,7 +81,7 @@ class Connector:
             self._live,
             self._ready,
         )
-        self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries)
+        self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
         self.input_partitions: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
         self.caller: ThreadCaller | None = None

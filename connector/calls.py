@@ -1,7 +1,9 @@
 """The call policy: rate limit, concurrency cap, retries with backoff, the auth pause.
 
-For each event: take a token, take a concurrency slot, make one attempt, give the slot
-back; on a retriable failure wait (exponential backoff with full jitter, at least
+For each event: take a concurrency slot, then a token (last, so the request goes out the
+moment it is granted: a token taken before queueing for a slot would let calls that
+queued pile up and leave together, over the rate), make one attempt, give the slot back;
+on a retriable failure wait (exponential backoff with full jitter, at least
 ``Retry-After``) *without* holding a slot, and go again until the attempt or time budget
 is spent. 401/403 close a gate: every call waits while one probe retries periodically,
 so a bad key never burns through the backlog; the key is re-read on each probe, so a
@@ -160,10 +162,6 @@ class ThreadCaller:
             try:
                 if is_probe:
                     await self._sleep(self.auth_gate.probe_interval_s)
-                waited = await self._bucket.acquire()
-                self._metrics.rate_limit_wait.inc(waited)
-                if guard.abandoned:
-                    raise Abandoned(event_id)
                 attempts += 1
                 try:
                     thread = await self._one_attempt(request, event_id, correlation_id, guard)
@@ -225,6 +223,9 @@ class ThreadCaller:
     ) -> ApiThread:
         m = self._metrics
         async with self._slots:
+            if guard.abandoned:
+                raise Abandoned(event_id)
+            m.rate_limit_wait.inc(await self._bucket.acquire())
             if guard.abandoned:
                 raise Abandoned(event_id)
             guard.calling = True

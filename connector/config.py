@@ -117,6 +117,9 @@ class ApiSettings(_Frozen):
     max_in_flight: int = Field(default=256, ge=1, le=10_000)
     rate_limit_per_s: float = Field(default=20.0, gt=0, description="for the whole group")
     rate_limit_burst: int = Field(default=20, ge=1)
+    rate_limit_window_s: float = Field(
+        default=1.0, gt=0, le=60, description="no window this long sees over limit x window"
+    )
     ramp_up_s: float = Field(default=1.0, ge=0, description="slow start after assignment")
     auth_probe_interval_s: float = Field(default=30.0, gt=0, description="after 401/403")
     secret_refresh_s: float = Field(default=10.0, gt=0, description="re-read api_key_file")

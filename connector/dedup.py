@@ -66,13 +66,21 @@ class DedupWindow:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def now(self) -> float:
+        """The window's clock (epoch seconds): when an event is seen, by this window's time."""
+        return self._clock()
+
+    def is_live(self, seen_at: float) -> bool:
+        """Whether an entry seen at ``seen_at`` is still inside the window."""
+        return seen_at >= self._clock() - self._ttl
+
     def get(self, tp: TopicPartitionKey, event_id: str) -> float | None:
         """When the event was seen (epoch seconds), or None if not within the window."""
         key = (tp, event_id)
         seen_at = self._entries.get(key)
         if seen_at is None:
             return None
-        if seen_at < self._clock() - self._ttl:
+        if not self.is_live(seen_at):
             del self._entries[key]
             self.expired += 1
             return None
@@ -199,10 +207,13 @@ class ChangelogDedupStore(MemoryDedupStore):
                 if key is None:
                     continue
                 event_id = key.decode("utf-8", "replace")
-                if value is None:
+                seen = None if value is None else Seen.decode(event_id, value)
+                if seen is None or not self.window.is_live(seen.seen_at):
+                    # a tombstone, or an entry past the window that compaction has not
+                    # removed yet: neither takes memory
                     self.window.discard(tp, event_id)
                     continue
-                self.window.add(tp, Seen.decode(event_id, value))
+                self.window.add(tp, seen)
                 restored += 1
         return restored
 

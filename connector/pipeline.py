@@ -197,7 +197,7 @@ class Pipeline:
             )
         ]
         changelog = self._store.remember(
-            record.tp, Seen(event.event_id, time.time(), created.thread_uid)
+            record.tp, Seen(event.event_id, self._store.window.now(), created.thread_uid)
         )
         if changelog is not None:
             records.append(changelog)

@@ -5,13 +5,21 @@ rate that its share of the input partitions gives it, recomputed on every rebala
 the replicas together never exceed the global rate. On 429/503 the local rate backs off
 multiplicatively and recovers additively (AIMD); ``Retry-After`` pauses new calls.
 
+A token bucket alone lets any window of W seconds see ``rate x W + burst`` calls, and a
+replica that catches up after a late timer adds one more: with three replicas that is
+several calls over the group's limit in some windows. So each bucket also keeps the times
+of its recent calls (a sliding log) and never makes more than ``floor(rate x W)`` calls in
+any window of W seconds: the replicas' floors add up to at most the global ``L x W``.
+
 The clock is injectable so these primitives are tested without sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 Clock = Callable[[], float]
@@ -69,6 +77,7 @@ class AdaptiveRate:
 
 class TokenBucket:
     """Tokens at ``rate`` per second up to ``burst``; starts empty so a (re)start never bursts.
+    No more than ``floor(rate x window_s)`` calls (at least one) in any ``window_s``.
 
     ``acquire`` is FIFO: waiters queue on a lock and take tokens in arrival order.
     """
@@ -81,8 +90,11 @@ class TokenBucket:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         adaptive: AdaptiveRate | None = None,
+        window_s: float = 1.0,
     ) -> None:
         self._rate = rate
+        self._window_s = window_s
+        self._sent: deque[float] = deque()  # times of the calls within the last window
         self._burst = max(1.0, burst)
         self._clock = clock
         self._sleep = sleep
@@ -138,16 +150,32 @@ class TokenBucket:
         """Take a token and return 0, or return how long to wait before trying again.
         ``waiting``: the caller has been waiting for this token (see ``_refill``)."""
         self._refill(waiting)
-        pause = self._paused_until - self._clock()
+        now = self._clock()
+        pause = self._paused_until - now
         if pause > 0:
             return pause
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
         rate = self.rate
         if rate <= 0:
             return 1.0  # no partitions owned: nothing should be calling; check again soon
-        return (1.0 - self._tokens) / rate
+        if self._tokens < 1.0:
+            return (1.0 - self._tokens) / rate
+        full = self._window_full_for(now, rate)
+        if full > 0:
+            return full
+        self._tokens -= 1.0
+        self._sent.append(now)
+        return 0.0
+
+    def _window_full_for(self, now: float, rate: float) -> float:
+        """How long until one more call fits in the sliding window (0: it fits now)."""
+        sent = self._sent
+        while sent and sent[0] <= now - self._window_s:
+            sent.popleft()
+        cap = max(1, math.floor(rate * self._window_s + 1e-9))
+        if len(sent) < cap:
+            return 0.0
+        # the call `cap` back must leave the window first
+        return sent[-cap] + self._window_s - now
 
     async def acquire(self) -> float:
         """Wait for a token; return the seconds waited."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,10 +109,14 @@ async def ensure_topics(settings: ConnectorSettings) -> None:
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: ConnectorSettings, metrics: Metrics | None = None
+    settings: ConnectorSettings,
+    metrics: Metrics | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Connector]:
-    """A connector running in this process until the block ends (then drained)."""
-    connector = Connector(settings, metrics)
+    """A connector running in this process until the block ends (then drained).
+    ``clock``: the dedup window's time, to stand for a process started later."""
+    connector = Connector(settings, metrics, clock=clock)
     stop = asyncio.Event()
     task = asyncio.create_task(connector.run(stop))
     waiter = asyncio.ensure_future(connector.started.wait())

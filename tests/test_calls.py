@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Seen:
     gate_open: bool
     auth_paused: float | None
     calling: bool | None
+    at: float  # the fake clock
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Harness:
                 self.caller.auth_gate.is_open,
                 self.sample("threads_connector_auth_paused"),
                 self.guard.calling if self.guard else None,
+                self.clock.now,
             )
         )
         await asyncio.sleep(0)
@@ -454,6 +457,33 @@ async def test_in_flight_cap() -> None:
     assert len(results) == 5
     assert peak == 2
     assert h.caller.in_flight == 0
+
+
+async def test_calls_queued_for_a_slot_do_not_leave_together_over_the_rate() -> None:
+    """All slots busy (the API is slow) while events keep coming: when the slow calls
+    answer, the queued ones still go out one token apart. Were tokens taken before the
+    slot, they would pile up in the queue and leave in one burst."""
+    h = Harness([OK] * 8, api={"max_in_flight": 2})
+    h.bucket.set_rate(10.0, burst=1)
+    release = asyncio.Event()
+
+    async def slow_first_two(_: float) -> None:
+        if len(h.calls) <= 2:
+            await release.wait()
+
+    h.before_answer = slow_first_two
+    tasks = [asyncio.ensure_future(h.call(f"evt-{i}")) for i in range(8)]
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert len(h.calls) == 2
+    h.clock.now += 30  # the slow calls take long; the queued events wait for slots
+
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+    sent_at = [seen.at for seen in h.calls[2:]]
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+    assert len(gaps) == 5
+    assert all(gap >= 0.1 - 1e-6 for gap in gaps), sent_at
 
 
 # -- backoff -------------------------------------------------------------------------------

@@ -270,11 +270,14 @@ async def test_restored_entries_older_than_the_ttl_are_not_duplicates() -> None:
     clock = FakeClock()
     changelog = "grp-orders-dedup-changelog"
     stale = Seen("stale", clock.now - TTL - 1, "th-s").encode()
-    store, _ = make_store(clock, {(changelog, 0): [(b"stale", stale)]})
+    live = Seen("live", clock.now - TTL + 1, "th-l").encode()
+    store, _ = make_store(clock, {(changelog, 0): [(b"stale", stale), (b"live", live)]})
 
-    await store.restore([TP])
+    assert await store.restore([TP]) == 1  # the stale entry is neither counted nor kept
 
     assert store.seen(TP, "stale") is None
+    assert store.seen(TP, "live") is not None
+    assert len(store.window) == 1
 
 
 @pytest.mark.parametrize("tps", [[], [("orders", 7)]])

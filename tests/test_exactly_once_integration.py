@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -177,22 +178,38 @@ async def test_kill_dash_nine_repeatedly_loses_nothing(
     assert committed_dead == []
 
 
-async def test_duplicate_after_restart_is_dropped_by_the_changelog(kafka_bootstrap: str) -> None:
+async def test_duplicate_minutes_later_across_a_restart_is_dropped_by_the_changelog(
+    kafka_bootstrap: str,
+) -> None:
+    """The copy comes back to a new process (empty memory) 10 minutes later by the dedup
+    clock: the changelog restore drops it. A copy 2 hours later, past a 1-hour window,
+    is a new event again: the window bounds what dedup remembers."""
     names = Names.fresh("cl")
+
+    async def new_process_sends_the_copy(later_s: float) -> tuple[float, float]:
+        """A process whose dedup clock is ``later_s`` ahead gets the copy: (restored, hits)."""
+        async with running(settings, clock=lambda: time.time() + later_s) as connector:
+            await produce(kafka_bootstrap, names.input, [(b"u1", event("late-1", user="u1"))])
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
+        hits = connector.metrics.dedup_hits.labels(names.input, "window")
+        return connector.metrics.dedup_restored._value.get(), hits._value.get()
+
     async with ThreadsApiSimulator(SimulatorSettings(seed=5)) as sim:
-        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=2)
-        async with running(settings):
-            await produce(kafka_bootstrap, names.input, [(b"u1", event("late-1", user="u1"))])
-            await wait_until_committed(kafka_bootstrap, names.group, names.input)
-        # a new process (fresh memory) later sees the same event again
-        async with running(settings) as connector:
-            await produce(kafka_bootstrap, names.input, [(b"u1", event("late-1", user="u1"))])
-            await wait_until_committed(kafka_bootstrap, names.group, names.input)
-            restored = connector.metrics.dedup_restored._value.get()
-            hits = connector.metrics.dedup_hits.labels(names.input, "window")._value.get()
-        assert restored >= 1 and hits == 1
+        settings = make_settings(
+            kafka_bootstrap, sim.base_url, names, partitions=2, dedup={"ttl_s": 3600}
+        )
+        assert await new_process_sends_the_copy(0) == (0, 0)
         assert sim.store.count_by_event_id() == {"late-1": 1}
-    assert [r["eventId"] for r in await results(kafka_bootstrap, names.results)] == ["late-1"]
+
+        assert await new_process_sends_the_copy(600) == (1, 1)  # restored, then dropped
+        assert sim.store.count_by_event_id() == {"late-1": 1}
+
+        assert await new_process_sends_the_copy(7200) == (0, 0)  # expired: not restored
+        assert sim.store.count_by_event_id() == {"late-1": 2}
+    assert [r["eventId"] for r in await results(kafka_bootstrap, names.results)] == [
+        "late-1",
+        "late-1",
+    ]
 
 
 async def test_rate_limited_api_slows_the_group_without_dead_letters(kafka_bootstrap: str) -> None:

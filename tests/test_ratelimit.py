@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -29,10 +30,41 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
+class LateClock(FakeClock):
+    """Every sleep oversleeps by up to ``late_s``, as timers on a busy event loop do."""
+
+    def __init__(self, late_s: float, seed: int = 7) -> None:
+        super().__init__()
+        self._late = late_s
+        self._random = random.Random(seed)
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self._random.uniform(0, self._late))
+
+
 def bucket(
-    rate: float, burst: float, clock: FakeClock, adaptive: AdaptiveRate | None = None
+    rate: float,
+    burst: float,
+    clock: FakeClock,
+    adaptive: AdaptiveRate | None = None,
+    window_s: float = 1.0,
 ) -> TokenBucket:
-    return TokenBucket(rate, burst, clock=clock, sleep=clock.sleep, adaptive=adaptive)
+    return TokenBucket(
+        rate, burst, clock=clock, sleep=clock.sleep, adaptive=adaptive, window_s=window_s
+    )
+
+
+def busiest(times: list[float], window_s: float = 1.0) -> int:
+    """The most calls in any window [t, t + window_s)."""
+    return max(sum(1 for u in times if t <= u < t + window_s) for t in times)
+
+
+async def acquire_times(b: TokenBucket, clock: FakeClock, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        await b.acquire()
+        times.append(clock.now)
+    return times
 
 
 def adaptive(clock: FakeClock, **kw: float) -> AdaptiveRate:
@@ -132,6 +164,62 @@ def test_bucket_rate_follows_the_adaptive_factor() -> None:
     aimd.on_overload()
     assert b.rate == pytest.approx(5.0)
     assert b.try_acquire() == pytest.approx(0.2)
+
+
+async def test_late_timers_never_put_more_than_rate_times_window_in_a_window() -> None:
+    """A third of 100/s with timers up to 5 ms late: the slack token lets the bucket catch
+    up (so the average holds), and the sliding window keeps every second to 33 calls."""
+    clock = LateClock(late_s=0.005)
+    b = bucket(100 / 3, 1, clock)
+
+    times = await acquire_times(b, clock, 600)
+
+    assert busiest(times) == 33
+    assert (len(times) - 1) / (times[-1] - times[0]) >= 0.98 * 33
+
+
+async def test_without_the_window_late_timers_overshoot() -> None:
+    """The same run with the window stretched to nothing: what the window prevents."""
+    clock = LateClock(late_s=0.005)
+    b = bucket(100 / 3, 1, clock, window_s=1e-6)
+
+    times = await acquire_times(b, clock, 600)
+
+    assert busiest(times) > 33
+
+
+async def test_a_full_bucket_bursts_but_the_window_holds() -> None:
+    clock = FakeClock()
+    b = bucket(10.0, 10, clock)
+    clock.now += 5  # idle: ten tokens
+
+    times = await acquire_times(b, clock, 40)
+
+    assert times[:10] == [times[0]] * 10  # the burst goes out at once
+    assert busiest(times) == 10
+    assert times[10] == pytest.approx(times[0] + 1.0)  # then waits for the window
+
+
+async def test_calls_at_the_old_rate_count_against_a_lower_rate() -> None:
+    """After a rebalance lowers the share, the last window's calls still count: the
+    replica does not add its new share on top of what it just sent."""
+    clock = FakeClock()
+    b = bucket(50.0, 1, clock)
+    before = await acquire_times(b, clock, 50)
+    b.set_rate(20.0)
+
+    after = await acquire_times(b, clock, 60)
+
+    assert all(sum(1 for u in before + after if t - 1.0 < u <= t) <= 20 for t in after)
+
+
+async def test_a_longer_window_for_a_per_minute_quota() -> None:
+    clock = LateClock(late_s=0.01)
+    b = bucket(2.0, 1, clock, window_s=60.0)
+
+    times = await acquire_times(b, clock, 300)
+
+    assert busiest(times, 60.0) == 120
 
 
 # -- AdaptiveRate --------------------------------------------------------------------------
