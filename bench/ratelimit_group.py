@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,17 +41,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from connector.config import ConnectorSettings
 from connector.localkafka import LocalKafka
+from connector.localkafka.ports import free_ports
 from connector.topics import TopicManager
 
 PARTITIONS = 6
 REPLICAS = 3
 LATENCY_MS = 0  # created_at is then the arrival time at the API
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _raise_priority() -> None:
@@ -64,7 +58,7 @@ class SimulatorProcess:
     """``python -m connector.simulator`` on a free port; its record read over HTTP."""
 
     def __init__(self) -> None:
-        self.base_url = f"http://127.0.0.1:{free_port()}"
+        self.base_url = f"http://127.0.0.1:{free_ports(1)[0]}"
         port = self.base_url.rsplit(":", 1)[1]
         latency = ["--latency", "fixed", "--latency-ms", str(LATENCY_MS)]
         command = [sys.executable, "-m", "connector.simulator", "--port", port, *latency]

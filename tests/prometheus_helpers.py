@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from connector.localkafka.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "threads-connector"
@@ -52,12 +53,6 @@ def binary(name: str) -> str:
     if found is None:
         pytest.fail(f"`{name}` is not installed: {INSTALL_HINT}")
     return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -128,7 +123,7 @@ class Prometheus:
         self._http = httpx.AsyncClient(timeout=30)
         last_error = ""
         for _ in range(3):  # a free port can be taken between choosing and binding it
-            port = free_port()
+            port = free_ports(1)[0]
             self.base_url = f"http://127.0.0.1:{port}"
             with self.log_path.open("ab") as log:
                 self._proc = await asyncio.create_subprocess_exec(

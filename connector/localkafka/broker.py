@@ -26,7 +26,7 @@ from connector.localkafka.common import (
     logger,
 )
 from connector.localkafka.jars import ensure_jars, find_executable
-from connector.localkafka.ports import _free_ports, _port_free, _port_open, _PortTaken
+from connector.localkafka.ports import _port_free, _port_open, _PortTaken, free_ports
 from connector.localkafka.process import _read_pid, _signal_group
 from connector.localkafka.properties import (
     random_cluster_id,
@@ -240,9 +240,9 @@ class LocalKafka:
         if self._fixed_port is not None:
             if not _port_free(self._fixed_port):
                 raise LocalKafkaError(f"port in use: {HOST}:{self._fixed_port}")
-            self._ports = (self._fixed_port, _free_ports(1)[0])
+            self._ports = (self._fixed_port, free_ports(1)[0])
         else:
-            first, second = _free_ports(2)
+            first, second = free_ports(2)
             self._ports = (first, second)
         port, controller_port = self._ports
         (state / "server.properties").write_text(

@@ -8,7 +8,8 @@ import socket
 from connector.localkafka.common import HOST
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free at the time of asking."""
     sockets = []
     try:
         for _ in range(count):
