@@ -178,9 +178,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 256])
     parser.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
     args = parser.parse_args()
-    stacks = [s for s in args.stacks if s != "httpx-aiohttp" or importlib.util.find_spec(
-        "httpx_aiohttp"
-    )]
+    stacks = [
+        s for s in args.stacks if s != "httpx-aiohttp" or importlib.util.find_spec("httpx_aiohttp")
+    ]
     rows: dict[str, dict[int, float]] = {}
     with simulator() as base_url:
         for concurrency in args.concurrency:

@@ -271,7 +271,7 @@ class ThreadCaller:
             reason = str(exc)  # names where the key was read, never the key
             self._metrics.api_key_invalid.set(1)
         else:
-            reason = f"the Threads API refuses the API key (HTTP {exc.status})"
+            reason = f"the Threads API refuses the API key (401/403: HTTP {exc.status})"
             self._metrics.api_key_invalid.set(0)
         if self.auth_gate.fail(probe is self.auth_gate, reason):
             self._metrics.auth_paused.set(1)
