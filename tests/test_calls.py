@@ -287,8 +287,8 @@ async def test_outcome_unknown_and_connect_errors_are_counted() -> None:
 
     assert created.attempts == 3
     assert h.sample("threads_connector_api_outcome_unknown_total") == 1
-    assert h.sample("threads_connector_api_retries_total", kind="timeout") == 1
-    assert h.sample("threads_connector_api_retries_total", kind="connect_error") == 1
+    assert h.sample("threads_connector_api_retries_total", code="timeout") == 1
+    assert h.sample("threads_connector_api_retries_total", code="connect_error") == 1
 
 
 # -- the auth gate -------------------------------------------------------------------------
