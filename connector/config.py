@@ -294,11 +294,6 @@ class ConnectorSettings(BaseSettings):
             )
             if value <= request_s
         ]
-        if self.api.connect_timeout_s > request_s:
-            problems.append(
-                f"api.connect_timeout_s ({self.api.connect_timeout_s:g}) must not exceed "
-                f"api.request_timeout_s ({request_s:g})"
-            )
         if self.api.backoff_initial_s > self.api.backoff_max_s:
             problems.append("api.backoff_initial_s must not exceed api.backoff_max_s")
         k = self.kafka

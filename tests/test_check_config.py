@@ -146,8 +146,6 @@ def test_delivery_deadlines_exceed_the_request_timeout(
 
 
 def test_other_timeout_relations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = refused(tmp_path, capsys, config(api={"connect_timeout_s": 11}))
-    assert "api.connect_timeout_s (11) must not exceed api.request_timeout_s" in out
     out = refused(tmp_path, capsys, config(api={"backoff_initial_s": 40}))
     assert "api.backoff_initial_s must not exceed api.backoff_max_s" in out
     data = config(kafka={"session_timeout_ms": 5000, "heartbeat_interval_ms": 5000})
