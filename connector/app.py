@@ -34,7 +34,7 @@ from connector.dedup import (
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.health import HealthServer
-from connector.kafka_common import client_kwargs
+from connector.kafka_common import BootstrapNoise, client_kwargs, describe_failure, diagnose
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
 from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
@@ -80,6 +80,9 @@ class Connector:
             self.metrics.registry,
             self._live,
             self._ready,
+            max_connections=settings.server.max_connections,
+            header_timeout_s=settings.server.header_timeout_s,
+            metrics_cache_s=settings.server.metrics_cache_s,
         )
         self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
         self.input_partitions: dict[str, int] = {}
@@ -106,6 +109,9 @@ class Connector:
         self._fences = 0
         self.sessions = 0
         self.started = asyncio.Event()
+        # why Kafka cannot be used right now (None: no known problem); read by /readyz
+        self.kafka_problem: str | None = None
+        self.kafka_attempts = 0  # consecutive failed attempts to start / to keep a session
 
     # -- health -------------------------------------------------------------------------
 
@@ -115,7 +121,12 @@ class Connector:
         age = time.monotonic() - self._heartbeat
         return age < stale_s, f"loop heartbeat {age:.1f}s ago"
 
+    # Called from the health server's own thread: read simple attributes only.
+
     def _ready(self) -> tuple[bool, str]:
+        problem = self.kafka_problem
+        if problem is not None and not self._joined:
+            return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
         if not self._joined:
             return False, "not in the consumer group yet"
         if self.caller is not None and not self.caller.auth_gate.is_open:
@@ -148,8 +159,11 @@ class Connector:
                 self.metrics,
                 auth_gate=AuthGate(s.api.auth_probe_interval_s),
             )
-            async with TopicManager(s) as topics:
-                self.input_partitions = await topics.ensure()
+            quiet = BootstrapNoise()  # our one line per attempt replaces aiokafka's
+            logging.getLogger("aiokafka.client").addFilter(quiet)
+            stack.callback(logging.getLogger("aiokafka.client").removeFilter, quiet)
+            if not await self._until_topics_ready(stop):
+                return
             self.metrics.init_topics(self.input_partitions)
             log.info(
                 "connector started",
@@ -169,7 +183,52 @@ class Connector:
                     self.metrics.fenced.inc()
                     log.warning("session ended without committing, rejoining: %s", exc)
                     await _sleep_unless(stop, 1.0 + random.random())
+                except Exception as exc:  # noqa: BLE001 (classified; unknown ones re-raised)
+                    if self._joined:
+                        self.kafka_attempts = 0  # it had worked: a new problem
+                    self._joined = False
+                    await self._kafka_failed("session", exc, stop)
         log.info("connector stopped")
+
+    async def _until_topics_ready(self, stop: asyncio.Event) -> bool:
+        """Check/create the topics until it works (False if stopped first). Kafka being
+        unreachable, refusing the credentials or the certificate, or a topic missing does
+        not end the process: it stays up, not ready, and says why."""
+        while not stop.is_set():
+            try:
+                async with TopicManager(self.settings) as topics:
+                    self.input_partitions = await topics.ensure()
+            except Exception as exc:  # noqa: BLE001 (classified; unknown ones re-raised)
+                await self._kafka_failed("start-up", exc, stop)
+            else:
+                self.kafka_problem = None
+                self.kafka_attempts = 0
+                return True
+        return False
+
+    async def _kafka_failed(self, stage: str, exc: Exception, stop: asyncio.Event) -> None:
+        """One log line with the cause, readiness red with it, then a capped exponential
+        backoff (the loop heartbeat goes on: waiting for Kafka is not a hang)."""
+        cause = describe_failure(exc)
+        if cause is None:
+            raise exc
+        if cause.startswith("unreachable: Unable to bootstrap") or "closed" in cause:
+            cause = await diagnose(self.settings) or cause  # aiokafka only logged the cause
+        self.kafka_attempts += 1
+        self.kafka_problem = cause
+        k = self.settings.kafka
+        delay = min(k.retry_max_s, k.retry_initial_s * 2 ** min(self.kafka_attempts - 1, 30))
+        delay *= 0.8 + 0.4 * random.random()
+        log.warning(
+            "kafka %s failed (attempt %d), retrying in %.1fs: %s",
+            stage, self.kafka_attempts, delay, cause,
+            extra={"kafka_problem": cause, "attempt": self.kafka_attempts},
+        )  # fmt: skip
+        deadline = time.monotonic() + delay
+        while not stop.is_set() and time.monotonic() < deadline:
+            self._heartbeat = time.monotonic()
+            await _sleep_unless(stop, min(1.0, deadline - time.monotonic()))
+        self._heartbeat = time.monotonic()
 
     async def _session(self, stop: asyncio.Event) -> None:
         s = self.settings

@@ -89,6 +89,8 @@ class KafkaSettings(_Frozen):
     ssl_key_password: SecretStr | None = None
     ssl_key_password_file: Path | None = None
     ssl_check_hostname: bool = True
+    retry_initial_s: float = Field(default=1.0, gt=0, description="after a Kafka failure")
+    retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
@@ -296,6 +298,8 @@ class ConnectorSettings(BaseSettings):
         ]
         if self.api.backoff_initial_s > self.api.backoff_max_s:
             problems.append("api.backoff_initial_s must not exceed api.backoff_max_s")
+        if self.kafka.retry_initial_s > self.kafka.retry_max_s:
+            problems.append("kafka.retry_initial_s must not exceed kafka.retry_max_s")
         k = self.kafka
         if k.heartbeat_interval_ms >= k.session_timeout_ms:
             problems.append(
@@ -464,7 +468,7 @@ def _environment_problem(exc: SettingsError) -> str:
     section = match.group(1)
     names = _unparsable_env(section) or [f"{ENV_PREFIX}{section.upper()}__*"]
     return "invalid configuration:\n" + "\n".join(
-        f"  {name}: not valid JSON (lists are written as JSON, e.g. '[\"a\", \"b\"]')"
+        f'  {name}: not valid JSON (lists are written as JSON, e.g. \'["a", "b"]\')'
         for name in names
     )
 
