@@ -34,7 +34,13 @@ from connector.dedup import (
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.health import HealthServer
-from connector.kafka_common import BootstrapNoise, client_kwargs, describe_failure, diagnose
+from connector.kafka_common import (
+    BootstrapNoise,
+    client_kwargs,
+    describe_failure,
+    diagnose,
+    needs_diagnosis,
+)
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
 from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
@@ -160,8 +166,8 @@ class Connector:
                 auth_gate=AuthGate(s.api.auth_probe_interval_s),
             )
             quiet = BootstrapNoise()  # our one line per attempt replaces aiokafka's
-            logging.getLogger("aiokafka.client").addFilter(quiet)
-            stack.callback(logging.getLogger("aiokafka.client").removeFilter, quiet)
+            logging.getLogger("aiokafka").addFilter(quiet)
+            stack.callback(logging.getLogger("aiokafka").removeFilter, quiet)
             if not await self._until_topics_ready(stop):
                 return
             self.metrics.init_topics(self.input_partitions)
@@ -212,7 +218,7 @@ class Connector:
         cause = describe_failure(exc)
         if cause is None:
             raise exc
-        if cause.startswith("unreachable: Unable to bootstrap") or "closed" in cause:
+        if needs_diagnosis(exc):
             cause = await diagnose(self.settings) or cause  # aiokafka only logged the cause
         self.kafka_attempts += 1
         self.kafka_problem = cause

@@ -63,8 +63,17 @@ def ssl_context(settings: ConnectorSettings) -> ssl.SSLContext:
         password = secret.get_secret_value() if secret is not None else None
         try:
             context.load_cert_chain(k.ssl_certfile, k.ssl_keyfile, password=password)
-        except OSError as exc:  # ssl.SSLError too: a wrong password, a key of another cert
-            detail = exc.strerror or getattr(exc, "reason", None) or type(exc).__name__
+        except ssl.SSLError as exc:
+            detail = (
+                f"the key does not open with kafka.ssl_key_password or does not match the "
+                f"certificate ({exc.reason or type(exc).__name__})"
+            )
+            raise ClientCertificateError(
+                f"client certificate: cannot load kafka.ssl_certfile {k.ssl_certfile} / "
+                f"kafka.ssl_keyfile {k.ssl_keyfile}: {detail}"
+            ) from None
+        except OSError as exc:
+            detail = exc.strerror or type(exc).__name__
             raise ClientCertificateError(
                 f"client certificate: cannot load kafka.ssl_certfile {k.ssl_certfile} / "
                 f"kafka.ssl_keyfile {k.ssl_keyfile}: {detail}"
@@ -163,19 +172,46 @@ async def diagnose(settings: ConnectorSettings, timeout_s: float = 10.0) -> str 
                     sasl_plain_password=kwargs.get("sasl_plain_password"),
                 )
         except (OSError, KafkaError, TimeoutError, ValueError) as exc:
-            first = first or describe_failure(exc) or f"{type(exc).__name__}: {exc}"
+            first = first or _explain(settings, exc)
             continue
         conn.close()
         return None
     return first
 
 
+def _explain(settings: ConnectorSettings, exc: BaseException) -> str:
+    k = settings.kafka
+    if (
+        isinstance(exc, KafkaConnectionError)
+        and "closed" in str(exc)
+        and "SSL" in (k.security_protocol)
+    ):
+        # TLS 1.3: a broker refusing our certificate (or its absence) just hangs up
+        if k.ssl_certfile is None:
+            return (
+                "TLS handshake refused: the broker closed the connection; it probably "
+                "requires a client certificate (kafka.ssl_certfile is not set)"
+            )
+        return (
+            "TLS handshake refused: the broker closed the connection; it probably does not "
+            f"trust the client certificate {k.ssl_certfile}"
+        )
+    return describe_failure(exc) or f"{type(exc).__name__}: {exc}"
+
+
+def needs_diagnosis(exc: BaseException) -> bool:
+    """aiokafka's bootstrap failure hides the cause: only a connection of our own finds it."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(needs_diagnosis(inner) for inner in exc.exceptions)
+    return isinstance(exc, KafkaConnectionError)
+
+
 class BootstrapNoise(logging.Filter):
-    """Drops aiokafka's per-host 'Unable connect to "host:port"' error: the connector
-    reports each failed attempt itself, in one line with the cause classified."""
+    """For aiokafka's client logger (named ``aiokafka``): drops its per-host bootstrap
+    error ('Unable connect to "host:port"'): the connector reports each failed attempt
+    itself, in one line with the cause classified."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.name == "aiokafka.client"
-            and str(record.msg).startswith(('Unable connect to "', "Unable to request metadata"))
+        return not str(record.msg).startswith(
+            ('Unable connect to "', "Unable to request metadata from")
         )
