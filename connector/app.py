@@ -118,6 +118,9 @@ class Connector:
         # why Kafka cannot be used right now (None: no known problem); read by /readyz
         self.kafka_problem: str | None = None
         self.kafka_attempts = 0  # consecutive failed attempts to start / to keep a session
+        # set by the reachability probe while a session runs: aiokafka retries a lost broker
+        # quietly for ever, and an idle pipeline's commit cycles need no broker
+        self.kafka_unreachable: str | None = None
 
     # -- health -------------------------------------------------------------------------
 
@@ -130,6 +133,9 @@ class Connector:
     # Called from the health server's own thread: read simple attributes only.
 
     def _ready(self) -> tuple[bool, str]:
+        lost = self.kafka_unreachable
+        if lost is not None:
+            return False, f"kafka: {lost} (probed every {self.settings.kafka.probe_interval_s:g}s)"
         problem = self.kafka_problem
         if problem is not None and not self._joined:
             return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
@@ -180,6 +186,8 @@ class Connector:
                 },
             )
             self.started.set()
+            probe = asyncio.create_task(self._probe_kafka(stop))
+            stack.push_async_callback(_cancel, probe)
             while not stop.is_set():
                 self.sessions += 1
                 try:
@@ -195,6 +203,25 @@ class Connector:
                     self._joined = False
                     await self._kafka_failed("session", exc, stop)
         log.info("connector stopped")
+
+    async def _probe_kafka(self, stop: asyncio.Event) -> None:
+        """Open a connection to the bootstrap servers every ``kafka.probe_interval_s``
+        (TLS and SASL included); two failures in a row turn readiness red with the cause,
+        one success turns it back. Logged once per change, not per probe."""
+        interval = self.settings.kafka.probe_interval_s
+        failures = 0
+        while not stop.is_set():
+            await _sleep_unless(stop, interval)
+            if stop.is_set():
+                return
+            cause = await diagnose(self.settings, timeout_s=max(interval, 5.0))
+            failures = failures + 1 if cause is not None else 0
+            if cause is not None and failures >= 2 and self.kafka_unreachable is None:
+                log.warning("kafka is not reachable: %s", cause, extra={"kafka_problem": cause})
+                self.kafka_unreachable = cause
+            elif cause is None and self.kafka_unreachable is not None:
+                log.info("kafka is reachable again")
+                self.kafka_unreachable = None
 
     async def _until_topics_ready(self, stop: asyncio.Event) -> bool:
         """Check/create the topics until it works (False if stopped first). Kafka being
@@ -449,6 +476,12 @@ def _only_fenced(exc: BaseException) -> BaseException:
                 first = first.exceptions[0]
             return first
     return exc
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -91,6 +91,7 @@ class KafkaSettings(_Frozen):
     ssl_check_hostname: bool = True
     retry_initial_s: float = Field(default=1.0, gt=0, description="after a Kafka failure")
     retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
+    probe_interval_s: float = Field(default=10.0, gt=0, description="reachability probe")
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)

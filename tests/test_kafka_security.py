@@ -46,7 +46,7 @@ pytestmark = pytest.mark.integration
 
 SCRAM_USER = "connector"
 SCRAM_PASSWORD = "scram-pw-5d4c3b-must-not-leak"
-FAST_RETRY = {"retry_initial_s": 0.2, "retry_max_s": 1.0}
+FAST_RETRY = {"retry_initial_s": 0.2, "retry_max_s": 1.0, "probe_interval_s": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +347,24 @@ def test_the_process_stays_up_without_kafka(tmp_path: Path) -> None:
     assert len(attempts) >= 3, output
     assert all("unreachable: connection refused" in line for line in attempts)
     assert "Unable connect" not in output
+
+
+async def test_a_broker_lost_mid_run_turns_readiness_red_then_green(
+    private_kafka: LocalKafka, sim: ThreadsApiSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session fails later (the broker dies): the process stays up, not ready with
+    the cause, and recovers once the broker is back."""
+    caplog.set_level(logging.INFO)
+    names = Names.fresh("lost")
+    plain = private_kafka.bootstrap_servers
+    settings = make_settings(plain, sim.base_url, names, kafka=FAST_RETRY)
+    async with started_anyway(settings) as connector:
+        await wait_ready(connector, 200)
+        await asyncio.to_thread(private_kafka.kill_hard)
+        detail = await wait_ready(connector, 503, "kafka: unreachable", timeout_s=30)
+        await asyncio.to_thread(private_kafka.start)
+        await wait_ready(connector, 200, timeout_s=90)
+        await produce(plain, names.input, [(b"u-1", event("back-1"))])
+        await wait_until_committed(plain, names.group, names.input)
+    assert [r["eventId"] for r in await results(plain, names.results)] == ["back-1"]
+    assert "connection refused" in detail, detail
