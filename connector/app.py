@@ -35,7 +35,13 @@ from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.gates import AuthGate
 from connector.health import HealthServer
-from connector.kafka_common import client_kwargs
+from connector.kafka_common import (
+    BootstrapNoise,
+    client_kwargs,
+    describe_failure,
+    diagnose,
+    needs_diagnosis,
+)
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
 from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
@@ -81,6 +87,9 @@ class Connector:
             self.metrics.registry,
             self._live,
             self._ready,
+            max_connections=settings.server.max_connections,
+            header_timeout_s=settings.server.header_timeout_s,
+            metrics_cache_s=settings.server.metrics_cache_s,
         )
         self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
         self.input_partitions: dict[str, int] = {}
@@ -107,6 +116,12 @@ class Connector:
         self._fences = 0
         self.sessions = 0
         self.started = asyncio.Event()
+        # why Kafka cannot be used right now (None: no known problem); read by /readyz
+        self.kafka_problem: str | None = None
+        self.kafka_attempts = 0  # consecutive failed attempts to start / to keep a session
+        # set by the reachability probe while a session runs: aiokafka retries a lost broker
+        # quietly for ever, and an idle pipeline's commit cycles need no broker
+        self.kafka_unreachable: str | None = None
 
     # -- health -------------------------------------------------------------------------
 
@@ -116,7 +131,15 @@ class Connector:
         age = time.monotonic() - self._heartbeat
         return age < stale_s, f"loop heartbeat {age:.1f}s ago"
 
+    # Called from the health server's own thread: read simple attributes only.
+
     def _ready(self) -> tuple[bool, str]:
+        lost = self.kafka_unreachable
+        if lost is not None:
+            return False, f"kafka: {lost} (probed every {self.settings.kafka.probe_interval_s:g}s)"
+        problem = self.kafka_problem
+        if problem is not None and not self._joined:
+            return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
         if not self._joined:
             return False, "not in the consumer group yet"
         paused = self.caller.pause_reason() if self.caller is not None else None
@@ -152,8 +175,11 @@ class Connector:
                 self.metrics,
                 auth_gate=AuthGate(s.api.auth_probe_interval_s),
             )
-            async with TopicManager(s) as topics:
-                self.input_partitions = await topics.ensure()
+            quiet = BootstrapNoise()  # our one line per attempt replaces aiokafka's
+            logging.getLogger("aiokafka").addFilter(quiet)
+            stack.callback(logging.getLogger("aiokafka").removeFilter, quiet)
+            if not await self._until_topics_ready(stop):
+                return
             self.metrics.init_topics(self.input_partitions)
             log.info(
                 "connector started",
@@ -164,6 +190,8 @@ class Connector:
                 },
             )
             self.started.set()
+            probe = asyncio.create_task(self._probe_kafka(stop))
+            stack.push_async_callback(_cancel, probe)
             while not stop.is_set():
                 self.sessions += 1
                 try:
@@ -173,7 +201,71 @@ class Connector:
                     self.metrics.fenced.inc()
                     log.warning("session ended without committing, rejoining: %s", exc)
                     await _sleep_unless(stop, 1.0 + random.random())
+                except Exception as exc:  # noqa: BLE001 (classified; unknown ones re-raised)
+                    if self._joined:
+                        self.kafka_attempts = 0  # it had worked: a new problem
+                    self._joined = False
+                    await self._kafka_failed("session", exc, stop)
         log.info("connector stopped")
+
+    async def _probe_kafka(self, stop: asyncio.Event) -> None:
+        """Open a connection to the bootstrap servers every ``kafka.probe_interval_s``
+        (TLS and SASL included); two failures in a row turn readiness red with the cause,
+        one success turns it back. Logged once per change, not per probe."""
+        interval = self.settings.kafka.probe_interval_s
+        failures = 0
+        while not stop.is_set():
+            await _sleep_unless(stop, interval)
+            if stop.is_set():
+                return
+            cause = await diagnose(self.settings, timeout_s=max(interval, 5.0))
+            failures = failures + 1 if cause is not None else 0
+            if cause is not None and failures >= 2 and self.kafka_unreachable is None:
+                log.warning("kafka is not reachable: %s", cause, extra={"kafka_problem": cause})
+                self.kafka_unreachable = cause
+            elif cause is None and self.kafka_unreachable is not None:
+                log.info("kafka is reachable again")
+                self.kafka_unreachable = None
+
+    async def _until_topics_ready(self, stop: asyncio.Event) -> bool:
+        """Check/create the topics until it works (False if stopped first). Kafka being
+        unreachable, refusing the credentials or the certificate, or a topic missing does
+        not end the process: it stays up, not ready, and says why."""
+        while not stop.is_set():
+            try:
+                async with TopicManager(self.settings) as topics:
+                    self.input_partitions = await topics.ensure()
+            except Exception as exc:  # noqa: BLE001 (classified; unknown ones re-raised)
+                await self._kafka_failed("start-up", exc, stop)
+            else:
+                self.kafka_problem = None
+                self.kafka_attempts = 0
+                return True
+        return False
+
+    async def _kafka_failed(self, stage: str, exc: Exception, stop: asyncio.Event) -> None:
+        """One log line with the cause, readiness red with it, then a capped exponential
+        backoff (the loop heartbeat goes on: waiting for Kafka is not a hang)."""
+        cause = describe_failure(exc)
+        if cause is None:
+            raise exc
+        if needs_diagnosis(exc):
+            cause = await diagnose(self.settings) or cause  # aiokafka only logged the cause
+        self.kafka_attempts += 1
+        self.kafka_problem = cause
+        k = self.settings.kafka
+        delay = min(k.retry_max_s, k.retry_initial_s * 2 ** min(self.kafka_attempts - 1, 30))
+        delay *= 0.8 + 0.4 * random.random()
+        log.warning(
+            "kafka %s failed (attempt %d), retrying in %.1fs: %s",
+            stage, self.kafka_attempts, delay, cause,
+            extra={"kafka_problem": cause, "attempt": self.kafka_attempts},
+        )  # fmt: skip
+        deadline = time.monotonic() + delay
+        while not stop.is_set() and time.monotonic() < deadline:
+            self._heartbeat = time.monotonic()
+            await _sleep_unless(stop, min(1.0, deadline - time.monotonic()))
+        self._heartbeat = time.monotonic()
 
     async def _session(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -388,6 +480,12 @@ def _only_fenced(exc: BaseException) -> BaseException:
                 first = first.exceptions[0]
             return first
     return exc
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

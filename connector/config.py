@@ -9,9 +9,13 @@ YAML file stops start-up.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import socket
+import string
 import time
+import typing
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -26,13 +30,25 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from connector.errors import ApiKeyInvalid, ConfigError
 
 ENV_PREFIX = "THREADS_CONNECTOR_"
 IDENTIFIER_FIELDS = ("humanUid", "externalUserId", "sdkUserEmail", "realEmailAddress")
-_SECRET_FIELDS = {("api", "api_key"), ("kafka", "sasl_password")}
+_SECRET_FIELDS = {
+    ("api", "api_key"),
+    ("kafka", "sasl_password"),
+    ("kafka", "ssl_key_password"),
+}
+# a template placeholder: ``${dotted.path}`` (or ``$name``); ``$$`` is a literal dollar
+TEMPLATE_ID = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
 
 
 class _Frozen(BaseModel):
@@ -68,6 +84,14 @@ class KafkaSettings(_Frozen):
     sasl_password: SecretStr | None = None
     sasl_password_file: Path | None = None
     ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = Field(default=None, description="client certificate (mTLS)")
+    ssl_keyfile: Path | None = Field(default=None, description="its private key (PEM)")
+    ssl_key_password: SecretStr | None = None
+    ssl_key_password_file: Path | None = None
+    ssl_check_hostname: bool = True
+    retry_initial_s: float = Field(default=1.0, gt=0, description="after a Kafka failure")
+    retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
+    probe_interval_s: float = Field(default=10.0, gt=0, description="reachability probe")
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
@@ -78,6 +102,21 @@ class KafkaSettings(_Frozen):
     def _sasl_complete(self) -> KafkaSettings:
         if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+        return self
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> KafkaSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mTLS)")
+        if self.ssl_certfile is not None and not self.security_protocol.endswith("SSL"):
+            raise ValueError(
+                "ssl_certfile needs security_protocol SSL or SASL_SSL "
+                f"(it is {self.security_protocol})"
+            )
+        if (
+            self.ssl_key_password is not None or self.ssl_key_password_file is not None
+        ) and self.ssl_keyfile is None:
+            raise ValueError("ssl_key_password is only used with ssl_keyfile")
         return self
 
 
@@ -146,6 +185,12 @@ class ApiSettings(_Frozen):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        if _USERINFO.match(value):
+            # the credentials would reach logs and check-config's output: never echo them
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): the API key goes in "
+                f"{ENV_PREFIX}API__API_KEY or api.api_key_file"
+            )
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
@@ -177,14 +222,31 @@ class Route(_Frozen):
     message_template: str = Field(min_length=1)
     user: UserIdentifier
 
+    @field_validator("agent_uid", "message_template")
+    @classmethod
+    def _template_syntax(cls, value: str) -> str:
+        return check_template_syntax(value)
+
 
 class ResultSettings(_Frozen):
     deep_link_template: str = "https://app.example.com/agent?thread=${threadUid}"
 
+    @field_validator("deep_link_template")
+    @classmethod
+    def _template_syntax(cls, value: str) -> str:
+        return check_template_syntax(value)
+
 
 class ServerSettings(_Frozen):
-    host: str = "0.0.0.0"
+    """The health/metrics server: its own thread, bounded, so a flood cannot slow the
+    pipeline. Loopback by default; in a pod set ``0.0.0.0`` (the chart does) so the kubelet
+    and Prometheus reach it, and restrict who may with a NetworkPolicy."""
+
+    host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
+    max_connections: int = Field(default=64, ge=1, le=10_000, description="served at once")
+    header_timeout_s: float = Field(default=5.0, gt=0, description="to send request + headers")
+    metrics_cache_s: float = Field(default=1.0, ge=0, description="reuse a /metrics body")
 
 
 class LogSettings(_Frozen):
@@ -234,11 +296,59 @@ class ConnectorSettings(BaseSettings):
             raise ValueError("kafka.sasl_password (env) or kafka.sasl_password_file is required")
         return self
 
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> ConnectorSettings:
+        """Deadlines that could never be met are refused here, not discovered in an incident."""
+        request_s = self.api.request_timeout_s
+        problems = [
+            f"delivery.{name} ({value:g}) must exceed api.request_timeout_s ({request_s:g}): "
+            f"a call under way could never finish within it"
+            for name, value in (
+                ("drain_timeout_s", self.delivery.drain_timeout_s),
+                ("revoke_timeout_s", self.delivery.revoke_timeout_s),
+            )
+            if value <= request_s
+        ]
+        if self.api.backoff_initial_s > self.api.backoff_max_s:
+            problems.append("api.backoff_initial_s must not exceed api.backoff_max_s")
+        if self.kafka.retry_initial_s > self.kafka.retry_max_s:
+            problems.append("kafka.retry_initial_s must not exceed kafka.retry_max_s")
+        k = self.kafka
+        if k.heartbeat_interval_ms >= k.session_timeout_ms:
+            problems.append(
+                f"kafka.heartbeat_interval_ms ({k.heartbeat_interval_ms}) must be below "
+                f"kafka.session_timeout_ms ({k.session_timeout_ms})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _routes_distinct(self) -> ConnectorSettings:
+        """Two routes for one (topic, event type): the second could never be chosen."""
+        seen: dict[tuple[str, str], int] = {}
+        for index, route in enumerate(self.routes):
+            key = (route.topic, route.event_type)
+            if key in seen:
+                raise ValueError(
+                    f"routes.{index} duplicates routes.{seen[key]} (topic {route.topic!r}, "
+                    f"event_type {route.event_type!r}): only the first would ever be used"
+                )
+            seen[key] = index
+        return self
+
     def api_key(self) -> CachedSecret:
         """The API key provider (environment, or the mounted file re-read periodically)."""
         return CachedSecret(
             self.api.api_key, self.api.api_key_file, "api.api_key_file", self.api.secret_refresh_s
         )
+
+    def ssl_key_password(self) -> SecretStr | None:
+        """The client key's password (mTLS), from the environment or a mounted file."""
+        k = self.kafka
+        if k.ssl_key_password is None and k.ssl_key_password_file is None:
+            return None
+        return _secret(k.ssl_key_password, k.ssl_key_password_file, "kafka.ssl_key_password_file")
 
     def sasl_password(self) -> SecretStr | None:
         if self.kafka.sasl_password is None and self.kafka.sasl_password_file is None:
@@ -314,14 +424,66 @@ def _secret(value: SecretStr | None, path: Path | None, name: str) -> SecretStr:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from exc
 
 
+def mask_url(url: str) -> str:
+    """The URL with any ``user:password@`` replaced by ``***@``, fit for a message."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}***@", url, count=1)
+
+
+class _TemplateSyntax(string.Template):
+    idpattern = TEMPLATE_ID
+
+
+def check_template_syntax(template: str) -> str:
+    """Raise ValueError naming the first malformed placeholder (an unclosed ``${``, a name
+    that is not a dotted path, a lone ``$``); ``$$`` is a literal dollar."""
+    for match in _TemplateSyntax.pattern.finditer(template):
+        if match.group("invalid") is not None:
+            start = match.start()
+            excerpt = template[start : start + 30]
+            raise ValueError(
+                f"malformed placeholder at character {start}: {excerpt!r} "
+                f"(write ${{dotted.path}}, or $$ for a literal $)"
+            )
+    return template
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping in the config file gives one key twice."""
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, where: str = "") -> None:
+    """PyYAML keeps the last of two equal keys silently (a second ``api:`` block would
+    replace the first, defaults and all): refuse them, naming the dotted path."""
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{where}{index}.")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise DuplicateKeyError(
+                f"{where}{key}: given twice (lines {seen[key]} and {line}); "
+                f"the second would silently replace the first"
+            )
+        seen[key] = line
+        _refuse_duplicate_keys(value_node, f"{where}{key}.")
+
+
 def load_settings(path: Path | None) -> ConnectorSettings:
     """Read, merge with the environment and validate; raise ConfigError naming each field."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+            loaded = yaml.safe_load(text)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"invalid configuration (1 problem(s)):\n  {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -338,6 +500,46 @@ def load_settings(path: Path | None) -> ConnectorSettings:
         return ConnectorSettings(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from exc
+    except SettingsError as exc:
+        raise ConfigError(_environment_problem(exc)) from None
+
+
+def _environment_problem(exc: SettingsError) -> str:
+    """pydantic-settings cannot parse a complex field (a list) from the environment: say
+    which variable, and how to write it, without its value (it might be a secret)."""
+    match = re.search(r'field "([^"]+)" from source "([^"]+)"', str(exc))
+    if match is None or match.group(2) != "EnvSettingsSource":
+        return "invalid configuration: " + str(exc).split("\n", 1)[0]
+    section = match.group(1)
+    names = _unparsable_env(section) or [f"{ENV_PREFIX}{section.upper()}__*"]
+    return "invalid configuration:\n" + "\n".join(
+        f'  {name}: not valid JSON (lists are written as JSON, e.g. \'["a", "b"]\')'
+        for name in names
+    )
+
+
+def _unparsable_env(section: str) -> list[str]:
+    """The environment variables of ``section`` that hold a list or mapping field and do
+    not parse as JSON (their values are not quoted: one might be a secret)."""
+    base = f"{ENV_PREFIX}{section.upper()}"
+    found = []
+    for name, value in sorted(os.environ.items()):
+        upper = name.upper()
+        if upper != base and not upper.startswith(base + "__"):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            if upper == base or _is_structured(section, upper[len(base) + 2 :].lower()):
+                found.append(name)
+    return found
+
+
+def _is_structured(section: str, field: str) -> bool:
+    model = ConnectorSettings.model_fields[section].annotation
+    fields = getattr(model, "model_fields", {})
+    annotation = fields[field].annotation if field in fields else None
+    return typing.get_origin(annotation) in (list, dict)
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from connector.config import IDENTIFIER_FIELDS, Route
+from connector.config import IDENTIFIER_FIELDS, TEMPLATE_ID, Route, check_template_syntax
 from connector.errors import EventRejected, Stage
 from connector.events import Event, lookup
 
@@ -27,7 +27,7 @@ IDENTIFIER_MAX_LENGTH = 100  # externalUserId, sdkUserEmail, realEmailAddress (O
 
 
 class _DottedTemplate(string.Template):
-    idpattern = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
+    idpattern = TEMPLATE_ID  # the one the config validators check templates against
 
 
 class _EventView(Mapping[str, str]):
@@ -60,9 +60,9 @@ def render(template: str, body: dict[str, Any], extra: Mapping[str, str] | None 
 
 
 def check_template(template: str) -> None:
-    """Raise ValueError if the template itself is malformed (used at config time)."""
-    if not _DottedTemplate(template).is_valid():
-        raise ValueError(f"invalid template: {template!r}")
+    """Raise ValueError if the template itself is malformed (the settings models run the
+    same check, so ``check-config`` reports it against the field)."""
+    check_template_syntax(template)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,10 @@ CHART_OWNED = {
     ("api", "api_key_file"),  # set by the chart to the mounted Secret
     ("kafka", "sasl_password_file"),  # idem
     ("delivery", "instance_id"),  # the pod name, from the environment
+    ("kafka", "ssl_key_password"),  # secret: secrets.sslKeyPassword / existingSecret
+    ("kafka", "ssl_key_password_file"),  # set by the chart (kafkaTls.clientKeyEncrypted)
+    ("kafka", "ssl_certfile"),  # set by the chart (kafkaTls.clientCertSecret)
+    ("kafka", "ssl_keyfile"),  # idem
 }
 
 Manifest = dict[str, Any]
@@ -444,3 +448,100 @@ def test_notes_warn_about_idle_replicas(tmp_path: Path) -> None:
     assert "WARNING: replicaCount (9) exceeds partitions (6): 3 replica(s) will sit idle" in text
     keda = notes(tmp_path / "keda", "-f", str(CHART / "ci" / "keda-values.yaml"))
     assert "KEDA on consumer lag, 1..12 replicas (capped at partitions=12)" in keda
+
+
+# -- mTLS, NetworkPolicy, image digest ---------------------------------------------------------
+
+
+def test_mtls_values_mount_the_client_certificate() -> None:
+    docs = render("-f", str(CHART / "ci" / "mtls-values.yaml"))
+    kafka = connector_config(docs)["kafka"]
+    client = "/var/run/secrets/threads-connector-client"
+    assert (kafka["ssl_certfile"], kafka["ssl_keyfile"]) == (
+        f"{client}/tls.crt",
+        f"{client}/tls.key",
+    )
+    assert kafka["ssl_key_password_file"] == "/var/run/secrets/threads-connector/ssl-key-password"
+    text = config_map(docs)["data"]["connector.yaml"]
+    assert "ci-key-password-not-a-real-one" not in text
+    assert set(one(docs, "Secret")["data"]) == {"api-key", "ssl-key-password"}
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["kafka-client-cert"]["secret"]
+    assert volume["secretName"] == "threads-connector-kafka-client"
+    assert volume["items"] == [
+        {"key": "tls.crt", "path": "tls.crt"},
+        {"key": "tls.key", "path": "tls.key"},
+    ]
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert mounts["kafka-client-cert"]["mountPath"] == client
+    assert mounts["kafka-client-cert"]["readOnly"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "kafkaTls.clientCertSecret=c"), "kafkaTls.clientCertSecret needs"),
+        (
+            ("--set", "kafkaTls.clientCertSecret=c", "--set", "kafkaTls.clientKeyEncrypted=true",
+             "--set", "config.kafka.security_protocol=SSL"),
+            "secrets.sslKeyPassword is required",
+        ),
+    ],
+)  # fmt: skip
+def test_mtls_values_are_checked(args: tuple[str, ...], message: str) -> None:
+    proc = helm("template", "rel", str(CHART), *API_KEY_SET, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_network_policy_is_off_by_default() -> None:
+    assert "NetworkPolicy" not in kinds(render(*API_KEY_SET))
+
+
+def test_network_policy_values() -> None:
+    docs = render("-f", str(CHART / "ci" / "network-policy-values.yaml"))
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "threads-connector",
+        "app.kubernetes.io/instance": "rel",
+    }
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    assert ingress["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    egress = policy["egress"]
+    by_port = {tuple(p["port"] for p in rule["ports"]): rule for rule in egress}
+    kafka = by_port[(9092, 9093)]
+    assert kafka["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    api = by_port[(443,)]
+    assert api["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert "10.0.0.0/8" in api["to"][0]["ipBlock"]["except"]
+    dns = by_port[(53, 53)]
+    assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
+    assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"
+    }
+    assert len(egress) == 3  # nothing else leaves the pod
+
+
+def test_ci_values_pin_the_image_by_digest() -> None:
+    pinned = [
+        c for c in CI_VALUES if (yaml.safe_load(c.read_text()).get("image") or {}).get("digest")
+    ]
+    assert {c.stem for c in pinned} >= {"network-policy-values", "mtls-values", "sasl-ssl-values"}
+    for case in pinned:
+        digest = yaml.safe_load(case.read_text())["image"]["digest"]
+        image = container(render("-f", str(case)))["image"]
+        assert image == f"registry.example.com/platform/threads-connector@{digest}"
+        assert ":0.1.0" not in image
+
+
+def test_the_chart_binds_the_health_server_on_all_pod_addresses() -> None:
+    """The connector's own default is loopback; in a pod the kubelet and Prometheus come
+    from outside, so the chart sets 0.0.0.0 (and the NetworkPolicy restricts who)."""
+    assert connector_config(render(*API_KEY_SET))["server"]["host"] == "0.0.0.0"

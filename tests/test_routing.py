@@ -274,10 +274,10 @@ def test_route_for_another_topic_does_not_match() -> None:
     assert info.value.code == "no_route"
 
 
-def test_malformed_template_is_refused_when_the_router_is_built() -> None:
-    with pytest.raises(ValueError, match="invalid template"):
+def test_malformed_template_is_refused_when_the_route_is_built() -> None:
+    with pytest.raises(ValueError, match="malformed placeholder"):
         Router([route(message_template="Order ${data.orderId")])
-    with pytest.raises(ValueError, match="invalid template"):
+    with pytest.raises(ValueError, match="malformed placeholder"):
         Router([route(agent_uid="agent::${}")])
 
 

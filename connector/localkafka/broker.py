@@ -71,7 +71,15 @@ class LocalKafka:
         start_timeout_s: float = 90.0,
         stop_timeout_s: float = 30.0,
         broker_config: Mapping[str, str] | None = None,
+        listeners: Mapping[str, str] | None = None,
+        scram_users: Mapping[str, str] | None = None,
+        scram_mechanism: str = "SCRAM-SHA-512",
     ) -> None:
+        """``listeners``: extra listeners, name -> security protocol (``{"SECURE":
+        "SASL_SSL", "MTLS": "SSL"}``), each on a port of its own (``listener_address``);
+        their TLS/SASL settings go in ``broker_config``. ``scram_users``: name -> password,
+        written into the storage at format time (KRaft's ``--add-scram``). The PLAINTEXT
+        listener stays for readiness probes and inter-broker traffic."""
         self._given_state_dir = Path(state_dir) if state_dir is not None else None
         self._fixed_port = port
         self._cache_dir = cache_dir
@@ -79,6 +87,10 @@ class LocalKafka:
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self._broker_config = dict(broker_config or {})
+        self._listeners = dict(listeners or {})
+        self._scram_users = dict(scram_users or {})
+        self._scram_mechanism = scram_mechanism
+        self._listener_ports: dict[str, int] = {}
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
@@ -94,6 +106,12 @@ class LocalKafka:
         if self._ports is None:
             raise LocalKafkaError("the local Kafka broker is not started")
         return f"{HOST}:{self._ports[0]}"
+
+    def listener_address(self, name: str) -> str:
+        """``host:port`` of an extra listener given to the constructor."""
+        if self._ports is None or name not in self._listener_ports:
+            raise LocalKafkaError(f"no started listener {name!r}")
+        return f"{HOST}:{self._listener_ports[name]}"
 
     @property
     def port(self) -> int | None:
@@ -237,13 +255,15 @@ class LocalKafka:
         """Choose ports, write the config files and format a fresh log dir."""
         data = state / "data"
         shutil.rmtree(data, ignore_errors=True)
+        extra = len(self._listeners)
         if self._fixed_port is not None:
             if not _port_free(self._fixed_port):
                 raise LocalKafkaError(f"port in use: {HOST}:{self._fixed_port}")
-            self._ports = (self._fixed_port, free_ports(1)[0])
+            ports = [self._fixed_port, *free_ports(1 + extra)]
         else:
-            first, second = free_ports(2)
-            self._ports = (first, second)
+            ports = free_ports(2 + extra)
+        self._ports = (ports[0], ports[1])
+        self._listener_ports = dict(zip(self._listeners, ports[2:], strict=True))
         port, controller_port = self._ports
         (state / "server.properties").write_text(
             render_server_properties(
@@ -251,11 +271,17 @@ class LocalKafka:
                 controller_port=controller_port,
                 log_dir=data,
                 overrides=self._broker_config,
+                listeners={
+                    name: (protocol, self._listener_ports[name])
+                    for name, protocol in self._listeners.items()
+                },
             )
         )
         (state / "log4j2.xml").write_text(render_log4j2(state / "kafka.log"))
         args = ["kafka.tools.StorageTool", "format", "--standalone",
                 "-t", random_cluster_id(), "-c", str(state / "server.properties")]  # fmt: skip
+        for user, password in self._scram_users.items():
+            args += ["--add-scram", f"{self._scram_mechanism}=[name={user},password={password}]"]
         proc = _run_java(libs, "tools", args, timeout_s=120)
         if proc.returncode != 0:
             raise LocalKafkaError(

@@ -32,16 +32,23 @@ def render_server_properties(
     log_dir: Path,
     node_id: int = 1,
     overrides: Mapping[str, str] | None = None,
+    listeners: Mapping[str, tuple[str, int]] | None = None,
 ) -> str:
-    """server.properties for a one-node KRaft broker+controller on loopback, tuned for tests."""
+    """server.properties for a one-node KRaft broker+controller on loopback, tuned for tests.
+
+    ``listeners``: extra client listeners, name -> (security protocol, port), e.g.
+    ``{"MTLS": ("SSL", 19093)}``; PLAINTEXT stays the inter-broker listener."""
+    extra = dict(listeners or {})
+    named = "".join(f",{name}://{HOST}:{port}" for name, (_proto, port) in extra.items())
+    protocols = "".join(f",{name}:{proto}" for name, (proto, _port) in extra.items())
     props: dict[str, str] = {
         "process.roles": "broker,controller",
         "node.id": str(node_id),
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}{named}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}{named}",
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": (f"PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{protocols}"),
         "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
         "log.dirs": str(log_dir),
         "num.partitions": "1",

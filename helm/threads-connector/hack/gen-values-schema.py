@@ -29,6 +29,10 @@ EXCLUDED = {
     ("kafka", "sasl_password"),  # secret: secrets.saslPassword or secrets.existingSecret
     ("api", "api_key_file"),  # the mounted Secret
     ("kafka", "sasl_password_file"),  # the mounted Secret
+    ("kafka", "ssl_key_password"),  # secret: secrets.sslKeyPassword or secrets.existingSecret
+    ("kafka", "ssl_key_password_file"),  # the mounted Secret (kafkaTls.clientKeyEncrypted)
+    ("kafka", "ssl_certfile"),  # kafkaTls.clientCertSecret, mounted
+    ("kafka", "ssl_keyfile"),  # kafkaTls.clientCertSecret, mounted
     ("delivery", "instance_id"),  # the pod name
 }
 DROPPED_KEYWORDS = {"title", "format", "writeOnly", "$defs"}
@@ -122,6 +126,15 @@ LABEL_NAME = "^([A-Za-z0-9][-A-Za-z0-9_.]*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0
 INT_OR_PERCENT_OR_NULL = {
     "anyOf": [typed("integer", minimum=0), typed("string", pattern="^[0-9]+%$"), typed("null")]
 }
+PORT = typed("integer", minimum=1, maximum=65535)
+CIDR = typed("string", pattern="^[0-9a-fA-F:.]+/[0-9]{1,3}$")
+NETPOL_PEER = obj(
+    {
+        "cidrs": typed("array", items=CIDR, description="empty: any address on these ports"),
+        "except": typed("array", items=CIDR),
+        "ports": typed("array", items=PORT, minItems=1),
+    }
+)
 PROBE = obj(
     {
         "initialDelaySeconds": typed("integer", minimum=0),
@@ -168,12 +181,43 @@ def values_schema() -> Schema:
                     "existingSecret": typed("string"),
                     "apiKeyKey": SECRET_KEY,
                     "saslPasswordKey": SECRET_KEY,
+                    "sslKeyPasswordKey": SECRET_KEY,
                     "apiKey": typed("string"),
                     "saslPassword": typed("string"),
+                    "sslKeyPassword": typed("string"),
                     "rollOnChange": typed("boolean"),
                 }
             ),
-            "kafkaTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),
+            "kafkaTls": obj(
+                {
+                    "caSecret": typed("string"),
+                    "caKey": SECRET_KEY,
+                    "clientCertSecret": typed("string", description="mTLS: a kubernetes.io/tls"),
+                    "clientCertKey": SECRET_KEY,
+                    "clientKeyKey": SECRET_KEY,
+                    "clientKeyEncrypted": typed("boolean"),
+                }
+            ),
+            "networkPolicy": obj(
+                {
+                    "enabled": typed("boolean"),
+                    "kafka": NETPOL_PEER,
+                    "api": NETPOL_PEER,
+                    "dns": obj(
+                        {
+                            "namespaceSelector": STR_MAP,
+                            "podSelector": STR_MAP,
+                            "ports": typed("array", items=PORT, minItems=1),
+                        }
+                    ),
+                    "prometheus": obj(
+                        {"namespaceSelector": typed(["object", "null"]),
+                         "podSelector": typed(["object", "null"])}  # fmt: skip
+                    ),
+                    "extraEgress": typed("array", items=typed("object")),
+                    "extraIngress": typed("array", items=typed("object")),
+                }
+            ),
             "serviceAccount": obj(
                 {
                     "create": typed("boolean"),

@@ -60,6 +60,7 @@ Where things are mounted in the container.
 {{- define "threads-connector.configDir" -}}/etc/threads-connector{{- end }}
 {{- define "threads-connector.secretDir" -}}/var/run/secrets/threads-connector{{- end }}
 {{- define "threads-connector.tlsDir" -}}/var/run/secrets/threads-connector-tls{{- end }}
+{{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
 
 {{/*
 The Secret holding the API key and the SASL password.
@@ -112,6 +113,13 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- if .Values.kafkaTls.caSecret }}
 {{- $_ := set $cfg.kafka "ssl_cafile" (printf "%s/ca.crt" (include "threads-connector.tlsDir" .)) }}
 {{- end }}
+{{- if .Values.kafkaTls.clientCertSecret }}
+{{- $_ := set $cfg.kafka "ssl_certfile" (printf "%s/tls.crt" (include "threads-connector.clientCertDir" .)) }}
+{{- $_ := set $cfg.kafka "ssl_keyfile" (printf "%s/tls.key" (include "threads-connector.clientCertDir" .)) }}
+{{- if .Values.kafkaTls.clientKeyEncrypted }}
+{{- $_ := set $cfg.kafka "ssl_key_password_file" (printf "%s/ssl-key-password" (include "threads-connector.secretDir" .)) }}
+{{- end }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
@@ -137,6 +145,15 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- end }}
 {{- if and (include "threads-connector.saslEnabled" .) (not .Values.secrets.existingSecret) (not .Values.secrets.saslPassword) }}
 {{- $errors = append $errors "secrets.saslPassword is required when config.kafka.sasl_mechanism is set (or name a Secret you manage in secrets.existingSecret)" }}
+{{- end }}
+{{- if and .Values.kafkaTls.clientCertSecret (not (include "threads-connector.tlsEnabled" .)) }}
+{{- $errors = append $errors "kafkaTls.clientCertSecret needs config.kafka.security_protocol SSL or SASL_SSL" }}
+{{- end }}
+{{- if and .Values.kafkaTls.clientKeyEncrypted (not .Values.kafkaTls.clientCertSecret) }}
+{{- $errors = append $errors "kafkaTls.clientKeyEncrypted needs kafkaTls.clientCertSecret" }}
+{{- end }}
+{{- if and .Values.kafkaTls.clientKeyEncrypted (not .Values.secrets.existingSecret) (not .Values.secrets.sslKeyPassword) }}
+{{- $errors = append $errors "secrets.sslKeyPassword is required when kafkaTls.clientKeyEncrypted is true (or name a Secret you manage in secrets.existingSecret)" }}
 {{- end }}
 {{- $drain := include "threads-connector.drainTimeoutSeconds" . | int }}
 {{- $grace := include "threads-connector.terminationGracePeriodSeconds" . | int }}

@@ -1,0 +1,199 @@
+"""``connector check-config`` refuses everything ``connector run`` would: each problem as a
+message naming the field, never a traceback, never a secret."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from connector.cli import EXIT_CONFIG, main
+from connector.config import ENV_PREFIX
+
+API_KEY = "key-7e6d5c-must-not-leak"
+BASE: dict[str, Any] = {
+    "api": {"base_url": "http://127.0.0.1:1", "request_timeout_s": 10},
+    "delivery": {"drain_timeout_s": 20, "revoke_timeout_s": 15},
+    "routes": [
+        {
+            "event_type": "order.shipped",
+            "app_uid": "demo-app",
+            "agent_uid": "agent-orders",
+            "message_template": "Order ${data.orderId} shipped",
+            "user": {"path": "user"},
+        }
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv(f"{ENV_PREFIX}API__API_KEY", API_KEY)
+
+
+def config(**changes: Any) -> dict[str, Any]:
+    """BASE with ``section={field: value}`` merged in (``routes=[...]`` replaces)."""
+    data = copy.deepcopy(BASE)
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return data
+
+
+def route(**changes: Any) -> dict[str, Any]:
+    return {**BASE["routes"][0], **changes}
+
+
+def check(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> tuple[int, str]:
+    path = tmp_path / "connector.yaml"
+    path.write_text(text, encoding="utf-8")
+    code = main(["check-config", "--config", str(path)])
+    out = capsys.readouterr()
+    both = out.out + out.err
+    assert "Traceback" not in both
+    assert API_KEY not in both
+    return code, both
+
+
+def refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], data: Any) -> str:
+    code, out = check(tmp_path, capsys, data if isinstance(data, str) else yaml.safe_dump(data))
+    assert code == EXIT_CONFIG, out
+    return out
+
+
+def test_the_base_config_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config()))
+    assert code == 0, out
+    assert ": OK" in out
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("message_template", "Order ${data.orderId shipped"),  # unclosed
+        ("message_template", "Order ${1st} shipped"),  # not a name
+        ("message_template", "costs 5$ only"),  # a lone $
+        ("agent_uid", "agent::${data.session"),
+        ("agent_uid", "agent::${data..session}"),
+    ],
+)
+def test_route_template_syntax(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: str
+) -> None:
+    out = refused(tmp_path, capsys, config(routes=[route(**{field: value})]))
+    assert f"routes.0.{field}: " in out
+    assert "malformed placeholder" in out
+
+
+def test_deep_link_template_syntax(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config(results={"deep_link_template": "https://app/x?t=${threadUid"})
+    out = refused(tmp_path, capsys, data)
+    assert "results.deep_link_template: " in out
+
+
+def test_dollar_escape_and_dotted_paths_are_fine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config(routes=[route(message_template="$$5 for ${data.items.0.sku} ($eventId)")])
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == 0, out
+
+
+def test_duplicate_routes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config(routes=[route(), route(agent_uid="other"), route(event_type="order.paid")])
+    out = refused(tmp_path, capsys, data)
+    assert "routes.1 duplicates routes.0" in out
+    # another topic is another route
+    data = config(routes=[route(), route(topic="billing")])
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == 0, out
+
+
+def test_a_section_given_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = yaml.safe_dump(config()) + "api:\n  request_timeout_s: 10\n"
+    out = refused(tmp_path, capsys, text)
+    assert "api: given twice" in out
+
+
+def test_a_nested_key_given_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = yaml.safe_dump(config()).replace(
+        "  request_timeout_s: 10\n", "  request_timeout_s: 10\n  request_timeout_s: 12\n"
+    )
+    assert text.count("request_timeout_s") == 2
+    out = refused(tmp_path, capsys, text)
+    assert "api.request_timeout_s: given twice" in out
+    text = yaml.safe_dump(config()).replace(
+        "  app_uid: demo-app\n", "  app_uid: demo-app\n  app_uid: other-app\n"
+    )
+    assert "routes.0.app_uid: given twice" in refused(tmp_path, capsys, text)
+
+
+@pytest.mark.parametrize("field", ["drain_timeout_s", "revoke_timeout_s"])
+def test_delivery_deadlines_exceed_the_request_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    out = refused(tmp_path, capsys, config(delivery={field: 10}))
+    assert f"delivery.{field} (10) must exceed api.request_timeout_s (10)" in out
+
+
+def test_other_timeout_relations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = refused(tmp_path, capsys, config(api={"backoff_initial_s": 40}))
+    assert "api.backoff_initial_s must not exceed api.backoff_max_s" in out
+    data = config(kafka={"session_timeout_ms": 5000, "heartbeat_interval_ms": 5000})
+    out = refused(tmp_path, capsys, data)
+    assert "kafka.heartbeat_interval_ms (5000) must be below kafka.session_timeout_ms" in out
+
+
+def test_an_environment_list_that_is_not_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}KAFKA__INPUT_TOPICS", "orders,billing")
+    out = refused(tmp_path, capsys, config())
+    assert f"{ENV_PREFIX}KAFKA__INPUT_TOPICS: not valid JSON" in out
+    assert "orders,billing" not in out
+
+
+def test_credentials_in_the_base_url_are_refused_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config(api={"base_url": "https://svc-user:hunter2-secret@api.example.com/"})
+    out = refused(tmp_path, capsys, data)
+    assert "api.base_url: " in out
+    assert "https://***@api.example.com" in out
+    assert "hunter2" not in out
+    assert "svc-user" not in out
+
+
+def test_client_certificate_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ssl = {"security_protocol": "SSL"}
+    out = refused(tmp_path, capsys, config(kafka={**ssl, "ssl_certfile": "/c.pem"}))
+    assert "ssl_certfile and ssl_keyfile go together" in out
+    both = {"ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem"}
+    out = refused(tmp_path, capsys, config(kafka=both))
+    assert "ssl_certfile needs security_protocol SSL or SASL_SSL" in out
+    out = refused(tmp_path, capsys, config(kafka={**ssl, **both, "ssl_key_password": "pw-x1"}))
+    assert "kafka.ssl_key_password: secrets must not be written in the config file" in out
+    assert "pw-x1" not in out
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config(kafka={**ssl, **both})))
+    assert code == 0, out
+
+
+def test_run_refuses_what_check_config_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run`` stops with the same message before opening anything (no broker here)."""
+    path = tmp_path / "connector.yaml"
+    path.write_text(yaml.safe_dump(config(routes=[route(), route()])), encoding="utf-8")
+    assert main(["run", "--config", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "routes.1 duplicates routes.0" in err
+    assert "Traceback" not in err
