@@ -1,0 +1,416 @@
+"""``connector dlq redrive``: copy dead letters back to the input topic they came from.
+
+Each copy keeps the original record: key, value, headers (without the ``dlq-*`` ones),
+partition (so it meets the same dedup partition as its duplicates) and timestamp (so a
+route's ``max_event_age_s`` still sees the event's age). It gains ``dlq-redrive-count``
+(one more than the dead letter carried) and ``dlq-redriven-from`` (the dead letter's
+own topic/partition/offset). Dead-lettered events are not remembered by dedup, so the
+connector processes the copies.
+
+Copies are written in Kafka transactions (transactional id
+``<delivery.transactional_id_prefix>-redrive-<group>``) that also commit the redrive's
+position (``ledger``) for the consumer group ``<group>-redrive``: a crash or a second
+redrive of the same group started meanwhile (which fences the first) rolls back the
+last batch and its position together, and the connector, reading ``read_committed``,
+never sees a rolled-back copy. Running a redrive twice copies nothing the second time;
+``--again`` re-reads from the start and copies whatever matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+)
+from aiokafka.structs import OffsetAndMetadata
+
+from connector.config import ConnectorSettings
+from connector.dlq.ledger import PartitionLedger
+from connector.dlq.reader import DeadLetterReader, DlqError
+from connector.dlq.records import (
+    NOT_REDRIVABLE_BY_DEFAULT,
+    REDRIVE_COUNT_HEADER,
+    REDRIVEN_FROM_HEADER,
+    DeadLetter,
+    Filter,
+)
+from connector.kafka_common import client_kwargs
+
+log = logging.getLogger(__name__)
+FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
+
+# what a redrive does with each dead letter it reads
+COPY = "copy"
+ALREADY = "already_redriven"  # an earlier redrive copied it (no --again)
+FILTERED = "filtered_out"  # left by --code/--stage/--event-type/--since/... : still to do
+NOT_REDRIVABLE = "not_redrivable"  # code in NOT_REDRIVABLE_BY_DEFAULT, not named by --code
+NO_SOURCE = "no_source"  # no readable dlq-source header
+NOT_AN_INPUT = "not_an_input_topic"  # its source topic is not in kafka.input_topics
+
+
+@dataclass(frozen=True)
+class RedriveOptions:
+    filter: Filter = field(default_factory=Filter)
+    dry_run: bool = False
+    again: bool = False
+    rate_per_s: float | None = None
+    batch_size: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """The record a redrive writes for one dead letter."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int | None
+    dead_letter: DeadLetter
+
+
+@dataclass
+class RedriveReport:
+    group: str
+    dry_run: bool
+    again: bool
+    filter: Filter
+    scanned: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    not_redrivable_codes: Counter[str] = field(default_factory=Counter)
+    copied_to: Counter[str] = field(default_factory=Counter)
+    transactions: int = 0
+    forgotten_offsets: int = 0
+    planned: list[Copy] = field(default_factory=list)  # dry run: what would be sent
+    positions: dict[int, PartitionLedger] = field(default_factory=dict)
+
+    @property
+    def copied(self) -> int:
+        return self.outcomes[COPY]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "dryRun": self.dry_run,
+            "again": self.again,
+            "filter": self.filter.describe(),
+            "scanned": self.scanned,
+            ("wouldCopy" if self.dry_run else "copied"): self.copied,
+            "copiedTo": dict(self.copied_to),
+            "outcomes": dict(self.outcomes),
+            "notRedrivableCodes": dict(self.not_redrivable_codes),
+            "transactions": self.transactions,
+            "forgottenOffsets": self.forgotten_offsets,
+            "positions": {
+                str(p): {
+                    "committed": led.committed,
+                    "end": led.end,
+                    "skippedRanges": len(led.skipped),
+                }
+                for p, led in sorted(self.positions.items())
+            },
+            "planned": [
+                {
+                    "from": c.dead_letter.coordinates,
+                    "to": f"{c.topic}/{c.partition}",
+                    "code": c.dead_letter.code,
+                    "eventId": c.dead_letter.event_id,
+                    "redriveCount": c.dead_letter.redrive_count + 1,
+                }
+                for c in self.planned
+            ],
+        }
+
+    def to_text(self) -> str:
+        verb = "would copy" if self.dry_run else "copied"
+        lines = [c_line(c) for c in self.planned]
+        targets = ", ".join(f"{t}: {n}" for t, n in sorted(self.copied_to.items())) or "-"
+        lines.append(
+            f"{self.group}: read {self.scanned} dead letter(s); {verb} {self.copied} ({targets})"
+            + ("" if self.dry_run else f" in {self.transactions} transaction(s)")
+        )
+        for outcome in (ALREADY, FILTERED, NO_SOURCE, NOT_AN_INPUT):
+            if self.outcomes[outcome]:
+                lines.append(f"  {outcome.replace('_', ' ')}: {self.outcomes[outcome]}")
+        if self.not_redrivable_codes:
+            codes = ", ".join(f"{c}: {n}" for c, n in sorted(self.not_redrivable_codes.items()))
+            lines.append(f"  not redrivable unless named with --code: {codes}")
+        if self.forgotten_offsets:
+            lines.append(
+                f"  warning: the position forgot {self.forgotten_offsets} offsets of left-out "
+                f"records (too many ranges to keep); --again reaches them"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def c_line(c: Copy) -> str:
+    dl = c.dead_letter
+    return (
+        f"{dl.coordinates} -> {c.topic}/{c.partition}  {dl.stage}/{dl.code}"
+        f"  event {dl.event_id or '-'}  redrive #{dl.redrive_count + 1}"
+    )
+
+
+def decide(dl: DeadLetter, pending: bool, opts: RedriveOptions, inputs: frozenset[str]) -> str:
+    """What the redrive does with this dead letter (one of the outcome constants)."""
+    if not pending and not opts.again:
+        return ALREADY
+    if not opts.filter.matches(dl):
+        return FILTERED
+    if dl.code in NOT_REDRIVABLE_BY_DEFAULT and dl.code not in opts.filter.codes:
+        return NOT_REDRIVABLE
+    if dl.source is None:
+        return NO_SOURCE
+    if dl.source.topic not in inputs:
+        return NOT_AN_INPUT
+    return COPY
+
+
+def copy_of(dl: DeadLetter) -> Copy:
+    """The original record back, with the redrive's two headers."""
+    if dl.source is None:
+        raise ValueError("a dead letter without dlq-source cannot be copied")
+    headers = (
+        *dl.original_headers(),
+        (REDRIVE_COUNT_HEADER, str(dl.redrive_count + 1).encode()),
+        (REDRIVEN_FROM_HEADER, dl.coordinates.encode()),
+    )
+    stamp = dl.source_timestamp_ms if dl.source_timestamp_ms else dl.timestamp_ms
+    return Copy(
+        dl.source.topic,
+        dl.source.partition,
+        dl.key,
+        dl.value,
+        headers,
+        stamp if stamp and stamp > 0 else None,
+        dl,
+    )
+
+
+class Pacer:
+    """At most ``rate`` copies a second, evenly spaced (injectable clock and sleep)."""
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate_per_s <= 0:
+            raise ValueError("the rate must be above 0")
+        self._interval = 1.0 / rate_per_s
+        self._clock = clock
+        self._sleep = sleep
+        self._next: float | None = None
+
+    async def wait(self) -> None:
+        now = self._clock()
+        if self._next is not None and self._next > now:
+            await self._sleep(self._next - now)
+            now = self._next
+        self._next = now + self._interval
+
+
+def redrive_group(settings: ConnectorSettings) -> str:
+    return f"{settings.kafka.group_id}-redrive"
+
+
+def redrive_transactional_id(settings: ConnectorSettings) -> str:
+    return f"{settings.delivery.transactional_id_prefix}-redrive-{settings.kafka.group_id}"
+
+
+async def redrive(settings: ConnectorSettings, opts: RedriveOptions) -> RedriveReport:
+    """Run one redrive (see the module docstring); DlqError if Kafka refuses."""
+    group = redrive_group(settings)
+    report = RedriveReport(group, opts.dry_run, opts.again, opts.filter)
+    producer = None
+    if not opts.dry_run:
+        producer = AIOKafkaProducer(
+            **client_kwargs(settings),
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=redrive_transactional_id(settings),
+        )
+        try:
+            await producer.start()  # fences an earlier redrive of this group still running
+        except KafkaError as exc:
+            await producer.stop()
+            raise DlqError(f"cannot start the redrive's transactional producer: {exc}") from exc
+    try:
+        async with DeadLetterReader(settings) as reader:
+            ledgers = await _load_ledgers(settings, group, reader)
+            report.positions = ledgers
+            await _run(settings, opts, reader, ledgers, producer, report)
+    finally:
+        if producer is not None:
+            await producer.stop()
+    return report
+
+
+async def _load_ledgers(
+    settings: ConnectorSettings, group: str, reader: DeadLetterReader
+) -> dict[int, PartitionLedger]:
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    tps = [TopicPartition(reader.topic, p) for p in reader.partitions]
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                offsets = await admin.list_consumer_group_offsets(group, partitions=tps)
+                break
+            except KafkaError as exc:  # coordinator loading / moving: retriable
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise DlqError(f"cannot read the position of {group}: {exc}") from exc
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    ledgers: dict[int, PartitionLedger] = {}
+    for p in reader.partitions:
+        found = offsets.get(TopicPartition(reader.topic, p))
+        ledger = (
+            PartitionLedger.decode(found.offset, found.metadata or "")
+            if found is not None
+            else PartitionLedger()
+        )
+        ledger.prune_below(reader.log_start[p])
+        ledgers[p] = ledger
+    return ledgers
+
+
+async def _run(
+    settings: ConnectorSettings,
+    opts: RedriveOptions,
+    reader: DeadLetterReader,
+    ledgers: dict[int, PartitionLedger],
+    producer: AIOKafkaProducer | None,
+    report: RedriveReport,
+) -> None:
+    inputs = frozenset(settings.kafka.input_topics)
+    pacer = Pacer(opts.rate_per_s) if opts.rate_per_s else None
+    batch = max(1, min(opts.batch_size, int(opts.rate_per_s or opts.batch_size)))
+    starts: dict[int, int | None] = (
+        {p: None for p in ledgers}
+        if opts.again
+        else {p: led.committed for p, led in ledgers.items()}
+    )
+    txn = _Transaction(producer, reader.topic, redrive_group(settings), ledgers, report)
+    async for dl in reader.read(starts):
+        report.scanned += 1
+        ledger = ledgers[dl.partition]
+        outcome = decide(dl, ledger.pending(dl.offset), opts, inputs)
+        report.outcomes[outcome] += 1
+        if outcome == NOT_REDRIVABLE:
+            report.not_redrivable_codes[dl.code] += 1
+        if outcome != COPY:
+            ledger.record(dl.offset, copied=False)
+            continue
+        copy = copy_of(dl)
+        report.copied_to[copy.topic] += 1
+        if producer is None:
+            report.planned.append(copy)
+        else:
+            if pacer is not None:
+                await pacer.wait()
+            await txn.send(copy)
+        ledger.record(dl.offset, copied=True)
+        if txn.size >= batch:
+            await txn.commit()
+    if producer is not None and report.scanned:
+        await txn.commit()
+
+
+class _Transaction:
+    """The copies of one batch and the position that accounts for them, in one Kafka
+    transaction."""
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer | None,
+        topic: str,
+        group: str,
+        ledgers: dict[int, PartitionLedger],
+        report: RedriveReport,
+    ) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._group = group
+        self._ledgers = ledgers
+        self._report = report
+        self._futures: list[asyncio.Future[Any]] = []
+        self._open = False
+        self.size = 0
+
+    async def send(self, copy: Copy) -> None:
+        if self._producer is None:
+            return
+        try:
+            await self._begin()
+            self._futures.append(
+                await self._producer.send(
+                    copy.topic,
+                    value=copy.value,
+                    key=copy.key,
+                    partition=copy.partition,
+                    timestamp_ms=copy.timestamp_ms,
+                    headers=list(copy.headers),
+                )
+            )
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        self.size += 1
+
+    async def commit(self) -> None:
+        if self._producer is None:
+            return
+        offsets = {}
+        for p, ledger in self._ledgers.items():
+            self._report.forgotten_offsets += ledger.fit()
+            offsets[TopicPartition(self._topic, p)] = OffsetAndMetadata(
+                ledger.committed, ledger.metadata()
+            )
+        try:
+            await self._begin()
+            await asyncio.gather(*self._futures)
+            await self._producer.send_offsets_to_transaction(offsets, self._group)
+            await self._producer.commit_transaction()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        self._report.transactions += 1
+        log.info("redrive: committed %d copies and the position", self.size)
+        self._open, self.size, self._futures = False, 0, []
+
+    async def _begin(self) -> None:
+        if not self._open and self._producer is not None:
+            await self._producer.begin_transaction()
+            self._open = True
+
+    async def _fail(self, exc: BaseException) -> None:
+        if self._producer is not None and self._open and not isinstance(exc, FENCED):
+            try:
+                await self._producer.abort_transaction()
+            except (KafkaError, AssertionError):
+                log.warning("abort_transaction failed; the broker will time the transaction out")
+        self._open = False
+        if isinstance(exc, FENCED):
+            raise DlqError(
+                "another redrive of this group started and fenced this one; this one's "
+                "last batch was rolled back with its position"
+            ) from exc
+        if isinstance(exc, KafkaError):
+            raise DlqError(f"the redrive transaction failed and was rolled back: {exc}") from exc
