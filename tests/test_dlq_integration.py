@@ -16,6 +16,7 @@ import yaml
 from connector.cli import main as cli_main
 from connector.config import ConnectorSettings
 from connector.dlq.inspect import inspect
+from connector.dlq.reader import DlqError
 from connector.dlq.records import Filter
 from connector.dlq.redrive import ALREADY, NOT_REDRIVABLE, RedriveOptions, redrive
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
@@ -46,8 +47,9 @@ async def sim() -> ThreadsApiSimulator:
         yield simulator
 
 
-def created(event_id: str, user: str) -> bytes:
-    return orjson.loads(event(event_id, user=user)) | {"type": "order.created"}  # type: ignore[no-any-return]
+def created(event_id: str, user: str) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(event(event_id, user=user))
+    return body | {"type": "order.created"}
 
 
 async def wait_for_results(bootstrap: str, topic: str, n: int) -> list[dict[str, Any]]:
@@ -218,7 +220,7 @@ async def test_filters_leave_the_other_dead_letters_redrivable(
     ).copied == 0
 
     copied_from = Counter(
-        headers_of(m)[b"dlq-redriven-from".decode()]
+        headers_of(m)["dlq-redriven-from"]
         for m in await consume_all(kafka_bootstrap, names.input)
         if "dlq-redriven-from" in headers_of(m)
     )
@@ -226,3 +228,35 @@ async def test_filters_leave_the_other_dead_letters_redrivable(
     # a time window in the future matches nothing
     late = await inspect(settings, Filter(since_ms=4_102_444_800_000))
     assert late.total == 0
+
+
+async def test_a_second_redrive_fences_the_first_and_nothing_is_copied_twice(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    names = Names.fresh("fence")
+    settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+    n = 20
+    async with running(settings):
+        await produce(
+            kafka_bootstrap,
+            names.input,
+            [(f"u-{i}".encode(), orjson.dumps(created(f"c-{i}", f"u-{i}"))) for i in range(n)],
+        )
+        await wait_until_committed(kafka_bootstrap, names.group, names.input)
+
+    slow = asyncio.create_task(redrive(settings, RedriveOptions(rate_per_s=8)))
+    deadline = time.monotonic() + 30
+    while not await committed_offsets(kafka_bootstrap, f"{names.group}-redrive", names.dead):
+        assert time.monotonic() < deadline, "the slow redrive committed no batch"
+        await asyncio.sleep(0.1)
+    fast = await redrive(settings, RedriveOptions())  # fences the slow one
+    with pytest.raises(DlqError, match="fenced"):
+        await slow
+    assert 0 < fast.copied < n
+    copied_from = Counter(
+        headers_of(m)["dlq-redriven-from"]
+        for m in await consume_all(kafka_bootstrap, names.input)
+        if "dlq-redriven-from" in headers_of(m)
+    )
+    assert len(copied_from) == n and set(copied_from.values()) == {1}
+    assert (await redrive(settings, RedriveOptions())).copied == 0

@@ -401,6 +401,13 @@ class _Transaction:
             self._open = True
 
     async def _fail(self, exc: BaseException) -> None:
+        # a fenced producer fails its pending sends with ProducerFenced and refuses the next
+        # call (IllegalOperation): look at both, and retrieve every send's outcome
+        causes = [exc, *_outcomes(self._futures)]
+        self._futures = []
+        fenced = next((c for c in causes if isinstance(c, FENCED)), None)
+        if fenced is not None:
+            exc = fenced
         if self._producer is not None and self._open and not isinstance(exc, FENCED):
             try:
                 await self._producer.abort_transaction()
@@ -414,3 +421,22 @@ class _Transaction:
             ) from exc
         if isinstance(exc, KafkaError):
             raise DlqError(f"the redrive transaction failed and was rolled back: {exc}") from exc
+
+
+def _outcomes(futures: list[asyncio.Future[Any]]) -> list[BaseException]:
+    """The exceptions of the sends that failed (retrieved, so none goes unseen); a send not
+    done yet gets a callback that retrieves it later."""
+    found: list[BaseException] = []
+    for future in futures:
+        if not future.done():
+            future.add_done_callback(_retrieve)
+        elif not future.cancelled():
+            error = future.exception()
+            if error is not None:
+                found.append(error)
+    return found
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
