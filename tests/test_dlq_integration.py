@@ -16,9 +16,10 @@ import yaml
 from connector.cli import main as cli_main
 from connector.config import ConnectorSettings
 from connector.dlq.inspect import inspect
+from connector.dlq.plan import ALREADY, NOT_REDRIVABLE, RedriveOptions
 from connector.dlq.reader import DlqError
 from connector.dlq.records import Filter
-from connector.dlq.redrive import ALREADY, NOT_REDRIVABLE, RedriveOptions, redrive
+from connector.dlq.redrive import redrive
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
     ROUTES,

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from connector.dlq.records import DeadLetter, Filter, SourceRef, parse_when, safe_text
-from connector.dlq.redrive import (
+from connector.dlq.plan import (
     ALREADY,
     COPY,
     FILTERED,
@@ -21,6 +20,7 @@ from connector.dlq.redrive import (
     copy_of,
     decide,
 )
+from connector.dlq.records import DeadLetter, Filter, SourceRef, parse_when, safe_text
 from connector.errors import EventRejected, Stage
 from connector.events import InputRecord, dead_letter_record
 

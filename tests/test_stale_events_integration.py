@@ -11,8 +11,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from connector.dlq.plan import RedriveOptions
 from connector.dlq.records import Filter
-from connector.dlq.redrive import RedriveOptions, redrive
+from connector.dlq.redrive import redrive
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import Names, make_settings, running
 from tests.kafka_helpers import consume_all

@@ -16,9 +16,10 @@ import orjson
 
 from connector.config import ENV_PREFIX, ConnectorSettings, load_settings
 from connector.dlq.inspect import inspect, summary_json, summary_text
+from connector.dlq.plan import RedriveOptions
 from connector.dlq.reader import DlqError
 from connector.dlq.records import Filter, parse_when
-from connector.dlq.redrive import RedriveOptions, redrive
+from connector.dlq.redrive import redrive
 from connector.errors import ConfigError
 
 EXIT_CONFIG = 2

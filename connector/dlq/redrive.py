@@ -21,9 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -38,190 +35,13 @@ from aiokafka.structs import OffsetAndMetadata
 
 from connector.config import ConnectorSettings
 from connector.dlq.ledger import PartitionLedger
+from connector.dlq.plan import COPY, NOT_REDRIVABLE, Copy, Pacer, RedriveOptions, copy_of, decide
 from connector.dlq.reader import DeadLetterReader, DlqError
-from connector.dlq.records import (
-    NOT_REDRIVABLE_BY_DEFAULT,
-    REDRIVE_COUNT_HEADER,
-    REDRIVEN_FROM_HEADER,
-    DeadLetter,
-    Filter,
-)
+from connector.dlq.report import RedriveReport
 from connector.kafka_common import client_kwargs
 
 log = logging.getLogger(__name__)
 FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
-
-# what a redrive does with each dead letter it reads
-COPY = "copy"
-ALREADY = "already_redriven"  # an earlier redrive copied it (no --again)
-FILTERED = "filtered_out"  # left by --code/--stage/--event-type/--since/... : still to do
-NOT_REDRIVABLE = "not_redrivable"  # code in NOT_REDRIVABLE_BY_DEFAULT, not named by --code
-NO_SOURCE = "no_source"  # no readable dlq-source header
-NOT_AN_INPUT = "not_an_input_topic"  # its source topic is not in kafka.input_topics
-
-
-@dataclass(frozen=True)
-class RedriveOptions:
-    filter: Filter = field(default_factory=Filter)
-    dry_run: bool = False
-    again: bool = False
-    rate_per_s: float | None = None
-    batch_size: int = 500
-
-
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """The record a redrive writes for one dead letter."""
-
-    topic: str
-    partition: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int | None
-    dead_letter: DeadLetter
-
-
-@dataclass
-class RedriveReport:
-    group: str
-    dry_run: bool
-    again: bool
-    filter: Filter
-    scanned: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
-    not_redrivable_codes: Counter[str] = field(default_factory=Counter)
-    copied_to: Counter[str] = field(default_factory=Counter)
-    transactions: int = 0
-    forgotten_offsets: int = 0
-    planned: list[Copy] = field(default_factory=list)  # dry run: what would be sent
-    positions: dict[int, PartitionLedger] = field(default_factory=dict)
-
-    @property
-    def copied(self) -> int:
-        return self.outcomes[COPY]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "dryRun": self.dry_run,
-            "again": self.again,
-            "filter": self.filter.describe(),
-            "scanned": self.scanned,
-            ("wouldCopy" if self.dry_run else "copied"): self.copied,
-            "copiedTo": dict(self.copied_to),
-            "outcomes": dict(self.outcomes),
-            "notRedrivableCodes": dict(self.not_redrivable_codes),
-            "transactions": self.transactions,
-            "forgottenOffsets": self.forgotten_offsets,
-            "positions": {
-                str(p): {
-                    "committed": led.committed,
-                    "end": led.end,
-                    "skippedRanges": len(led.skipped),
-                }
-                for p, led in sorted(self.positions.items())
-            },
-            "planned": [
-                {
-                    "from": c.dead_letter.coordinates,
-                    "to": f"{c.topic}/{c.partition}",
-                    "code": c.dead_letter.code,
-                    "eventId": c.dead_letter.event_id,
-                    "redriveCount": c.dead_letter.redrive_count + 1,
-                }
-                for c in self.planned
-            ],
-        }
-
-    def to_text(self) -> str:
-        verb = "would copy" if self.dry_run else "copied"
-        lines = [c_line(c) for c in self.planned]
-        targets = ", ".join(f"{t}: {n}" for t, n in sorted(self.copied_to.items())) or "-"
-        lines.append(
-            f"{self.group}: read {self.scanned} dead letter(s); {verb} {self.copied} ({targets})"
-            + ("" if self.dry_run else f" in {self.transactions} transaction(s)")
-        )
-        for outcome in (ALREADY, FILTERED, NO_SOURCE, NOT_AN_INPUT):
-            if self.outcomes[outcome]:
-                lines.append(f"  {outcome.replace('_', ' ')}: {self.outcomes[outcome]}")
-        if self.not_redrivable_codes:
-            codes = ", ".join(f"{c}: {n}" for c, n in sorted(self.not_redrivable_codes.items()))
-            lines.append(f"  not redrivable unless named with --code: {codes}")
-        if self.forgotten_offsets:
-            lines.append(
-                f"  warning: the position forgot {self.forgotten_offsets} offsets of left-out "
-                f"records (too many ranges to keep); --again reaches them"
-            )
-        return "\n".join(lines) + "\n"
-
-
-def c_line(c: Copy) -> str:
-    dl = c.dead_letter
-    return (
-        f"{dl.coordinates} -> {c.topic}/{c.partition}  {dl.stage}/{dl.code}"
-        f"  event {dl.event_id or '-'}  redrive #{dl.redrive_count + 1}"
-    )
-
-
-def decide(dl: DeadLetter, pending: bool, opts: RedriveOptions, inputs: frozenset[str]) -> str:
-    """What the redrive does with this dead letter (one of the outcome constants)."""
-    if not pending and not opts.again:
-        return ALREADY
-    if not opts.filter.matches(dl):
-        return FILTERED
-    if dl.code in NOT_REDRIVABLE_BY_DEFAULT and dl.code not in opts.filter.codes:
-        return NOT_REDRIVABLE
-    if dl.source is None:
-        return NO_SOURCE
-    if dl.source.topic not in inputs:
-        return NOT_AN_INPUT
-    return COPY
-
-
-def copy_of(dl: DeadLetter) -> Copy:
-    """The original record back, with the redrive's two headers."""
-    if dl.source is None:
-        raise ValueError("a dead letter without dlq-source cannot be copied")
-    headers = (
-        *dl.original_headers(),
-        (REDRIVE_COUNT_HEADER, str(dl.redrive_count + 1).encode()),
-        (REDRIVEN_FROM_HEADER, dl.coordinates.encode()),
-    )
-    stamp = dl.source_timestamp_ms if dl.source_timestamp_ms else dl.timestamp_ms
-    return Copy(
-        dl.source.topic,
-        dl.source.partition,
-        dl.key,
-        dl.value,
-        headers,
-        stamp if stamp and stamp > 0 else None,
-        dl,
-    )
-
-
-class Pacer:
-    """At most ``rate`` copies a second, evenly spaced (injectable clock and sleep)."""
-
-    def __init__(
-        self,
-        rate_per_s: float,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        if rate_per_s <= 0:
-            raise ValueError("the rate must be above 0")
-        self._interval = 1.0 / rate_per_s
-        self._clock = clock
-        self._sleep = sleep
-        self._next: float | None = None
-
-    async def wait(self) -> None:
-        now = self._clock()
-        if self._next is not None and self._next > now:
-            await self._sleep(self._next - now)
-            now = self._next
-        self._next = now + self._interval
 
 
 def redrive_group(settings: ConnectorSettings) -> str:
