@@ -17,7 +17,8 @@ tomorrow). So the position is not one offset but, per partition:
 A record at offset ``o`` is *pending* (a later redrive may copy it) when ``o >= end`` or
 ``o`` lies in a skipped range. The committed offset is the start of the first skipped
 range (else ``end``), so Kafka's own lag tools count from the first record still to do;
-the offset's metadata string carries ``end`` and the ranges, delta-encoded in base 36.
+the offset's metadata string carries ``end`` and the ranges, delta-encoded in base 36
+(about two characters a range when left-out records are single and close together).
 
 A range may span offsets that hold no record for a ``read_committed`` reader
 (transaction markers, aborted records): consecutive left-out records make one range
@@ -91,19 +92,20 @@ class PartitionLedger:
 
     def fit(self, budget: int = METADATA_BUDGET) -> int:
         """Drop the oldest ranges until the metadata fits; returns the offsets given up."""
-        given_up = 0
-        while self.skipped and len(self.metadata()) > budget:
-            a, b = self.skipped.pop(0)
-            given_up += b - a + 1
-        return given_up
+        if len(self.metadata()) <= budget:
+            return 0
+        low, high = 1, len(self.skipped)  # drop `high` ranges: the metadata surely fits
+        while low < high:
+            mid = (low + high) // 2
+            if len(_encode(self.end, self.skipped[mid:])) <= budget:
+                high = mid
+            else:
+                low = mid + 1
+        dropped, self.skipped = self.skipped[:low], self.skipped[low:]
+        return sum(b - a + 1 for a, b in dropped)
 
     def metadata(self) -> str:
-        tokens = [_b36(self.end - self.committed)]
-        pointer = self.committed
-        for a, b in self.skipped:
-            tokens += [_b36(a - pointer), _b36(b - a)]
-            pointer = b
-        return METADATA_PREFIX + ".".join(tokens)
+        return _encode(self.end, self.skipped)
 
     @classmethod
     def decode(cls, committed: int, metadata: str) -> PartitionLedger:
@@ -113,15 +115,16 @@ class PartitionLedger:
         if not metadata.startswith(METADATA_PREFIX):
             return cls(end=committed)  # a plain offset, e.g. reset with Kafka's tools
         try:
-            numbers = [int(t, 36) for t in metadata.removeprefix(METADATA_PREFIX).split(".")]
+            head, *ranges = metadata.removeprefix(METADATA_PREFIX).split(".")
+            ledger = cls(end=committed + int(head, 36))
+            pointer = committed
+            for token in ranges:
+                gap, _, length = token.partition("+")
+                a = pointer + int(gap, 36)
+                pointer = a + (int(length, 36) if length else 0)
+                ledger.skipped.append([a, pointer])
         except ValueError:
             return cls(end=committed)
-        ledger = cls(end=committed + numbers[0])
-        pointer = committed
-        for gap, length in zip(numbers[1::2], numbers[2::2], strict=False):
-            a = pointer + gap
-            ledger.skipped.append([a, a + length])
-            pointer = a + length
         return ledger
 
     def _index(self, offset: int) -> int | None:
@@ -139,3 +142,15 @@ class PartitionLedger:
         if offset < b:
             parts.append([offset + 1, b])
         self.skipped[i : i + 1] = parts
+
+
+def _encode(end: int, skipped: list[list[int]]) -> str:
+    """``end`` and the ranges, each relative to the one before, in base 36: a range is its
+    gap, plus ``+length`` unless it holds one offset (``redrive/1:k.3.0+5.2``)."""
+    committed = skipped[0][0] if skipped else end
+    tokens = [_b36(end - committed)]
+    pointer = committed
+    for a, b in skipped:
+        tokens.append(_b36(a - pointer) + (f"+{_b36(b - a)}" if b > a else ""))
+        pointer = b
+    return METADATA_PREFIX + ".".join(tokens)
