@@ -85,7 +85,11 @@ async def _load_ledgers(
 ) -> dict[int, PartitionLedger]:
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     tps = [TopicPartition(reader.topic, p) for p in reader.partitions]
-    await admin.start()
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        await admin.close()
+        raise DlqError(f"cannot reach Kafka to read the position of {group}: {exc}") from exc
     try:
         deadline = time.monotonic() + 30
         while True:
