@@ -1,4 +1,4 @@
-"""The command line: ``connector run | check-config | simulate-api | demo``."""
+"""The command line: ``connector run | check-config | simulate-api | demo | dlq``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--bootstrap-servers", help="use this Kafka instead of starting the local broker"
     )
+    from connector.dlq.cli import add_parser as add_dlq_parser
+
+    add_dlq_parser(sub)
     return parser
 
 
@@ -74,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         # instead of tens, which would hold every call in flight
         gc.freeze()
         return asyncio.run(run(settings))
+    if args.command == "dlq":
+        from connector.dlq.cli import main as dlq_main
+
+        configure_logging("WARNING", "text")
+        return dlq_main(args)
     if args.command == "demo":
         from connector.demo import run_demo
 

@@ -221,6 +221,14 @@ class Route(_Frozen):
     message_type: Literal["user", "system"] = "system"
     message_template: str = Field(min_length=1)
     user: UserIdentifier
+    max_event_age_s: float | None = Field(
+        default=None, gt=0, description="older events are dead-lettered (expired), no call"
+    )
+    event_time_field: str | None = Field(
+        default=None,
+        min_length=1,
+        description="dotted path of the event time (ISO-8601 or epoch); else the record time",
+    )
 
     @field_validator("agent_uid", "message_template")
     @classmethod

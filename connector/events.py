@@ -190,6 +190,8 @@ def dead_letter_record(
         ("dlq-reason", error.reason.encode()[:1000]),
         ("dlq-attempts", str(attempts).encode()),
         ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        # the original record's time: a redrive gives it back to the copy (the event's age)
+        ("dlq-source-timestamp-ms", str(record.timestamp_ms).encode()),
         ("dlq-first-seen-ms", str(first_seen_ms or now_ms).encode()),
         ("dlq-failed-at-ms", str(now_ms).encode()),
     ]

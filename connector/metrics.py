@@ -42,8 +42,9 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
         "invalid_identifier",
         "missing_field",
         "template_error",
+        "invalid_event_time",
     ),
-    "route": ("no_route",),
+    "route": ("no_route", "expired"),
     "api": ("retries_exhausted", "http_400", "http_404", "http_422", "request_error"),
 }
 API_RESPONSE_CODES: tuple[tuple[str, str], ...] = (

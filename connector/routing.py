@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import orjson
 from connector.config import IDENTIFIER_FIELDS, TEMPLATE_ID, Route, check_template_syntax
 from connector.errors import EventRejected, Stage
 from connector.events import Event, lookup
+from connector.eventtime import check_fresh
 
 EXTERNAL_USER_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 IDENTIFIER_MAX_LENGTH = 100  # externalUserId, sdkUserEmail, realEmailAddress (OpenAPI)
@@ -146,11 +148,13 @@ def _identifier(route: Route, event: Event) -> tuple[str, Any]:
 class Router:
     """Finds the route for an event and builds its ThreadRequest."""
 
-    def __init__(self, routes: Sequence[Route]) -> None:
+    def __init__(self, routes: Sequence[Route], clock: Callable[[], float] = time.time) -> None:
+        """``clock``: epoch seconds, for the routes' ``max_event_age_s``."""
         for route in routes:
             check_template(route.message_template)
             check_template(route.agent_uid)
         self._routes = tuple(routes)
+        self._clock = clock
 
     def find(self, event: Event) -> Route:
         topic = event.record.topic
@@ -165,6 +169,7 @@ class Router:
 
     def build(self, event: Event) -> tuple[Route, ThreadRequest]:
         route = self.find(event)
+        check_fresh(route, event, self._clock())  # stale events make no call
         extra = {"eventId": event.event_id, "eventType": event.event_type}
         try:
             message = render(route.message_template, event.body, extra)

@@ -36,6 +36,8 @@ def test_every_field_is_documented() -> None:
         "message_template",
         "user.field",
         "user.path",
+        "max_event_age_s",
+        "event_time_field",
     ):
         assert f"`routes[].{route_field}`" in text
     assert "`event_type_field`" in text

@@ -258,6 +258,7 @@ def test_dead_letter_for_an_api_failure() -> None:
     assert dlq["dlq-attempts"] == b"3"
     assert dlq["dlq-event-id"] == b"e-5"
     assert dlq["dlq-first-seen-ms"] == b"1700000000123"
+    assert dlq["dlq-source-timestamp-ms"] == str(rec.timestamp_ms).encode()  # for a redrive
 
 
 def test_dead_letter_of_a_tombstone_and_a_long_reason() -> None:

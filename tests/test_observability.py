@@ -395,6 +395,34 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 },
             ],
         },
+        {  # a backlog after an outage: half the events expired (max_event_age_s) for 40
+            # minutes; that is the routes' policy at work: no dead-letter alert, an info one
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": "threads_connector_dead_letters_total"
+                    f'{{{sel}, stage="route", reason="expired"}}',
+                    "values": "0 0 0 300+50x40",
+                },
+                {
+                    "series": f'threads_connector_events_consumed_total{{{sel}, topic="in"}}',
+                    "values": "0+100x43",
+                },
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "ThreadsConnectorDeadLetters", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "ThreadsConnectorDeadLetterRateHigh",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "5m",
+                    "alertname": "ThreadsConnectorEventsExpired",
+                    "exp_alerts": [expect("ThreadsConnectorEventsExpired", {}, "400")],
+                },
+            ],
+        },
     ]
     unit = tmp_path / "alerts-test.yaml"
     unit.write_text(
