@@ -12,12 +12,13 @@ Either way an offset is committed only after the records that finish its event a
 
 No record can block a cycle (issue 9): every record is measured as Kafka counts it before
 it is sent, and one over ``kafka.max_request_size`` is replaced by its bounded form
-(``connector.bounds``). A record the producer still refuses on its own (``send`` raises
-``MessageSizeTooLargeError`` before anything is queued) is replaced by its minimal form.
-Errors that come back on a batch's future are another matter: in a transaction a failed
-batch leaves the producer's sequence with a gap, so the cycle aborts and the session
-restarts. That is why the start-up check (``topics``) makes sure every output topic
-accepts what the producer may send.
+(``connector.bounds``). A record the producer still refuses (``send`` raises
+``MessageSizeTooLargeError`` before anything is queued) or the broker refuses (the error
+comes back on its batch's future: topic limits changed under us) is replaced by its minimal
+form. In a transaction a refused batch leaves a gap in the producer's sequence numbers, so
+the transaction is aborted, the producer replaced, and the cycle tried again. The start-up
+check (``topics``) makes sure every output topic accepts what the producer may send, so
+that path stays the exception.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ from collections.abc import Callable, Sequence
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
     InvalidProducerEpoch,
     KafkaError,
     MessageSizeTooLargeError,
     ProducerFenced,
+    RecordTooLargeError,
     TransactionalIdAuthorizationFailed,
 )
 
@@ -45,10 +49,29 @@ from connector.source import Source
 log = logging.getLogger(__name__)
 FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 Positions = dict[TopicPartitionKey, int]
+# refusals of one record, not of the producer or the cluster
+RECORD_ERRORS = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    InvalidMessageError,
+    CorruptRecordException,
+)
 
 
 class CommitError(FencedError):
     """A commit cycle failed: the session restarts from the last committed offsets."""
+
+
+Refusal = tuple[OutRecord, BaseException]
+MAX_REFUSAL_RETRIES = 3
+
+
+class _Refused(Exception):
+    """Records the broker refused inside a transaction (which is then aborted)."""
+
+    def __init__(self, refused: list[Refusal]) -> None:
+        super().__init__(f"{len(refused)} record(s) refused")
+        self.refused = refused
 
 
 class Sink:
@@ -76,14 +99,15 @@ class Sink:
             if self._exactly_once
             else None
         )
-        self._producer = AIOKafkaProducer(
+        self._producer_kwargs: dict[str, object] = {
             **kafka_kwargs,
-            acks="all",
-            enable_idempotence=True,
-            transactional_id=self.transactional_id,
-            linger_ms=5,
-            max_request_size=k.max_request_size,
-        )
+            "acks": "all",
+            "enable_idempotence": True,
+            "transactional_id": self.transactional_id,
+            "linger_ms": 5,
+            "max_request_size": k.max_request_size,
+        }
+        self._producer = AIOKafkaProducer(**self._producer_kwargs)
 
     @property
     def mode(self) -> str:
@@ -112,12 +136,29 @@ class Sink:
     async def _transactional_cycle(
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
+        """A record the broker refuses leaves a gap in the producer's sequence numbers for
+        its partition (every later batch there fails): the transaction is aborted, the
+        producer replaced (same transactional id), and the cycle tried again with the
+        refused records in their minimal forms."""
+        records = list(records)
+        for _attempt in range(MAX_REFUSAL_RETRIES):
+            try:
+                return await self._transaction(records, finish)
+            except _Refused as exc:
+                records = self._replace(records, exc.refused)
+                await self._renew_producer()
+        raise CommitError(f"records refused {MAX_REFUSAL_RETRIES} times, even in minimal form")
+
+    async def _transaction(
+        self, records: Sequence[OutRecord], finish: Callable[[], Positions]
+    ) -> Positions:
         producer = self._producer
         try:
             await producer.begin_transaction()
             try:
-                for record in records:
-                    await self._send(record)
+                refused = await self._publish(records)
+                if refused:
+                    raise _Refused(refused)
                 positions = finish()
                 if positions:
                     await producer.send_offsets_to_transaction(
@@ -140,8 +181,7 @@ class Sink:
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
         try:
-            futures = [f for record in records if (f := await self._send(record)) is not None]
-            await asyncio.gather(*futures)
+            await self._resend_minimal(await self._publish(records))
         except KafkaError as exc:
             raise CommitError(f"publishing failed: {exc}") from exc
         positions = finish()
@@ -204,6 +244,65 @@ class Sink:
                 return None
             self.bounded += 1
             return await self._queue(replacement)
+
+    async def _publish(self, records: Sequence[OutRecord]) -> list[Refusal]:
+        """Send every record and wait for every acknowledgement; return the records the
+        broker refused on their own (any other error propagates). Unawaited, a refused
+        batch's future failed silently and the transaction committed without its record."""
+        sent = [(r, f) for r in records if (f := await self._send(r)) is not None]
+        answers = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        refused: list[Refusal] = []
+        for (record, _), answer in zip(sent, answers, strict=True):
+            if isinstance(answer, RECORD_ERRORS):
+                refused.append((record, answer))
+            elif isinstance(answer, BaseException):
+                raise answer
+        return refused
+
+    def _replace(self, records: list[OutRecord], refused: list[Refusal]) -> list[OutRecord]:
+        reasons = {id(record): exc for record, exc in refused}
+        out = []
+        for record in records:
+            exc = reasons.get(id(record))
+            if exc is None:
+                out.append(record)
+                continue
+            replacement = self._minimal(record, f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "the broker refused a record for %s (%s): %s; the cycle is tried again",
+                record.topic,
+                exc,
+                "writing its minimal form" if replacement else "left out",
+            )
+            if replacement is None:
+                self.dropped += 1
+            else:
+                self.bounded += 1
+                out.append(replacement)
+        return out
+
+    async def _renew_producer(self) -> None:
+        await self._producer.stop()
+        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        await self.start()
+
+    async def _resend_minimal(self, refused: list[Refusal]) -> None:
+        """Records the broker refused: their minimal forms instead."""
+        futures = []
+        for record, exc in refused:
+            replacement = self._minimal(record, f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "the broker refused a record for %s (%s): %s",
+                record.topic,
+                exc,
+                "writing its minimal form" if replacement else "left out",
+            )
+            if replacement is None:
+                self.dropped += 1
+                continue
+            self.bounded += 1
+            futures.append(await self._queue(replacement))
+        await asyncio.gather(*futures)
 
     def _minimal(self, record: OutRecord, reason: str) -> OutRecord | None:
         if record.topic == self._dead_topic:
