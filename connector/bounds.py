@@ -140,7 +140,8 @@ def bounded_result(record: OutRecord, limit: int) -> OutRecord:
 
 def minimal_result(record: OutRecord, body: dict[str, object]) -> OutRecord:
     """Only the thread and where its event came from: always a few hundred bytes."""
-    kept = {k: body.get(k) for k in ("schemaVersion", "appUid", "threadUid", "source")}
+    fields = ("schemaVersion", "appUid", "threadUid", "humanUid", "source")
+    kept = {k: body[k] for k in fields if k in body}
     kept["truncated"] = {"all": {"bytes": len(record.value or b"")}}
     return OutRecord(record.topic, None, orjson.dumps(kept), (), record.partition)
 

@@ -3,6 +3,7 @@ one outcome its full form, never the commit cycle (issue 9)."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from connector.errors import EventRejected, Stage
@@ -50,17 +51,32 @@ async def test_a_record_the_producer_refuses_is_replaced_by_its_minimal_form(
     await create_topics(kafka_bootstrap, {names.dead: 1, names.results: 1})
     settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
     big = b"\x01" * 2_000_000
+    source = {"topic": "in", "partition": 0, "offset": 6}
+    huge = {
+        "schemaVersion": 1,
+        "threadUid": "t-9",
+        "appUid": "app",
+        "deepLink": "x" * 2_000_000,
+        "source": source,
+    }
     records = [
         OutRecord(names.results, b"u", b'{"eventId":"a"}'),
         dlq(names.dead, big, 5),
+        OutRecord(names.results, b"u", orjson.dumps(huge)),
         OutRecord(names.results, b"u", b'{"eventId":"b"}'),
     ]
     sink = await cycle(settings, records, limit=10_000_000)
-    assert sink.bounded == 1
-    assert [m.value for m in await read_all(kafka_bootstrap, names.results)] == [
-        b'{"eventId":"a"}',
-        b'{"eventId":"b"}',
-    ]
+    assert sink.bounded == 2
+    a, minimal, b = [m.value for m in await read_all(kafka_bootstrap, names.results)]
+    assert (a, b) == (b'{"eventId":"a"}', b'{"eventId":"b"}')
+    # the thread exists: its result is published, in minimal form
+    assert orjson.loads(minimal) == {
+        "schemaVersion": 1,
+        "appUid": "app",
+        "threadUid": "t-9",
+        "source": source,
+        "truncated": {"all": {"bytes": len(orjson.dumps(huge))}},
+    }
     (dead,) = await read_all(kafka_bootstrap, names.dead)
     assert dead.value == b"" and header(dead, "dlq-source") == b"in/0/5"
     assert header(dead, "dlq-value-bytes") == b"2000000"
@@ -76,9 +92,7 @@ async def test_a_record_the_broker_refuses_is_replaced_by_its_minimal_form(
     names = Names.fresh(f"sink-broker-{mode[:5]}")
     await create_topics(kafka_bootstrap, {names.results: 1})
     await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
-    settings = make_settings(
-        kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode}
-    )
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
     records = [dlq(names.dead, b"\x02" * 300_000, 7), OutRecord(names.results, b"u", b"{}")]
     sink = await cycle(settings, records)
     (dead,) = await read_all(kafka_bootstrap, names.dead)  # not lost
