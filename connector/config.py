@@ -97,6 +97,16 @@ class KafkaSettings(_Frozen):
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     fetch_max_records: int = Field(default=500, ge=1)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    max_request_size: int = Field(
+        default=1_048_576,
+        ge=65_536,
+        description="bytes; the largest record the producer sends, checked against the "
+        "output topics' max.message.bytes at start-up",
+    )
+    oversize_value: Literal["truncate", "omit"] = Field(
+        default="truncate",
+        description="an outcome record over max_request_size: its value cut, or left out",
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:

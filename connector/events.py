@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from connector.errors import EventRejected, Stage
+from connector.utf8 import header_text
 
 RESULT_SCHEMA_VERSION = 1
 Headers = tuple[tuple[str, bytes], ...]
@@ -167,8 +168,8 @@ def result_record(
         "source": {"topic": src.topic, "partition": src.partition, "offset": src.offset},
     }
     headers = (
-        ("event-id", event.event_id.encode()),
-        ("correlation-id", event.correlation_id.encode()),
+        ("event-id", header_text(event.event_id)),
+        ("correlation-id", header_text(event.correlation_id)),
     )
     return OutRecord(topic, user_key.encode(), orjson.dumps(value), headers)
 
@@ -182,14 +183,17 @@ def dead_letter_record(
     event_id: str | None = None,
     first_seen_ms: int | None = None,
 ) -> OutRecord:
-    """The original key, value and headers untouched, plus ``dlq-*`` headers saying why."""
+    """The original key, value and headers untouched, plus ``dlq-*`` headers saying why.
+
+    The original headers are the producer's bytes and are copied as they are; the ``dlq-*``
+    headers are the connector's and are valid UTF-8 of at most 1,000 bytes each."""
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     extra: list[tuple[str, bytes]] = [
-        ("dlq-stage", error.stage.value.encode()),
-        ("dlq-code", error.code.encode()),
-        ("dlq-reason", error.reason.encode()[:1000]),
+        ("dlq-stage", header_text(error.stage.value)),
+        ("dlq-code", header_text(error.code)),
+        ("dlq-reason", header_text(error.reason)),
         ("dlq-attempts", str(attempts).encode()),
-        ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ("dlq-source", header_text(f"{record.topic}/{record.partition}/{record.offset}")),
         # the original record's time: a redrive gives it back to the copy (the event's age)
         ("dlq-source-timestamp-ms", str(record.timestamp_ms).encode()),
         ("dlq-first-seen-ms", str(first_seen_ms or now_ms).encode()),
@@ -198,5 +202,5 @@ def dead_letter_record(
     if error.status is not None:
         extra.append(("dlq-http-status", str(error.status).encode()))
     if event_id is not None:
-        extra.append(("dlq-event-id", event_id.encode()))
+        extra.append(("dlq-event-id", header_text(event_id)))
     return OutRecord(topic, record.key, record.value, record.headers + tuple(extra))

@@ -9,6 +9,16 @@ One commit cycle makes a batch of finished events durable and then commits their
   acknowledgement is awaited, then the offsets are committed through the consumer.
 
 Either way an offset is committed only after the records that finish its event are safe.
+
+No record can block a cycle (issue 9): every record is measured as Kafka counts it before
+it is sent, and one over ``kafka.max_request_size`` is replaced by its bounded form
+(``connector.bounds``). A record the producer still refuses (``send`` raises
+``MessageSizeTooLargeError`` before anything is queued) or the broker refuses (the error
+comes back on its batch's future: topic limits changed under us) is replaced by its minimal
+form. In a transaction a refused batch leaves a gap in the producer's sequence numbers, so
+the transaction is aborted, the producer replaced, and the cycle tried again. The start-up
+check (``topics``) makes sure every output topic accepts what the producer may send, so
+that path stays the exception.
 """
 
 from __future__ import annotations
@@ -17,14 +27,20 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
     InvalidProducerEpoch,
     KafkaError,
+    MessageSizeTooLargeError,
     ProducerFenced,
+    RecordTooLargeError,
     TransactionalIdAuthorizationFailed,
 )
 
+from connector.bounds import bound, minimal_dead_letter, minimal_result, out_size
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import OutRecord, TopicPartitionKey
@@ -33,10 +49,29 @@ from connector.source import Source
 log = logging.getLogger(__name__)
 FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 Positions = dict[TopicPartitionKey, int]
+# refusals of one record, not of the producer or the cluster
+RECORD_ERRORS = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    InvalidMessageError,
+    CorruptRecordException,
+)
 
 
 class CommitError(FencedError):
     """A commit cycle failed: the session restarts from the last committed offsets."""
+
+
+Refusal = tuple[OutRecord, BaseException]
+MAX_REFUSAL_RETRIES = 3
+
+
+class _Refused(Exception):
+    """Records the broker refused inside a transaction (which is then aborted)."""
+
+    def __init__(self, refused: list[Refusal]) -> None:
+        super().__init__(f"{len(refused)} record(s) refused")
+        self.refused = refused
 
 
 class Sink:
@@ -50,6 +85,13 @@ class Sink:
         transactional_suffix: str = "",
     ) -> None:
         d = settings.delivery
+        k = settings.kafka
+        self.max_request_size = k.max_request_size
+        self._oversize_value = k.oversize_value
+        self._results_topic = k.results_topic
+        self._dead_topic = k.dead_letter_topic
+        self.bounded = 0  # outcome records replaced by a bounded form
+        self.dropped = 0  # changelog records too large to write
         self._exactly_once = d.mode is DeliveryMode.EXACTLY_ONCE
         self._source = source
         self.transactional_id = (
@@ -57,13 +99,15 @@ class Sink:
             if self._exactly_once
             else None
         )
-        self._producer = AIOKafkaProducer(
+        self._producer_kwargs: dict[str, object] = {
             **kafka_kwargs,
-            acks="all",
-            enable_idempotence=True,
-            transactional_id=self.transactional_id,
-            linger_ms=5,
-        )
+            "acks": "all",
+            "enable_idempotence": True,
+            "transactional_id": self.transactional_id,
+            "linger_ms": 5,
+            "max_request_size": k.max_request_size,
+        }
+        self._producer = AIOKafkaProducer(**self._producer_kwargs)
 
     @property
     def mode(self) -> str:
@@ -82,7 +126,9 @@ class Sink:
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
         """Publish ``records``, call ``finish`` (marks their events done, returns the
-        positions to commit), and commit those positions, atomically when transactional."""
+        positions to commit), and commit those positions, atomically when transactional.
+        Records too large are replaced by their bounded forms first."""
+        records = self.fit(records)
         if self._exactly_once:
             return await self._transactional_cycle(records, finish)
         return await self._plain_cycle(records, finish)
@@ -90,12 +136,29 @@ class Sink:
     async def _transactional_cycle(
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
+        """A record the broker refuses leaves a gap in the producer's sequence numbers for
+        its partition (every later batch there fails): the transaction is aborted, the
+        producer replaced (same transactional id), and the cycle tried again with the
+        refused records in their minimal forms."""
+        records = list(records)
+        for _attempt in range(MAX_REFUSAL_RETRIES):
+            try:
+                return await self._transaction(records, finish)
+            except _Refused as exc:
+                records = self._replace(records, exc.refused)
+                await self._renew_producer()
+        raise CommitError(f"records refused {MAX_REFUSAL_RETRIES} times, even in minimal form")
+
+    async def _transaction(
+        self, records: Sequence[OutRecord], finish: Callable[[], Positions]
+    ) -> Positions:
         producer = self._producer
         try:
             await producer.begin_transaction()
             try:
-                for record in records:
-                    await self._send(record)
+                refused = await self._publish(records)
+                if refused:
+                    raise _Refused(refused)
                 positions = finish()
                 if positions:
                     await producer.send_offsets_to_transaction(
@@ -118,8 +181,7 @@ class Sink:
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
         try:
-            futures = [await self._send(record) for record in records]
-            await asyncio.gather(*futures)
+            await self._resend_minimal(await self._publish(records))
         except KafkaError as exc:
             raise CommitError(f"publishing failed: {exc}") from exc
         positions = finish()
@@ -127,7 +189,133 @@ class Sink:
             await self._source.commit(positions)
         return positions
 
-    async def _send(self, record: OutRecord) -> asyncio.Future[object]:
+    def fit(self, records: Sequence[OutRecord]) -> list[OutRecord]:
+        """Each record, or its bounded form when it is over ``max_request_size``; a
+        changelog record that cannot fit is left out (its event's dedup entry then lives
+        only in this process's window)."""
+        out: list[OutRecord] = []
+        for record in records:
+            fitted = bound(
+                record,
+                self.max_request_size,
+                self._oversize_value,
+                results_topic=self._results_topic,
+                dead_topic=self._dead_topic,
+            )
+            if fitted is record:
+                out.append(record)
+                continue
+            if fitted is None:
+                self.dropped += 1
+                log.warning(
+                    "a %d-byte record for %s is over kafka.max_request_size (%d): left out",
+                    out_size(record),
+                    record.topic,
+                    self.max_request_size,
+                )
+                continue
+            self.bounded += 1
+            log.warning(
+                "a %d-byte record for %s is over kafka.max_request_size (%d): written in "
+                "bounded form (%d bytes)",
+                out_size(record),
+                record.topic,
+                self.max_request_size,
+                out_size(fitted),
+            )
+            out.append(fitted)
+        return out
+
+    async def _send(self, record: OutRecord) -> asyncio.Future[object] | None:
+        """Queue one record. One the producer refuses on its own (nothing was queued, so
+        no batch or transaction is harmed) is replaced by its minimal form."""
+        try:
+            return await self._queue(record)
+        except MessageSizeTooLargeError as exc:
+            replacement = self._minimal(record, str(exc))
+            log.warning(
+                "the producer refused a record for %s (%s): %s",
+                record.topic,
+                exc,
+                "writing its minimal form" if replacement else "left out",
+            )
+            if replacement is None:
+                self.dropped += 1
+                return None
+            self.bounded += 1
+            return await self._queue(replacement)
+
+    async def _publish(self, records: Sequence[OutRecord]) -> list[Refusal]:
+        """Send every record and wait for every acknowledgement; return the records the
+        broker refused on their own (any other error propagates). Unawaited, a refused
+        batch's future failed silently and the transaction committed without its record."""
+        sent = [(r, f) for r in records if (f := await self._send(r)) is not None]
+        answers = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        refused: list[Refusal] = []
+        for (record, _), answer in zip(sent, answers, strict=True):
+            if isinstance(answer, RECORD_ERRORS):
+                refused.append((record, answer))
+            elif isinstance(answer, BaseException):
+                raise answer
+        return refused
+
+    def _replace(self, records: list[OutRecord], refused: list[Refusal]) -> list[OutRecord]:
+        reasons = {id(record): exc for record, exc in refused}
+        out = []
+        for record in records:
+            exc = reasons.get(id(record))
+            if exc is None:
+                out.append(record)
+                continue
+            replacement = self._minimal(record, f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "the broker refused a record for %s (%s): %s; the cycle is tried again",
+                record.topic,
+                exc,
+                "writing its minimal form" if replacement else "left out",
+            )
+            if replacement is None:
+                self.dropped += 1
+            else:
+                self.bounded += 1
+                out.append(replacement)
+        return out
+
+    async def _renew_producer(self) -> None:
+        await self._producer.stop()
+        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        await self.start()
+
+    async def _resend_minimal(self, refused: list[Refusal]) -> None:
+        """Records the broker refused: their minimal forms instead."""
+        futures = []
+        for record, exc in refused:
+            replacement = self._minimal(record, f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "the broker refused a record for %s (%s): %s",
+                record.topic,
+                exc,
+                "writing its minimal form" if replacement else "left out",
+            )
+            if replacement is None:
+                self.dropped += 1
+                continue
+            self.bounded += 1
+            futures.append(await self._queue(replacement))
+        await asyncio.gather(*futures)
+
+    def _minimal(self, record: OutRecord, reason: str) -> OutRecord | None:
+        if record.topic == self._dead_topic:
+            return minimal_dead_letter(record, reason)
+        if record.topic == self._results_topic:
+            try:
+                body = orjson.loads(record.value or b"{}")
+            except orjson.JSONDecodeError:
+                body = {}
+            return minimal_result(record, body if isinstance(body, dict) else {})
+        return None
+
+    async def _queue(self, record: OutRecord) -> asyncio.Future[object]:
         future: asyncio.Future[object] = await self._producer.send(
             record.topic,
             value=record.value,

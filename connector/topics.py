@@ -1,4 +1,5 @@
-"""Topic set-up: create what is missing, check what exists (partitions, cleanup policy)."""
+"""Topic set-up: create what is missing, check what exists (partitions, cleanup policy,
+record size limits)."""
 
 from __future__ import annotations
 
@@ -52,20 +53,40 @@ class TopicManager:
         """Create missing topics (when allowed); check changelogs; return input partitions."""
         s = self._settings
         k = s.kafka
-        wanted = [
-            TopicSpec(t, k.topic_partitions, {})
-            for t in [*k.input_topics, k.results_topic, k.dead_letter_topic]
+        size = {"max.message.bytes": str(k.max_request_size)}
+        wanted = [TopicSpec(t, k.topic_partitions, {}) for t in k.input_topics] + [
+            TopicSpec(t, k.topic_partitions, size) for t in (k.results_topic, k.dead_letter_topic)
         ]
         await self._create_missing(wanted, allow=k.create_topics)
         inputs = await self.partitions(list(k.input_topics))
         missing = [t for t in k.input_topics if t not in inputs]
         if missing:
             raise ConfigError(f"kafka.input_topics: topic(s) {', '.join(missing)} do not exist")
+        outputs = [k.results_topic, k.dead_letter_topic]
         if s.dedup.store == "changelog":
-            await self._ensure_changelogs(inputs)
+            outputs += await self._ensure_changelogs(inputs)
+        await self._check_record_limits(outputs)
         return inputs
 
-    async def _ensure_changelogs(self, inputs: dict[str, int]) -> None:
+    async def _check_record_limits(self, topics: list[str]) -> None:
+        """Every output topic must accept the largest record the producer may send: a
+        broker refusal comes back on a batch of a transaction, which it poisons."""
+        limit = self._settings.kafka.max_request_size
+        configs = await self._topic_configs(topics)
+        for topic in topics:
+            raw = configs.get(topic, {}).get("max.message.bytes")
+            if raw is None:
+                log.warning("cannot read max.message.bytes of topic %s; not checked", topic)
+                continue
+            if int(raw) < limit:
+                raise ConfigError(
+                    f"kafka.max_request_size is {limit} bytes but topic {topic} has "
+                    f"max.message.bytes={raw}: the broker would refuse records the connector "
+                    f"may write. Raise the topic's max.message.bytes to at least {limit} or "
+                    f"lower kafka.max_request_size to at most {raw}"
+                )
+
+    async def _ensure_changelogs(self, inputs: dict[str, int]) -> list[str]:
         s = self._settings
         if s.delivery.mode is not DeliveryMode.EXACTLY_ONCE:
             log.info("dedup changelog without transactions: written after results, not with them")
@@ -74,7 +95,11 @@ class TopicManager:
             changelog_topic(s.kafka.group_id, topic, s.dedup.changelog_suffix): TopicSpec(
                 changelog_topic(s.kafka.group_id, topic, s.dedup.changelog_suffix),
                 partitions,
-                {"cleanup.policy": "compact,delete", "retention.ms": retention_ms},
+                {
+                    "cleanup.policy": "compact,delete",
+                    "retention.ms": retention_ms,
+                    "max.message.bytes": str(s.kafka.max_request_size),
+                },
             )
             for topic, partitions in inputs.items()
         }
@@ -87,12 +112,14 @@ class TopicManager:
                     f"topic has {spec.partitions}: they must be co-partitioned (delete the "
                     f"changelog, or set dedup.changelog_suffix to start a new one)"
                 )
-        policies = await self._cleanup_policies(list(specs))
-        for name, policy in policies.items():
+        configs = await self._topic_configs(list(specs))
+        for name, config in configs.items():
+            policy = config.get("cleanup.policy", "")
             if "compact" not in policy.split(","):
                 raise ConfigError(
                     f"dedup changelog {name} has cleanup.policy={policy}; it must include 'compact'"
                 )
+        return list(specs)
 
     async def _create_missing(self, specs: list[TopicSpec], *, allow: bool) -> None:
         existing = await self.partitions([s.name for s in specs])
@@ -125,14 +152,13 @@ class TopicManager:
                 raise ConfigError(f"topics {missing} were created but never became visible")
             await asyncio.sleep(0.1)
 
-    async def _cleanup_policies(self, topics: list[str]) -> dict[str, str]:
+    async def _topic_configs(self, topics: list[str]) -> dict[str, dict[str, str]]:
+        """Each topic's effective configuration (``describe_configs``)."""
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
         responses = await self._admin.describe_configs(resources)
-        policies: dict[str, str] = {}
+        configs: dict[str, dict[str, str]] = {}
         for response in responses:
             for resource in response.resources:
                 _err, _msg, _type, name, entries = resource[:5]
-                for entry in entries:
-                    if entry[0] == "cleanup.policy":
-                        policies[name] = entry[1]
-        return policies
+                configs[name] = {entry[0]: entry[1] for entry in entries}
+        return configs

@@ -1,0 +1,101 @@
+"""The sink on a real broker: a record refused by the producer or the broker costs that
+one outcome its full form, never the commit cycle (issue 9)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from connector.errors import EventRejected, Stage
+from connector.events import InputRecord, OutRecord, dead_letter_record
+from connector.kafka_common import client_kwargs
+from connector.sink import Sink
+from connector.source import Source
+from tests.harness import Names, make_settings, read_all
+from tests.kafka_helpers import create_topics
+
+pytestmark = pytest.mark.integration
+
+
+async def _nothing(_: object) -> None:
+    return None
+
+
+def header(record: object, name: str) -> bytes | None:
+    return dict(record.headers).get(name)  # type: ignore[attr-defined]
+
+
+def dlq(topic: str, value: bytes, offset: int) -> OutRecord:
+    record = InputRecord("in", 0, offset, b"k", value)
+    return dead_letter_record(topic, record, EventRejected(Stage.PARSE, "bad", code="invalid_json"))
+
+
+async def cycle(settings: object, records: list[OutRecord], *, limit: int | None = None) -> Sink:
+    source = Source(settings, _nothing, _nothing)  # type: ignore[arg-type]
+    sink = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    if limit is not None:
+        sink.max_request_size = limit  # the pre-check lets it through: the producer refuses
+    await sink.start()
+    try:
+        assert await sink.commit_cycle(records, dict) == {}
+    finally:
+        await sink.stop()
+    return sink
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_a_record_the_producer_refuses_is_replaced_by_its_minimal_form(
+    kafka_bootstrap: str, mode: str
+) -> None:
+    names = Names.fresh(f"sink-{mode[:5]}")
+    await create_topics(kafka_bootstrap, {names.dead: 1, names.results: 1})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
+    big = b"\x01" * 2_000_000
+    source = {"topic": "in", "partition": 0, "offset": 6}
+    huge = {
+        "schemaVersion": 1,
+        "threadUid": "t-9",
+        "appUid": "app",
+        "deepLink": "x" * 2_000_000,
+        "source": source,
+    }
+    records = [
+        OutRecord(names.results, b"u", b'{"eventId":"a"}'),
+        dlq(names.dead, big, 5),
+        OutRecord(names.results, b"u", orjson.dumps(huge)),
+        OutRecord(names.results, b"u", b'{"eventId":"b"}'),
+    ]
+    sink = await cycle(settings, records, limit=10_000_000)
+    assert sink.bounded == 2
+    a, minimal, b = [m.value for m in await read_all(kafka_bootstrap, names.results)]
+    assert (a, b) == (b'{"eventId":"a"}', b'{"eventId":"b"}')
+    # the thread exists: its result is published, in minimal form
+    assert orjson.loads(minimal) == {
+        "schemaVersion": 1,
+        "appUid": "app",
+        "threadUid": "t-9",
+        "source": source,
+        "truncated": {"all": {"bytes": len(orjson.dumps(huge))}},
+    }
+    (dead,) = await read_all(kafka_bootstrap, names.dead)
+    assert dead.value == b"" and header(dead, "dlq-source") == b"in/0/5"
+    assert header(dead, "dlq-value-bytes") == b"2000000"
+    assert b"MessageSizeTooLarge" in (header(dead, "dlq-produce-error") or b"")
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_a_record_the_broker_refuses_is_replaced_by_its_minimal_form(
+    kafka_bootstrap: str, mode: str
+) -> None:
+    """The refusal comes back on the batch's future; the cycle goes on, and in a
+    transaction the dead letter is not silently lost."""
+    names = Names.fresh(f"sink-broker-{mode[:5]}")
+    await create_topics(kafka_bootstrap, {names.results: 1})
+    await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
+    records = [dlq(names.dead, b"\x02" * 300_000, 7), OutRecord(names.results, b"u", b"{}")]
+    sink = await cycle(settings, records)
+    (dead,) = await read_all(kafka_bootstrap, names.dead)  # not lost
+    assert dead.value == b"" and header(dead, "dlq-value-bytes") == b"300000"
+    assert [m.value for m in await read_all(kafka_bootstrap, names.results)] == [b"{}"]
+    assert sink.bounded == 1
