@@ -35,11 +35,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from connector.localkafka.ports import free_ports
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import API_KEY, ROUTES, Names, event, produce, results, wait_until_committed
 from tests.test_helm import API_KEY_SET, config_map, render
+from tests.test_lock import RUNTIME_LOCK, parse_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDAH = shutil.which("buildah")
@@ -75,11 +77,11 @@ def buildah(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     return proc
 
 
-def run_args(container: str, *, volumes: dict[Path, str] = {}, **env: str) -> list[str]:  # noqa: B006
+def run_args(container: str, *, volumes: dict[Path, str] | None = None, **env: str) -> list[str]:
     """``buildah run`` in the container on the host network, ``volumes`` {host: container}."""
     args = [str(BUILDAH), "--storage-driver", STORAGE_DRIVER, "run"]
     args += ["--isolation", "chroot", "--network", "host"]
-    for source, target in volumes.items():
+    for source, target in (volumes or {}).items():
         args += ["-v", f"{source}:{target}"]
     for name, value in env.items():
         args += ["--env", f"{name}={value}"]
@@ -87,7 +89,7 @@ def run_args(container: str, *, volumes: dict[Path, str] = {}, **env: str) -> li
 
 
 def in_image(
-    container: str, *command: str, volumes: dict[Path, str] = {}, **env: str  # noqa: B006
+    container: str, *command: str, volumes: dict[Path, str] | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*run_args(container, volumes=volumes, **env), *command],
@@ -113,10 +115,12 @@ def image(request: pytest.FixtureRequest) -> str:
     assert proc.returncode == 0, f"build-image.sh failed\n{proc.stdout[-5000:]}\n{proc.stderr}"
     steps = [line for line in proc.stderr.splitlines() if line.startswith("build-image: ")]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            f"image {IMAGE} built in {time.monotonic() - started:.0f} s ({'; '.join(steps)})"
-        )
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:  # in CI's log: the image's share of CI time
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(
+                f"\nimage {IMAGE} built in {time.monotonic() - started:.0f} s ({'; '.join(steps)})"
+            )
     return IMAGE
 
 
@@ -162,13 +166,8 @@ def test_runs_as_the_non_root_user_with_the_locked_dependencies(container: str) 
     (project,) = [line for line in frozen if "==" not in line]  # installed from the wheel
     assert re.fullmatch(r"threads-connector @ file:///wheels/threads_connector-.*\.whl", project)
     # exactly the lock's packages for linux (plus the project), at the lock's versions
-    locked = {
-        name: pin
-        for name, pin, marker in locked_requirements(ROOT / "requirements.lock")
-        if "win32" not in marker
-    }
-    normal = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in installed.items()}
-    assert normal == locked
+    locked = {p.name: p.version for p in parse_lock(RUNTIME_LOCK) if p.applies_to_image()}
+    assert {canonicalize_name(k): v for k, v in installed.items()} == locked
 
 
 def test_the_host_ca_bundle_is_not_in_the_image(container: str) -> None:
@@ -267,17 +266,6 @@ async def test_connector_in_the_image_end_to_end(
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def locked_requirements(path: Path) -> list[tuple[str, str, str]]:
-    """(normalized name, version, marker) of each pin in a lock file."""
-    pins = []
-    for line in path.read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]*))?", line)
-        if match:
-            name = re.sub(r"[-_.]+", "-", match[1]).lower()
-            pins.append((name, match[2], (match[3] or "").strip()))
-    return pins
 
 
 def connector_config(bootstrap: str, base_url: str, names: Names, port: int) -> dict[str, Any]:
