@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test unit lint tools kafka-jars helm-check bench clean image lock
+.PHONY: demo test unit lint tools kafka-jars helm-check bench clean image lock sbom
 
 # The dev environment from the dev lock (exact versions and hashes), then the project itself
 # without resolving anything: what the tests run on is what `make lock` wrote down.
@@ -64,6 +64,17 @@ lock:
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) $(UPGRADE) -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra dev --constraint requirements.lock \
 	    $(LOCK_FLAGS) $(UPGRADE) -o requirements-dev.lock
+
+## sbom: a CycloneDX SBOM (JSON) of the Python packages in the image's /opt/venv: exactly
+## requirements.lock's pins (tests/test_image.py checks the image holds those), with their
+## hashes, and the project itself. The Debian packages of the base image are not in it.
+CYCLONEDX_VERSION := 7.5.0
+sbom: $(BIN)/.installed
+	$(BIN)/pip install -q cyclonedx-bom==$(CYCLONEDX_VERSION)
+	mkdir -p dist
+	$(BIN)/cyclonedx-py requirements requirements.lock --pyproject pyproject.toml \
+	    --output-reproducible --output-format JSON --output-file dist/threads-connector.cdx.json
+	@echo "wrote dist/threads-connector.cdx.json"
 
 clean:
 	rm -rf $(VENV) .local build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -92,7 +92,12 @@ mounts=()
 if [[ -f "$CA_BUNDLE" ]]; then
   mounts=(-v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
 fi
+previous="$(bah images --quiet --no-trunc "$IMAGE" 2>/dev/null || true)"
 bah bud --isolation chroot --network host "${mounts[@]}" \
   --build-arg "PYTHON_IMAGE=$BASE_IMAGE" --build-arg "VERSION=$VERSION" \
   --file "$ROOT/Dockerfile" --tag "$IMAGE" "$ROOT"
+# The image this tag named before, now untagged: with vfs each image is a full copy on disk.
+if [[ -n "$previous" && "$previous" != "$(bah images --quiet --no-trunc "$IMAGE")" ]]; then
+  bah rmi "$previous" >/dev/null 2>&1 || true  # (kept while a container still uses it)
+fi
 say "build $((SECONDS - started)) s ($IMAGE)"
