@@ -8,21 +8,25 @@
 # CI, where no container registry is reachable either:
 #   1. installs buildah and debootstrap with apt-get when they are missing;
 #   2. makes the base image from Debian packages (debootstrap --variant=minbase: Python 3.11,
-#      venv, pip, CA certificates), committed as $BASE_IMAGE; skipped when that image exists;
+#      venv, pip, CA certificates), committed as $BASE_IMAGE; skipped when that image exists
+#      (to take Debian's latest updates, `buildah --storage-driver vfs rmi` it first);
 #   3. builds the Dockerfile on it (--build-arg PYTHON_IMAGE=$BASE_IMAGE) as $IMAGE.
 # The host's CA bundle is mounted read-only for the build only (the machine may reach PyPI
 # through a TLS proxy whose CA is in that bundle); it is never copied into the image.
 #
 # Settings (environment): IMAGE (localhost/threads-connector:dev), BASE_IMAGE
-# (localhost/debian-python:3.11-bookworm), DEBIAN_MIRROR (the first Debian mirror apt uses),
-# CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt), STORAGE_DRIVER (vfs: works on any kernel
-# and file system, and is what tests/test_image.py reads the image with).
+# (localhost/debian-python:3.11-bookworm-<recipe hash>), DEBIAN_MIRROR (the first Debian
+# mirror apt uses), CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt), STORAGE_DRIVER (vfs:
+# works on any kernel and file system, and is what tests/test_image.py reads the image with).
 # Prints how long each step took on stderr ("build-image: <step> <seconds> s").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE="${IMAGE:-localhost/threads-connector:dev}"
-BASE_IMAGE="${BASE_IMAGE:-localhost/debian-python:3.11-bookworm}"
 SUITE=bookworm
+PACKAGES=python3,python3-venv,python3-pip,python-is-python3,ca-certificates
+# The base's tag names its recipe: a change to the suite or the packages makes a new base.
+RECIPE="$(printf '%s' "minbase $SUITE $PACKAGES" | sha256sum | cut -c1-8)"
+BASE_IMAGE="${BASE_IMAGE:-localhost/debian-python:3.11-$SUITE-$RECIPE}"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 export STORAGE_DRIVER="${STORAGE_DRIVER:-vfs}"
 VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml" | head -n1)"
@@ -68,7 +72,7 @@ else
   trap cleanup EXIT
   say "debootstrap $SUITE from $mirror"
   $SUDO debootstrap --variant=minbase \
-    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
+    --include="$PACKAGES" \
     "$SUITE" "$rootfs" "$mirror" >/dev/null
   # No package caches or lists in the image (the official slim image has none either).
   $SUDO rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
