@@ -40,7 +40,7 @@ from packaging.utils import canonicalize_name
 from connector.localkafka.ports import free_ports
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import API_KEY, ROUTES, Names, event, produce, results, wait_until_committed
-from tests.test_helm import API_KEY_SET, config_map, render
+from tests.test_helm import CASE_IDS, CASES, config_map, render_case
 from tests.test_lock import RUNTIME_LOCK, parse_lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,12 +180,16 @@ def test_the_host_ca_bundle_is_not_in_the_image(container: str) -> None:
         assert proc.stdout != CA_BUNDLE.read_text(), "the host's CA bundle was copied in"
 
 
-def test_check_config_on_the_chart_configmap(container: str, tmp_path: Path) -> None:
-    """The chart's ConfigMap, mounted over the image's config folder as the Deployment does."""
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_check_config_on_the_chart_configmap(
+    container: str, tmp_path: Path, case: Path | None
+) -> None:
+    """The chart's ConfigMap (defaults and every ci/ values file), mounted over the image's
+    config folder as the Deployment does."""
     config_dir = tmp_path / "config"
     config_dir.mkdir()
     (config_dir / "connector.yaml").write_text(
-        config_map(render(*API_KEY_SET))["data"]["connector.yaml"]
+        config_map(render_case(case))["data"]["connector.yaml"]
     )
     config_dir.chmod(0o755)
     proc = in_image(
@@ -197,13 +201,16 @@ def test_check_config_on_the_chart_configmap(container: str, tmp_path: Path) -> 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{CONFIG_DIR}/connector.yaml: OK" in proc.stdout
-    # and the image's own default config, without the mount
-    default = in_image(
+
+
+def test_check_config_on_the_image_default_config(container: str) -> None:
+    proc = in_image(
         container,
         "connector", "check-config", "--config", f"{CONFIG_DIR}/connector.yaml",
         THREADS_CONNECTOR_API__API_KEY="test-api-key",
     )  # fmt: skip
-    assert default.returncode == 0, default.stdout + default.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "routes: 4" in proc.stdout  # the repository's example config, baked in
 
 
 async def test_connector_in_the_image_end_to_end(
