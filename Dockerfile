@@ -2,10 +2,13 @@
 #
 # threads-connector image: `docker build -t threads-connector:0.1.0 .`
 #
-# Stage 1 builds the project's wheel and installs it with its dependencies into a virtualenv
-# (/opt/venv); stage 2 is the same slim Python with that virtualenv and nothing else: no
-# compiler, no pip cache, no source tree. tests/test_packaging.py repeats these steps outside
-# Docker (pip wheel --no-deps, a clean venv, install the wheel) and runs the installed CLI.
+# Stage 1 installs the locked dependencies (requirements.lock: exact versions with their
+# hashes, `make lock` updates it) into a virtualenv (/opt/venv), then the project's wheel
+# without resolving anything (--no-deps), and `pip check` proves the lock satisfies the
+# wheel's requirements. Stage 2 is the same slim Python with that virtualenv and nothing else:
+# no compiler, no pip cache, no source tree. tests/test_packaging.py repeats these steps
+# outside Docker and runs the installed CLI; tests/test_image.py builds the image with buildah
+# (scripts/build-image.sh, `make image`) and runs the connector in it.
 #
 # The base is pinned by version tag. Pin it by digest as well where the registry is reachable
 # (`docker buildx imagetools inspect python:3.11.14-slim-bookworm`, then
@@ -18,12 +21,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# The dependencies first: this layer is reused until the lock changes.
+COPY requirements.lock ./
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
 # Only what the wheel is built from (see .dockerignore).
 COPY pyproject.toml README.md ./
 COPY connector ./connector
 RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip install /wheels/threads_connector-*.whl \
+ && /opt/venv/bin/pip install --no-deps /wheels/threads_connector-*.whl \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/connector --help > /dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -3,23 +3,28 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test unit lint tools kafka-jars helm-check bench clean
+.PHONY: demo test unit lint tools kafka-jars helm-check bench clean image lock sbom
 
-$(BIN)/.installed: pyproject.toml
+# The dev environment from the dev lock (exact versions and hashes), then the project itself
+# without resolving anything: what the tests run on is what `make lock` wrote down.
+$(BIN)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 ## demo: local Kafka + Threads API simulator + sample events, end to end, results shown
 demo: $(BIN)/.installed
 	$(BIN)/connector demo
 
-## tools: what the tests need besides Python: Kafka jars, Prometheus (Debian), helm (Go)
+## tools: what the tests need besides Python: Kafka jars, Prometheus (Debian), helm (Go),
+## buildah and debootstrap (Debian) for the image test
 tools: $(BIN)/.installed
 	$(BIN)/python -m connector.localkafka fetch
 	bash scripts/install-prometheus.sh
 	bash scripts/install-helm.sh
+	bash scripts/install-buildah.sh
 
 ## test: lint, then the whole suite (integration tests on a real Kafka broker)
 test: tools lint
@@ -40,6 +45,36 @@ helm-check: tools
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.ratelimit_group
 	$(BIN)/python -m bench.dedup_memory
+
+## image: the container image without a Docker engine (buildah; see scripts/build-image.sh)
+image:
+	bash scripts/build-image.sh
+
+## lock: requirements.lock (the image) and requirements-dev.lock (dev/CI) from pyproject.toml,
+## exact versions with hashes for Python 3.11 on every platform; re-run after editing
+## pyproject's dependencies (tests/test_lock.py says when the locks are stale)
+UV_VERSION := 0.13.8
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --no-emit-find-links \
+              --custom-compile-command "make lock" --quiet
+## (`make lock UPGRADE=--upgrade` moves every pin to the newest allowed version; without it
+## the pins already in the files are kept where pyproject still allows them)
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) $(UPGRADE) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --constraint requirements.lock \
+	    $(LOCK_FLAGS) $(UPGRADE) -o requirements-dev.lock
+
+## sbom: a CycloneDX SBOM (JSON) of the Python packages in the image's /opt/venv: exactly
+## requirements.lock's pins (tests/test_image.py checks the image holds those), with their
+## hashes, and the project itself. The Debian packages of the base image are not in it.
+CYCLONEDX_VERSION := 7.5.0
+sbom: $(BIN)/.installed
+	$(BIN)/pip install -q cyclonedx-bom==$(CYCLONEDX_VERSION)
+	mkdir -p dist
+	$(BIN)/cyclonedx-py requirements requirements.lock --pyproject pyproject.toml \
+	    --output-reproducible --output-format JSON --output-file dist/threads-connector.cdx.json
+	@echo "wrote dist/threads-connector.cdx.json"
 
 clean:
 	rm -rf $(VENV) .local build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

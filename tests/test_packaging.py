@@ -1,9 +1,10 @@
 """The image's contents, proven without a Docker engine.
 
 The Dockerfile's build stage is replayed here: its COPY instructions pick the same files into
-a fresh build context, and its RUN instruction runs as written (``pip wheel --no-deps`` of
-the project, a clean virtualenv, the wheel installed into it with its dependencies from the
-package index), with the image's absolute paths moved into a temporary folder. Then the
+a fresh build context, and its RUN instructions run as written (a clean virtualenv, the
+locked dependencies installed into it by hash from requirements.lock, ``pip wheel --no-deps``
+of the project, the wheel installed with ``--no-deps``, ``pip check``), with the image's
+absolute paths moved into a temporary folder. Then the
 installed ``connector`` runs ``--help`` and ``check-config`` on the ConfigMap the Helm chart
 renders, for the chart's defaults and every ci/ values file, as the container would.
 
@@ -188,14 +189,22 @@ def test_dockerfile_runtime_contract() -> None:
 
 def test_build_stage_replay_matches_the_dockerfile() -> None:
     stage = build_stage(DOCKERFILE.read_text())
-    assert stage.copies == [(["pyproject.toml", "README.md"], "./"), (["connector"], "./connector")]
-    (run,) = stage.runs
-    assert run.startswith("pip wheel --no-deps --wheel-dir /wheels .")
-    assert "python -m venv /opt/venv" in run
-    assert "/opt/venv/bin/pip install /wheels/threads_connector-*.whl" in run
-    relocated = relocate(run, Path("/x"))
+    assert stage.copies == [
+        (["requirements.lock"], "./"),
+        (["pyproject.toml", "README.md"], "./"),
+        (["connector"], "./connector"),
+    ]
+    deps, project = stage.runs
+    # the dependencies only from the lock, by hash; the project's wheel resolves nothing
+    assert deps.startswith("python -m venv /opt/venv")
+    assert "/opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock" in deps
+    assert project.startswith("pip wheel --no-deps --wheel-dir /wheels .")
+    assert "/opt/venv/bin/pip install --no-deps /wheels/threads_connector-*.whl" in project
+    assert "/opt/venv/bin/pip check" in project  # the lock satisfies the wheel's requirements
+    relocated = relocate(project, Path("/x"))
     assert "/x/wheels" in relocated and "/x/opt/venv/bin/pip" in relocated
     assert relocated.startswith(f"{shlex.quote(sys.executable)} -m pip wheel --no-deps")
+    assert relocate(deps, Path("/x")).startswith(f"{shlex.quote(sys.executable)} -m venv /x/opt")
 
 
 # -- the installed connector ------------------------------------------------------------------
