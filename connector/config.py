@@ -100,6 +100,7 @@ class DedupSettings(_Frozen):
     store: Literal["changelog", "memory"] = "changelog"
     event_id_field: str = "id"
     event_id_header: str = "event-id"
+    max_event_id_length: int = Field(default=256, ge=1, description="characters; longer: DLQ")
     ttl_s: float = Field(default=86_400.0, gt=0)
     max_entries: int = Field(default=1_000_000, ge=1)
     changelog_suffix: str = "dedup-changelog"

