@@ -33,6 +33,7 @@ from connector.dedup import (
 )
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
+from connector.exposure import Exposure
 from connector.health import HealthServer
 from connector.kafka_common import client_kwargs
 from connector.metrics import Metrics
@@ -104,6 +105,9 @@ class Connector:
         self._store: DedupStore = MemoryDedupStore(self.window)
         self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
         self._fences = 0
+        # the last commit cycle succeeded: a session after a failed one starts with calls
+        # stopped until its first cycle succeeds (``Exposure``)
+        self._commit_healthy = True
         self.sessions = 0
         self.started = asyncio.Event()
 
@@ -179,7 +183,14 @@ class Connector:
         self._dedup_held = set()
         if self.caller is None:
             raise RuntimeError("run() sets the caller before sessions start")
-        pipeline = Pipeline(s, self.router, store, self.caller, self.metrics)
+        exposure = Exposure(
+            s.delivery.max_uncommitted_threads,
+            s.delivery.commit_stall_s,
+            healthy=self._commit_healthy,
+            observe=self._observe_exposure,
+        )
+        self._observe_exposure(exposure)
+        pipeline = Pipeline(s, self.router, store, self.caller, self.metrics, exposure)
         self.pipeline = pipeline
         source = Source(s, self._on_revoked, self._on_assigned)
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
@@ -215,12 +226,25 @@ class Connector:
                 # replays as duplicates: forget them (the changelog restores what is durable).
                 self.window.clear()
                 self._dedup_held = set()
+                self._commit_healthy = False  # and what was not committed is lost
+                self.metrics.uncommitted_threads.set(0)
                 fenced = _only_fenced(exc)
                 if fenced is exc:
                     raise
                 raise fenced from exc
+            self._commit_healthy = exposure.healthy
             log.info("drained", extra={"cut_short": cut, **vars(pipeline.stats)})
             self._joined = False
+
+    def _observe_exposure(self, exposure: Exposure) -> None:
+        self.metrics.uncommitted_threads.set(exposure.held)
+        self.metrics.calls_gate_closed.set(0 if exposure.is_open else 1)
+
+    def buffered(self) -> int:
+        """Events fetched and not finished, with those held for restoring partitions:
+        what ``delivery.max_buffered_events`` bounds."""
+        held = sum(len(records) for records in self._held.values())
+        return held + (self.pipeline.in_progress() if self.pipeline is not None else 0)
 
     def _dedup_store(self) -> DedupStore:
         s = self.settings
@@ -238,6 +262,11 @@ class Connector:
     async def _fetch_loop(
         self, source: Source, pipeline: Pipeline, tasks: asyncio.TaskGroup, stop: asyncio.Event
     ) -> None:
+        """Fetch only what fits: ``delivery.max_buffered_events`` bounds the events fetched
+        and not finished (held ones of restoring partitions included) at every moment. A
+        fetch asks for the room left at most, and while the buffer is full (until it is
+        half empty) nothing is fetched at all; the group's heartbeats and rebalances run
+        in aiokafka's own task meanwhile."""
         limit = self.settings.delivery.max_buffered_events
         paused = False
         while not stop.is_set():
@@ -245,23 +274,26 @@ class Connector:
             if self._fatal is not None:
                 fatal, self._fatal = self._fatal, None
                 raise fatal
-            records = await source.fetch(FETCH_TIMEOUT_MS)
             for tp in [tp for tp in self._held if tp not in self._restoring]:
                 for record in self._held.pop(tp):
                     pipeline.submit(record, tasks)
+            busy = self.buffered()
+            if not paused and busy >= limit:
+                source.pause(source.assignment())
+                paused = True
+            elif paused and busy < max(1, limit // 2):
+                source.resume(source.assignment())
+                paused = False
+            self.metrics.partitions_paused.set(source.paused())
+            if paused:
+                await asyncio.sleep(FETCH_TIMEOUT_MS / 4000)
+                continue
+            records = await source.fetch(FETCH_TIMEOUT_MS, max_records=limit - busy)
             for record in records:
                 if record.tp in self._restoring:
                     self._held.setdefault(record.tp, []).append(record)
                 else:
                     pipeline.submit(record, tasks)
-            busy = pipeline.in_progress()
-            if not paused and busy >= limit:
-                source.pause(source.assignment())
-                paused = True
-            elif paused and busy < limit // 2:
-                source.resume(source.assignment())
-                paused = False
-            self.metrics.partitions_paused.set(source.paused())
 
     async def _commit_loop(self, pipeline: Pipeline, sink: Sink, draining: asyncio.Event) -> None:
         """Commit cycles every interval; never cancelled mid-cycle (that would abort a
@@ -280,7 +312,7 @@ class Connector:
     async def _gauge_loop(self, source: Source, pipeline: Pipeline) -> None:
         m = self.metrics
         while True:
-            m.events_in_progress.set(pipeline.in_progress())
+            m.events_in_progress.set(self.buffered())
             m.dedup_entries.set(len(self.window))
             m.dedup_evictions.inc(self.window.evicted - self._evictions_reported)
             self._evictions_reported = self.window.evicted

@@ -13,11 +13,12 @@ rotated secret file heals the connector without a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from connector.config import ApiSettings
 from connector.errors import (
@@ -35,6 +36,7 @@ from connector.threads_client import ApiThread, status_class
 
 log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
@@ -222,10 +224,10 @@ class ThreadCaller:
         self, request: ThreadRequest, event_id: str, correlation_id: str, guard: CallGuard
     ) -> ApiThread:
         m = self._metrics
-        async with self._slots:
+        async with self._slot():
             if guard.abandoned:
                 raise Abandoned(event_id)
-            m.rate_limit_wait.inc(await self._bucket.acquire())
+            m.rate_limit_wait.inc(await self._counted(self._bucket.acquire()))
             if guard.abandoned:
                 raise Abandoned(event_id)
             guard.calling = True
@@ -262,6 +264,25 @@ class ThreadCaller:
         m.api_call_duration.labels("2xx").observe(time.monotonic() - t0)
         self._adaptive_update()
         return thread
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A concurrency slot; the wait for it counts in ``calls_waiting``."""
+        await self._counted(self._slots.acquire())
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _counted(self, wait: Awaitable[T]) -> T:
+        """``calls_waiting`` counts a call until its request is handed to the client;
+        ``calls_in_flight`` only from then until it returns."""
+        gauge = self._metrics.calls_waiting
+        gauge.inc()
+        try:
+            return await wait
+        finally:
+            gauge.dec()
 
     def _auth_ok(self, was_probe: bool) -> None:
         if self.auth_gate.succeed(was_probe):

@@ -132,7 +132,28 @@ class Metrics:
             registry=r,
         )
         self.calls_in_flight = Gauge(
-            f"{p}_calls_in_flight", "Threads API calls in flight now.", registry=r
+            f"{p}_calls_in_flight",
+            "Threads API requests on the wire now (handed to the HTTP client, not returned).",
+            registry=r,
+        )
+        self.calls_waiting = Gauge(
+            f"{p}_calls_waiting",
+            "Calls waiting to start: for a concurrency slot, a rate-limit token, or the "
+            "duplicate-exposure gate.",
+            registry=r,
+        )
+        self.uncommitted_threads = Gauge(
+            f"{p}_uncommitted_threads",
+            "Calls started whose results are not committed yet (on the wire, retrying, or "
+            "created and waiting for a commit): what a crash now could duplicate. At most "
+            "delivery.max_uncommitted_threads.",
+            registry=r,
+        )
+        self.calls_gate_closed = Gauge(
+            f"{p}_calls_gate_closed",
+            "1 while no call may start: the uncommitted cap is reached, or commit cycles fail "
+            "or stall.",
+            registry=r,
         )
         self.events_in_progress = Gauge(
             f"{p}_events_in_progress", "Events fetched and not yet finished.", registry=r

@@ -31,6 +31,7 @@ from connector.events import (
     parse_event,
     result_record,
 )
+from connector.exposure import Exposure
 from connector.metrics import Metrics
 from connector.offsets import OffsetTracker
 from connector.routing import Router, render
@@ -82,7 +83,10 @@ class Pipeline:
         store: DedupStore,
         caller: ThreadCaller,
         metrics: Metrics,
+        exposure: Exposure | None = None,
     ) -> None:
+        """``exposure``: the gate on calls whose results are not committed (a session
+        after a failed commit passes one that starts closed)."""
         self._s = settings
         self._router = router
         self._store = store
@@ -94,6 +98,8 @@ class Pipeline:
         self._outcomes: list[Outcome] = []
         self._key_tails: dict[tuple[TopicPartitionKey, bytes | None], asyncio.Future[None]] = {}
         self._commit_lock = asyncio.Lock()
+        d = settings.delivery
+        self.exposure = exposure or Exposure(d.max_uncommitted_threads, d.commit_stall_s)
         self.stats = _Stats()
 
     # -- intake -------------------------------------------------------------------------
@@ -179,12 +185,17 @@ class Pipeline:
             return self._dead(record, exc, event.event_id, event.correlation_id)
         if job.previous is not None:
             await job.previous
+        await self._enter_gate()
         try:
             created = await self._caller.call(
                 request, event.event_id, event.correlation_id, guard=job
             )
         except EventRejected as exc:
+            self.exposure.leave()  # refused: no thread to commit
             return self._dead(record, exc, event.event_id, event.correlation_id)
+        except BaseException:
+            self.exposure.leave()  # abandoned or cancelled: its replay is the next owner's
+            raise
         values = {
             "threadUid": created.thread_uid,
             "humanUid": created.human_uid,
@@ -219,6 +230,17 @@ class Pipeline:
             },
         )
         return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
+
+    async def _enter_gate(self) -> None:
+        exposure = self.exposure
+        if exposure.is_open:
+            await exposure.enter()
+            return
+        self._m.calls_waiting.inc()
+        try:
+            await exposure.enter()
+        finally:
+            self._m.calls_waiting.dec()
 
     def _dead(
         self,
@@ -286,23 +308,30 @@ class Pipeline:
         """One commit cycle; returns the number of outcomes made durable."""
         async with self._commit_lock:
             outcomes, self._outcomes = self._outcomes, []
-            if not outcomes and not self.tracker.uncommitted():
+            tracker = self.tracker
+            exposure = self.exposure
+            # after a failed cycle calls wait for one that succeeds: with nothing new to
+            # commit, re-commit the positions already committed to ask the broker
+            probe = {} if exposure.healthy else tracker.committed_positions()
+            if not outcomes and not tracker.uncommitted() and not probe:
                 return 0
             records = [r for o in outcomes for r in o.records]
             records.extend(self._store.take_tombstones())
-            tracker = self.tracker
 
             def finish() -> dict[TopicPartitionKey, int]:
                 for outcome in outcomes:
                     tracker.done(outcome.tp, outcome.offset)
-                return tracker.uncommitted()
+                return tracker.uncommitted() or probe
 
             started = time.monotonic()
+            exposure.cycle_started()
             try:
                 positions = await sink.commit_cycle(records, finish)
             except BaseException:
+                exposure.cycle_failed()
                 self._m.commit_failures.labels(sink.mode).inc()
                 raise
+            exposure.cycle_succeeded(sum(1 for o in outcomes if o.kind == "result"))
             tracker.mark_committed(positions)
             self._store.prune(positions)
             self._m.commit_duration.labels(sink.mode).observe(time.monotonic() - started)

@@ -83,10 +83,12 @@ class Source:
     def group_id(self) -> str:
         return self._settings.kafka.group_id
 
-    async def fetch(self, timeout_ms: int) -> list[InputRecord]:
-        batches = await self._consumer.getmany(
-            timeout_ms=timeout_ms, max_records=self._settings.kafka.fetch_max_records
-        )
+    async def fetch(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
+        """At most ``kafka.fetch_max_records`` records, and at most ``max_records``."""
+        limit = self._settings.kafka.fetch_max_records
+        if max_records is not None:
+            limit = max(1, min(limit, max_records))
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
         return [_record(m) for msgs in batches.values() for m in msgs]
 
     def assignment(self) -> list[TopicPartitionKey]:

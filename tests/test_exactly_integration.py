@@ -9,6 +9,7 @@ from collections import Counter
 import orjson
 import pytest
 
+from connector.localkafka import LocalKafka
 from connector.simulator import LatencySpec, SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
     Names,
@@ -135,3 +136,42 @@ async def test_header_id_with_bad_utf8_is_a_dead_letter(
     dead = await read_all(kafka_bootstrap, names.dead)
     assert [header(r, "dlq-code") for r in dead] == ["invalid_event_id"]
     assert sim.store.count_by_event_id() == {}
+
+
+async def test_calls_stop_while_the_broker_is_down_and_exposure_stays_under_the_cap(
+    private_kafka: LocalKafka, sim: ThreadsApiSimulator
+) -> None:
+    """Events flow, then the broker dies: nothing can commit, so the connector must stop
+    starting calls (those on the wire finish). The threads created after the kill stay
+    within ``delivery.max_uncommitted_threads``; once the broker is back every event gets
+    exactly one result, and the duplicates stay within the cap too."""
+    bootstrap = private_kafka.bootstrap_servers
+    names = Names.fresh("gate")
+    cap = 15
+    sim.set_latency(LatencySpec(distribution="uniform", min_ms=30, max_ms=120))
+    settings = make_settings(
+        bootstrap,
+        sim.base_url,
+        names,
+        partitions=2,
+        delivery={"max_uncommitted_threads": cap, "commit_stall_s": 1.0},
+        api={"rate_limit_per_s": 40, "rate_limit_burst": 5, "max_in_flight": 8},
+    )
+    n = 500
+    await ensure_topics(settings)
+    await produce(bootstrap, names.input, [(f"{i}".encode(), event(f"g-{i}")) for i in range(n)])
+    async with running(settings) as connector:
+        while len(sim.store.count_by_event_id()) < 60:
+            await asyncio.sleep(0.05)
+        private_kafka.kill_hard()
+        at_kill = sum(sim.store.count_by_event_id().values())
+        await asyncio.sleep(12)  # 480 calls' worth at the configured rate
+        after = sum(sim.store.count_by_event_id().values())
+        assert after - at_kill <= cap, (after - at_kill, cap)
+        assert connector.metrics.calls_gate_closed._value.get() == 1
+        private_kafka.start()
+        await wait_until_committed(bootstrap, names.group, names.input, timeout_s=120)
+    out = await results(bootstrap, names.results)
+    assert Counter(r["eventId"] for r in out) == Counter(f"g-{i}" for i in range(n))
+    twice = sum(c - 1 for c in sim.store.count_by_event_id().values())
+    assert twice <= cap
