@@ -102,6 +102,7 @@ class Connector:
         # by nobody in between, so its entries need no restore.
         self._dedup_held: set[TopicPartitionKey] = set()
         self._held: dict[TopicPartitionKey, list[InputRecord]] = {}
+        self._fetch_paused = False  # the buffer is full: an assignment must not resume
         self._store: DedupStore = MemoryDedupStore(self.window)
         self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
         self._fences = 0
@@ -265,10 +266,9 @@ class Connector:
         """Fetch only what fits: ``delivery.max_buffered_events`` bounds the events fetched
         and not finished (held ones of restoring partitions included) at every moment. A
         fetch asks for the room left at most, and while the buffer is full (until it is
-        half empty) nothing is fetched at all; the group's heartbeats and rebalances run
-        in aiokafka's own task meanwhile."""
+        half empty) every partition stays paused and only paused ones are polled."""
         limit = self.settings.delivery.max_buffered_events
-        paused = False
+        paused = self._fetch_paused = False
         while not stop.is_set():
             self._heartbeat = time.monotonic()
             if self._fatal is not None:
@@ -279,16 +279,20 @@ class Connector:
                     pipeline.submit(record, tasks)
             busy = self.buffered()
             if not paused and busy >= limit:
-                source.pause(source.assignment())
-                paused = True
+                paused = self._fetch_paused = True
             elif paused and busy < max(1, limit // 2):
-                source.resume(source.assignment())
-                paused = False
-            self.metrics.partitions_paused.set(source.paused())
+                source.resume([tp for tp in source.assignment() if tp not in self._restoring])
+                paused = self._fetch_paused = False
             if paused:
-                await asyncio.sleep(FETCH_TIMEOUT_MS / 4000)
-                continue
-            records = await source.fetch(FETCH_TIMEOUT_MS, max_records=limit - busy)
+                # every partition paused (an assignment may have added some); polling
+                # paused partitions takes no record but keeps us in the group
+                # (max.poll.interval.ms) while calls drain the buffer
+                source.pause(source.assignment())
+                self.metrics.partitions_paused.set(source.paused())
+                records = await source.keep_alive(FETCH_TIMEOUT_MS)
+            else:
+                self.metrics.partitions_paused.set(source.paused())
+                records = await source.fetch(FETCH_TIMEOUT_MS, max_records=limit - busy)
             for record in records:
                 if record.tp in self._restoring:
                     self._held.setdefault(record.tp, []).append(record)
@@ -379,8 +383,8 @@ class Connector:
         )
         self._dedup_held = set(assigned)
         self._restoring -= set(assigned)
-        if self._source is not None:
-            self._source.resume(assigned)  # the fetch loop pauses again if it is too busy
+        if self._source is not None and not self._fetch_paused:
+            self._source.resume(assigned)  # else the fetch loop resumes them with the rest
         self.metrics.dedup_restored.inc(restored)
         self._apply_share()
         self.metrics.partitions_assigned.set(len(assigned))
