@@ -37,6 +37,7 @@ from connector.threads_client import ApiThread, status_class
 log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
+Admit = Callable[[], Awaitable[None]]
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
@@ -153,9 +154,12 @@ class ThreadCaller:
         event_id: str,
         correlation_id: str,
         guard: CallGuard | None = None,
+        admit: Admit | None = None,
     ) -> ThreadCreated:
         """Raise EventRejected(stage=api) when the API refuses or the budget runs out, and
-        Abandoned when ``guard.abandoned`` is set before an attempt could start."""
+        Abandoned when ``guard.abandoned`` is set before an attempt could start.
+        ``admit`` is awaited in the concurrency slot before each attempt takes its token
+        (the pipeline's duplicate-exposure gate)."""
         guard = guard or _NoGuard()
         started = time.monotonic()
         attempts = 0
@@ -166,7 +170,9 @@ class ThreadCaller:
                     await self._sleep(self.auth_gate.probe_interval_s)
                 attempts += 1
                 try:
-                    thread = await self._one_attempt(request, event_id, correlation_id, guard)
+                    thread = await self._one_attempt(
+                        request, event_id, correlation_id, guard, admit
+                    )
                 except AuthError as exc:
                     attempts -= 1  # an auth pause is not the event's fault: no budget spent
                     if self.auth_gate.fail(is_probe):
@@ -221,10 +227,17 @@ class ThreadCaller:
                     self.auth_gate.abandon_probe()
 
     async def _one_attempt(
-        self, request: ThreadRequest, event_id: str, correlation_id: str, guard: CallGuard
+        self,
+        request: ThreadRequest,
+        event_id: str,
+        correlation_id: str,
+        guard: CallGuard,
+        admit: Admit | None = None,
     ) -> ApiThread:
         m = self._metrics
         async with self._slot():
+            if admit is not None:
+                await admit()
             if guard.abandoned:
                 raise Abandoned(event_id)
             m.rate_limit_wait.inc(await self._counted(self._bucket.acquire()))

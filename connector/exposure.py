@@ -5,8 +5,9 @@ replays its event, and the replay creates a second thread. Calls in flight are n
 exposure, then: every created thread waiting for a commit counts too, and while the broker
 is down nothing commits, so a connector that keeps calling piles up exposure without bound.
 
-``Exposure`` holds one unit per call started (on the wire, retrying, or done with a thread
-whose result waits for a commit), at most ``cap`` in all. A unit is given back when the
+``Exposure`` holds one unit per call started (taken in the concurrency slot before the
+first token; then on the wire, retrying, or done with a thread whose result waits for a
+commit), at most ``cap`` in all. A unit is given back when the
 call ends without a thread (the API refused it, the event was abandoned) or when the
 commit cycle that carries its result succeeds. While commit cycles fail or stall
 (a cycle running longer than ``stall_s``), no call starts: calls already under way finish,

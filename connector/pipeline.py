@@ -185,16 +185,27 @@ class Pipeline:
             return self._dead(record, exc, event.event_id, event.correlation_id)
         if job.previous is not None:
             await job.previous
-        await self._enter_gate()
+        admitted = False
+
+        async def admit() -> None:
+            """The exposure unit is taken once, in the concurrency slot before the first
+            token: calls queued for a slot or a token are not exposure yet."""
+            nonlocal admitted
+            if not admitted:
+                await self._enter_gate()
+                admitted = True
+
         try:
             created = await self._caller.call(
-                request, event.event_id, event.correlation_id, guard=job
+                request, event.event_id, event.correlation_id, guard=job, admit=admit
             )
         except EventRejected as exc:
-            self.exposure.leave()  # refused: no thread to commit
+            if admitted:
+                self.exposure.leave()  # refused: no thread to commit
             return self._dead(record, exc, event.event_id, event.correlation_id)
         except BaseException:
-            self.exposure.leave()  # abandoned or cancelled: its replay is the next owner's
+            if admitted:
+                self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
             raise
         values = {
             "threadUid": created.thread_uid,
