@@ -33,6 +33,7 @@ from connector.dedup import (
 )
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
+from connector.exposure import Exposure
 from connector.gates import AuthGate
 from connector.health import HealthServer
 from connector.kafka_common import (
@@ -111,9 +112,13 @@ class Connector:
         # by nobody in between, so its entries need no restore.
         self._dedup_held: set[TopicPartitionKey] = set()
         self._held: dict[TopicPartitionKey, list[InputRecord]] = {}
+        self._fetch_paused = False  # the buffer is full: an assignment must not resume
         self._store: DedupStore = MemoryDedupStore(self.window)
         self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
         self._fences = 0
+        # the last commit cycle succeeded: a session after a failed one starts with calls
+        # stopped until its first cycle succeeds (``Exposure``)
+        self._commit_healthy = True
         self.sessions = 0
         self.started = asyncio.Event()
         # why Kafka cannot be used right now (None: no known problem); read by /readyz
@@ -275,7 +280,14 @@ class Connector:
         self._dedup_held = set()
         if self.caller is None:
             raise RuntimeError("run() sets the caller before sessions start")
-        pipeline = Pipeline(s, self.router, store, self.caller, self.metrics)
+        exposure = Exposure(
+            s.delivery.max_uncommitted_threads,
+            s.delivery.commit_stall_s,
+            healthy=self._commit_healthy,
+            observe=self._observe_exposure,
+        )
+        self._observe_exposure(exposure)
+        pipeline = Pipeline(s, self.router, store, self.caller, self.metrics, exposure)
         self.pipeline = pipeline
         source = Source(s, self._on_revoked, self._on_assigned)
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
@@ -311,12 +323,25 @@ class Connector:
                 # replays as duplicates: forget them (the changelog restores what is durable).
                 self.window.clear()
                 self._dedup_held = set()
+                self._commit_healthy = False  # and what was not committed is lost
+                self.metrics.uncommitted_threads.set(0)
                 fenced = _only_fenced(exc)
                 if fenced is exc:
                     raise
                 raise fenced from exc
+            self._commit_healthy = exposure.healthy
             log.info("drained", extra={"cut_short": cut, **vars(pipeline.stats)})
             self._joined = False
+
+    def _observe_exposure(self, exposure: Exposure) -> None:
+        self.metrics.uncommitted_threads.set(exposure.held)
+        self.metrics.calls_gate_closed.set(0 if exposure.is_open else 1)
+
+    def buffered(self) -> int:
+        """Events fetched and not finished, with those held for restoring partitions:
+        what ``delivery.max_buffered_events`` bounds."""
+        held = sum(len(records) for records in self._held.values())
+        return held + (self.pipeline.in_progress() if self.pipeline is not None else 0)
 
     def _dedup_store(self) -> DedupStore:
         s = self.settings
@@ -334,30 +359,41 @@ class Connector:
     async def _fetch_loop(
         self, source: Source, pipeline: Pipeline, tasks: asyncio.TaskGroup, stop: asyncio.Event
     ) -> None:
+        """Fetch only what fits: ``delivery.max_buffered_events`` bounds the events fetched
+        and not finished (held ones of restoring partitions included) at every moment. A
+        fetch asks for the room left at most, and while the buffer is full (until it is
+        half empty) every partition stays paused and only paused ones are polled."""
         limit = self.settings.delivery.max_buffered_events
-        paused = False
+        paused = self._fetch_paused = False
         while not stop.is_set():
             self._heartbeat = time.monotonic()
             if self._fatal is not None:
                 fatal, self._fatal = self._fatal, None
                 raise fatal
-            records = await source.fetch(FETCH_TIMEOUT_MS)
             for tp in [tp for tp in self._held if tp not in self._restoring]:
                 for record in self._held.pop(tp):
                     pipeline.submit(record, tasks)
+            busy = self.buffered()
+            if not paused and busy >= limit:
+                paused = self._fetch_paused = True
+            elif paused and busy < max(1, limit // 2):
+                source.resume([tp for tp in source.assignment() if tp not in self._restoring])
+                paused = self._fetch_paused = False
+            if paused:
+                # every partition paused (an assignment may have added some); polling
+                # paused partitions takes no record but keeps us in the group
+                # (max.poll.interval.ms) while calls drain the buffer
+                source.pause(source.assignment())
+                self.metrics.partitions_paused.set(source.paused())
+                records = await source.keep_alive(FETCH_TIMEOUT_MS)
+            else:
+                self.metrics.partitions_paused.set(source.paused())
+                records = await source.fetch(FETCH_TIMEOUT_MS, max_records=limit - busy)
             for record in records:
                 if record.tp in self._restoring:
                     self._held.setdefault(record.tp, []).append(record)
                 else:
                     pipeline.submit(record, tasks)
-            busy = pipeline.in_progress()
-            if not paused and busy >= limit:
-                source.pause(source.assignment())
-                paused = True
-            elif paused and busy < limit // 2:
-                source.resume(source.assignment())
-                paused = False
-            self.metrics.partitions_paused.set(source.paused())
 
     async def _commit_loop(self, pipeline: Pipeline, sink: Sink, draining: asyncio.Event) -> None:
         """Commit cycles every interval; never cancelled mid-cycle (that would abort a
@@ -376,7 +412,7 @@ class Connector:
     async def _gauge_loop(self, source: Source, pipeline: Pipeline) -> None:
         m = self.metrics
         while True:
-            m.events_in_progress.set(pipeline.in_progress())
+            m.events_in_progress.set(self.buffered())
             m.dedup_entries.set(len(self.window))
             m.dedup_evictions.inc(self.window.evicted - self._evictions_reported)
             self._evictions_reported = self.window.evicted
@@ -443,8 +479,8 @@ class Connector:
         )
         self._dedup_held = set(assigned)
         self._restoring -= set(assigned)
-        if self._source is not None:
-            self._source.resume(assigned)  # the fetch loop pauses again if it is too busy
+        if self._source is not None and not self._fetch_paused:
+            self._source.resume(assigned)  # else the fetch loop resumes them with the rest
         self.metrics.dedup_restored.inc(restored)
         self._apply_share()
         self.metrics.partitions_assigned.set(len(assigned))

@@ -16,11 +16,12 @@ re-read on each probe, so a rotated secret file heals the connector without a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from connector.config import ApiSettings
 from connector.errors import (
@@ -40,6 +41,8 @@ from connector.threads_client import ApiThread, status_class
 
 log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
+Admit = Callable[[], Awaitable[None]]
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
@@ -121,9 +124,12 @@ class ThreadCaller:
         event_id: str,
         correlation_id: str,
         guard: CallGuard | None = None,
+        admit: Admit | None = None,
     ) -> ThreadCreated:
         """Raise EventRejected(stage=api) when the API refuses or the budget runs out, and
-        Abandoned when ``guard.abandoned`` is set before an attempt could start."""
+        Abandoned when ``guard.abandoned`` is set before an attempt could start.
+        ``admit`` is awaited in the concurrency slot before each attempt takes its token
+        (the pipeline's duplicate-exposure gate)."""
         guard = guard or _NoGuard()
         started = time.monotonic()
         paused_s = 0.0  # spent at a closed gate: not the event's retry budget
@@ -137,7 +143,9 @@ class ThreadCaller:
                 paused_s += time.monotonic() - waited_from
                 attempts += 1
                 try:
-                    thread = await self._one_attempt(request, event_id, correlation_id, guard)
+                    thread = await self._one_attempt(
+                        request, event_id, correlation_id, guard, admit
+                    )
                 except AuthError as exc:
                     attempts -= 1  # an auth pause is not the event's fault: no budget spent
                     # a 401/403 is an answer (the API is up); an unusable key sent nothing
@@ -206,13 +214,20 @@ class ThreadCaller:
                 return None
 
     async def _one_attempt(
-        self, request: ThreadRequest, event_id: str, correlation_id: str, guard: CallGuard
+        self,
+        request: ThreadRequest,
+        event_id: str,
+        correlation_id: str,
+        guard: CallGuard,
+        admit: Admit | None = None,
     ) -> ApiThread:
         m = self._metrics
-        async with self._slots:
+        async with self._slot():
+            if admit is not None:
+                await admit()
             if guard.abandoned:
                 raise Abandoned(event_id)
-            m.rate_limit_wait.inc(await self._bucket.acquire())
+            m.rate_limit_wait.inc(await self._counted(self._bucket.acquire()))
             if guard.abandoned:
                 raise Abandoned(event_id)
             guard.calling = True
@@ -249,6 +264,25 @@ class ThreadCaller:
         m.api_call_duration.labels("2xx").observe(time.monotonic() - t0)
         self._adaptive_update()
         return thread
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A concurrency slot; the wait for it counts in ``calls_waiting``."""
+        await self._counted(self._slots.acquire())
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _counted(self, wait: Awaitable[T]) -> T:
+        """``calls_waiting`` counts a call until its request is handed to the client;
+        ``calls_in_flight`` only from then until it returns."""
+        gauge = self._metrics.calls_waiting
+        gauge.inc()
+        try:
+            return await wait
+        finally:
+            gauge.dec()
 
     def _answered(self, probe: Gate | None, *, breaker: bool = True) -> None:
         """The API answered (not 401/403): the key is good; with ``breaker`` the API is

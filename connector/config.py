@@ -139,6 +139,12 @@ class DeliverySettings(_Frozen):
     transactional_id_prefix: str = "threads-connector"
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
     max_buffered_events: int = Field(default=2_000, ge=1, description="pause fetching above")
+    max_uncommitted_threads: int = Field(
+        default=1_000, ge=1, description="calls started whose results are not committed, at most"
+    )
+    commit_stall_s: float = Field(
+        default=5.0, gt=0, description="a commit cycle this long stops new calls until one ends"
+    )
     drain_timeout_s: float = Field(default=70.0, gt=0)
     revoke_timeout_s: float = Field(default=65.0, gt=0)
 
@@ -149,6 +155,7 @@ class DedupSettings(_Frozen):
     store: Literal["changelog", "memory"] = "changelog"
     event_id_field: str = "id"
     event_id_header: str = "event-id"
+    max_event_id_length: int = Field(default=256, ge=1, description="characters; longer: DLQ")
     ttl_s: float = Field(default=86_400.0, gt=0)
     max_entries: int = Field(default=1_000_000, ge=1)
     changelog_suffix: str = "dedup-changelog"

@@ -10,8 +10,18 @@
   in the same transaction as the results and the offsets; on assignment a partition's
   entries are restored before the partition is processed.
 
-Only events that produced a thread are remembered: a dead-lettered event can be redriven
-after a fix without being dropped as a duplicate.
+Only events that produced a thread are remembered by id: a dead-lettered event can be
+redriven after a fix without being dropped as a duplicate. A dead letter is remembered by
+its *source coordinates* instead (``DeadLetterMarks``): the committed position only moves
+over a contiguous run, so a dead letter written above it would be written again when the
+tail is replayed. A redriven copy has a new offset, so it is processed again. Marks are
+only needed above the committed position: they are pruned (and tombstoned in the
+changelog) once the position passes them, which keeps them bounded by the uncommitted tail.
+
+Keys: an event id is keyed by its JSON encoding (``5`` and ``"5"`` differ). The changelog
+values written since then carry ``"v": 2``; an entry without it was written by the old
+code, whose key is the raw string (see ``ChangelogDedupStore.restore``). A dead-letter
+mark's key starts with the byte 0xFF, which no UTF-8 text (an old key) can start with.
 """
 
 from __future__ import annotations
@@ -25,21 +35,26 @@ from typing import Protocol
 
 import orjson
 
-from connector.events import OutRecord, TopicPartitionKey
+from connector.events import OutRecord, TopicPartitionKey, dedup_key
 
 Clock = Callable[[], float]
+CHANGELOG_VERSION = 2  # keys are the id's JSON encoding (version 1: the raw string)
+MARK_PREFIX = b"\xffdl:"  # + the source offset: a dead letter's mark
 
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """An event already turned into a thread."""
+    """An event already turned into a thread. ``event_id`` is its dedup key (the id's
+    JSON encoding, ``Event.dedup_key``)."""
 
     event_id: str
     seen_at: float  # epoch seconds
     thread_uid: str
 
     def encode(self) -> bytes:
-        return orjson.dumps({"t": self.seen_at, "threadUid": self.thread_uid})
+        return orjson.dumps(
+            {"t": self.seen_at, "threadUid": self.thread_uid, "v": CHANGELOG_VERSION}
+        )
 
     @classmethod
     def decode(cls, event_id: str, value: bytes) -> Seen:
@@ -142,10 +157,67 @@ class InFlight:
         return len(self._calls)
 
 
+class DeadLetterMarks:
+    """Offsets dead-lettered above the committed position, per partition."""
+
+    def __init__(self) -> None:
+        self._marks: dict[TopicPartitionKey, set[int]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._marks.values())
+
+    def __contains__(self, item: tuple[TopicPartitionKey, int]) -> bool:
+        tp, offset = item
+        marks = self._marks.get(tp)
+        return marks is not None and offset in marks
+
+    def add(self, tp: TopicPartitionKey, offset: int) -> None:
+        self._marks.setdefault(tp, set()).add(offset)
+
+    def discard(self, tp: TopicPartitionKey, offset: int) -> None:
+        marks = self._marks.get(tp)
+        if marks is not None:
+            marks.discard(offset)
+
+    def prune(self, tp: TopicPartitionKey, position: int) -> list[int]:
+        """Drop the marks below ``position`` (committed: never replayed); return them."""
+        marks = self._marks.get(tp)
+        if not marks:
+            return []
+        gone = [offset for offset in marks if offset < position]
+        marks.difference_update(gone)
+        return gone
+
+    def drop(self, tps: Iterable[TopicPartitionKey]) -> None:
+        for tp in tps:
+            self._marks.pop(tp, None)
+
+
+def mark_key(offset: int) -> bytes:
+    return MARK_PREFIX + str(offset).encode()
+
+
 class DedupStore(Protocol):
     """What the pipeline needs of a dedup store."""
 
     window: DedupWindow
+    marks: DeadLetterMarks
+
+    def dead_lettered(self, tp: TopicPartitionKey, offset: int) -> bool:
+        """Whether the record at these coordinates was dead-lettered already."""
+        ...
+
+    def remember_dead_letter(self, tp: TopicPartitionKey, offset: int) -> OutRecord | None:
+        """Mark the record dead-lettered; return the changelog record to write with it."""
+        ...
+
+    def prune(self, positions: dict[TopicPartitionKey, int]) -> None:
+        """Committed positions moved: the marks below them are no longer needed."""
+        ...
+
+    def take_tombstones(self) -> list[OutRecord]:
+        """Changelog tombstones for pruned marks, to write in the next commit cycle."""
+        ...
 
     async def restore(self, tps: Iterable[TopicPartitionKey]) -> int: ...
 
@@ -165,12 +237,29 @@ class MemoryDedupStore:
 
     def __init__(self, window: DedupWindow) -> None:
         self.window = window
+        self.marks = DeadLetterMarks()
 
     async def restore(self, tps: Iterable[TopicPartitionKey]) -> int:
         return 0
 
     def forget(self, tps: Iterable[TopicPartitionKey]) -> None:
+        tps = list(tps)
         self.window.drop(tps)
+        self.marks.drop(tps)
+
+    def dead_lettered(self, tp: TopicPartitionKey, offset: int) -> bool:
+        return (tp, offset) in self.marks
+
+    def remember_dead_letter(self, tp: TopicPartitionKey, offset: int) -> OutRecord | None:
+        self.marks.add(tp, offset)
+        return None
+
+    def prune(self, positions: dict[TopicPartitionKey, int]) -> None:
+        for tp, position in positions.items():
+            self.marks.prune(tp, position)
+
+    def take_tombstones(self) -> list[OutRecord]:
+        return []
 
     def seen(self, tp: TopicPartitionKey, event_id: str) -> float | None:
         return self.window.get(tp, event_id)
@@ -198,6 +287,7 @@ class ChangelogDedupStore(MemoryDedupStore):
         super().__init__(window)
         self._topic_for = topic_for
         self._reader = reader
+        self._tombstones: list[OutRecord] = []
 
     async def restore(self, tps: Iterable[TopicPartitionKey]) -> int:
         restored = 0
@@ -206,16 +296,43 @@ class ChangelogDedupStore(MemoryDedupStore):
             async for key, value in self._reader(self._topic_for(topic), partition):
                 if key is None:
                     continue
-                event_id = key.decode("utf-8", "replace")
-                seen = None if value is None else Seen.decode(event_id, value)
+                if key.startswith(MARK_PREFIX):
+                    offset = int(key[len(MARK_PREFIX) :])
+                    if value is None:
+                        self.marks.discard(tp, offset)
+                    else:
+                        self.marks.add(tp, offset)
+                    continue
+                keys = _restored_keys(key, value)
+                seen = None if value is None else Seen.decode(keys[0], value)
                 if seen is None or not self.window.is_live(seen.seen_at):
                     # a tombstone, or an entry past the window that compaction has not
                     # removed yet: neither takes memory
-                    self.window.discard(tp, event_id)
+                    for k in keys:
+                        self.window.discard(tp, k)
                     continue
-                self.window.add(tp, seen)
+                for k in keys:
+                    self.window.add(tp, Seen(k, seen.seen_at, seen.thread_uid))
                 restored += 1
         return restored
+
+    def remember_dead_letter(self, tp: TopicPartitionKey, offset: int) -> OutRecord | None:
+        self.marks.add(tp, offset)
+        topic, partition = tp
+        value = orjson.dumps({"t": self.window.now(), "v": CHANGELOG_VERSION})
+        return OutRecord(self._topic_for(topic), mark_key(offset), value, partition=partition)
+
+    def prune(self, positions: dict[TopicPartitionKey, int]) -> None:
+        for tp, position in positions.items():
+            topic, partition = tp
+            for offset in self.marks.prune(tp, position):
+                self._tombstones.append(
+                    OutRecord(self._topic_for(topic), mark_key(offset), None, partition=partition)
+                )
+
+    def take_tombstones(self) -> list[OutRecord]:
+        tombstones, self._tombstones = self._tombstones, []
+        return tombstones
 
     def remember(self, tp: TopicPartitionKey, seen: Seen) -> OutRecord | None:
         self.window.add(tp, seen)
@@ -226,3 +343,30 @@ class ChangelogDedupStore(MemoryDedupStore):
             value=seen.encode(),
             partition=partition,
         )
+
+
+def _restored_keys(key: bytes, value: bytes | None) -> list[str]:
+    """The dedup keys a changelog entry stands for.
+
+    Version 2 entries are keyed by the id's JSON encoding. The old code keyed by the raw
+    string, and turned the integer 5 and the string "5" into the same "5": such an entry
+    (or a tombstone, whose version is unknown) stands for the string and, when the text is
+    an integer, for the integer too -- better to drop a replay of either than to create
+    its thread twice across the upgrade (until the entry expires).
+    """
+    text = key.decode("utf-8", "replace")
+    if value is not None and orjson.loads(value).get("v", 1) >= CHANGELOG_VERSION:
+        return [text]
+    keys = [dedup_key(text)]
+    if value is None:
+        keys.append(text)  # a version 2 key
+    if _is_int_text(text):
+        keys.append(text)
+    return list(dict.fromkeys(keys))
+
+
+def _is_int_text(text: str) -> bool:
+    try:
+        return str(int(text)) == text
+    except ValueError:
+        return False

@@ -46,15 +46,37 @@ class InputRecord:
         return found
 
 
+EventId = str | int
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A parsed domain event: its id, its type and its JSON body."""
+    """A parsed domain event: its id, its type and its JSON body.
+
+    ``event_id`` is the id as text (headers, logs, templates); ``event_id_value`` is the id
+    as the producer typed it (a string or an integer), which the result record keeps;
+    ``dedup_key`` is its JSON encoding, so ``5`` and ``"5"`` are different events.
+    """
 
     event_id: str
     event_type: str
     body: dict[str, Any]
     record: InputRecord
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    event_id_value: EventId | None = None  # None: the same as ``event_id`` (a string)
+
+    @property
+    def id_value(self) -> EventId:
+        return self.event_id if self.event_id_value is None else self.event_id_value
+
+    @property
+    def dedup_key(self) -> str:
+        return dedup_key(self.id_value)
+
+
+def dedup_key(event_id: EventId) -> str:
+    """The id's JSON encoding: ``"5"`` for the string, ``5`` for the integer."""
+    return orjson.dumps(event_id).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +114,21 @@ def lookup(body: dict[str, Any], path: str) -> Any:
     return node
 
 
-def parse_event(record: InputRecord, *, id_field: str, id_header: str, type_field: str) -> Event:
-    """Decode the record's JSON and find its event id and type, or raise EventRejected."""
+def parse_event(
+    record: InputRecord,
+    *,
+    id_field: str,
+    id_header: str,
+    type_field: str,
+    max_id_length: int = 256,
+) -> Event:
+    """Decode the record's JSON and find its event id and type, or raise EventRejected.
+
+    The id is the body's ``id_field`` (a string or an integer) or, when the body has none,
+    the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
+    than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
+    a bool or an object to text would make different events collide.
+    """
     if record.value is None:
         raise EventRejected(Stage.PARSE, "record has no value (tombstone)", code="empty_value")
     try:
@@ -108,16 +143,7 @@ def parse_event(record: InputRecord, *, id_field: str, id_header: str, type_fiel
             f"value is JSON {type(body).__name__}, not an object",
             code="not_an_object",
         )
-    event_id = _scalar(body, id_field)
-    if not event_id:
-        raw = record.header(id_header)
-        event_id = raw.decode("utf-8", "replace").strip() if raw else None
-    if not event_id:
-        raise EventRejected(
-            Stage.VALIDATE,
-            f"no event id: field '{id_field}' and header '{id_header}' missing",
-            code="no_event_id",
-        )
+    event_id = _event_id(record, body, id_field, id_header, max_id_length)
     event_type = _scalar(body, type_field)
     if not event_type:
         raise EventRejected(
@@ -125,7 +151,67 @@ def parse_event(record: InputRecord, *, id_field: str, id_header: str, type_fiel
             f"no event type: field '{type_field}' missing",
             code="no_event_type",
         )
-    return Event(event_id=event_id, event_type=event_type, body=body, record=record)
+    return Event(
+        event_id=str(event_id),
+        event_type=event_type,
+        body=body,
+        record=record,
+        event_id_value=event_id if isinstance(event_id, int) else None,
+    )
+
+
+_MISSING = object()
+
+
+def _event_id(
+    record: InputRecord, body: dict[str, Any], id_field: str, id_header: str, max_length: int
+) -> EventId:
+    value: Any
+    try:
+        value = lookup(body, id_field)
+    except KeyError:
+        value = _MISSING
+    where = f"field '{id_field}'"
+    if value is _MISSING:
+        raw = record.header(id_header)
+        if raw is None:
+            raise EventRejected(
+                Stage.VALIDATE,
+                f"no event id: field '{id_field}' and header '{id_header}' missing",
+                code="no_event_id",
+            )
+        where = f"header '{id_header}'"
+        try:
+            value = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise EventRejected(
+                Stage.VALIDATE, f"event id in {where} is not UTF-8", code="invalid_event_id"
+            ) from exc
+        if not value:  # an empty header says as much as no header
+            raise EventRejected(
+                Stage.VALIDATE,
+                f"no event id: field '{id_field}' missing and header '{id_header}' empty",
+                code="no_event_id",
+            )
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        kind = "null" if value is None else type(value).__name__
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"event id in {where} is a JSON {kind}: a string or an integer is required",
+            code="invalid_event_id",
+        )
+    if isinstance(value, str) and not value:
+        raise EventRejected(
+            Stage.VALIDATE, f"event id in {where} is empty", code="invalid_event_id"
+        )
+    length = len(value) if isinstance(value, str) else len(str(value))
+    if length > max_length:
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"event id in {where} has {length} characters, over {max_length}",
+            code="invalid_event_id",
+        )
+    return value
 
 
 def _scalar(body: dict[str, Any], path: str) -> str | None:
@@ -155,7 +241,7 @@ def result_record(
     src = event.record
     value = {
         "schemaVersion": RESULT_SCHEMA_VERSION,
-        "eventId": event.event_id,
+        "eventId": event.id_value,  # as the producer typed it: a string or an integer
         "eventType": event.event_type,
         "appUid": app_uid,
         "agentUid": created.agent_uid,

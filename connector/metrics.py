@@ -37,6 +37,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "parse": ("empty_value", "invalid_json", "not_an_object"),
     "validate": (
         "no_event_id",
+        "invalid_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
@@ -62,7 +63,7 @@ RETRY_CODES = ("429", "502", "503", "504", "timeout", "connect_error")
 STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")
 COMMIT_MODES = ("transaction", "at_least_once")  # ``Sink.mode``
 REBALANCE_KINDS = ("assign", "revoke")
-DEDUP_KINDS = ("window", "in_flight")
+DEDUP_KINDS = ("window", "in_flight", "dead_letter")
 
 
 class Metrics:
@@ -80,7 +81,8 @@ class Metrics:
         )
         self.dedup_hits = Counter(
             f"{p}_dedup_hits_total",
-            "Events dropped as duplicates: seen in the window, or in flight already.",
+            "Events dropped as duplicates: seen in the window, in flight already, or "
+            "dead-lettered already (kind dead_letter: same source offset, replayed).",
             ["topic", "kind"],
             registry=r,
         )
@@ -131,7 +133,28 @@ class Metrics:
             registry=r,
         )
         self.calls_in_flight = Gauge(
-            f"{p}_calls_in_flight", "Threads API calls in flight now.", registry=r
+            f"{p}_calls_in_flight",
+            "Threads API requests on the wire now (handed to the HTTP client, not returned).",
+            registry=r,
+        )
+        self.calls_waiting = Gauge(
+            f"{p}_calls_waiting",
+            "Calls waiting to start: for a concurrency slot, a rate-limit token, or the "
+            "duplicate-exposure gate.",
+            registry=r,
+        )
+        self.uncommitted_threads = Gauge(
+            f"{p}_uncommitted_threads",
+            "Calls started whose results are not committed yet (on the wire, retrying, or "
+            "created and waiting for a commit): what a crash now could duplicate. At most "
+            "delivery.max_uncommitted_threads.",
+            registry=r,
+        )
+        self.calls_gate_closed = Gauge(
+            f"{p}_calls_gate_closed",
+            "1 while no call may start: the uncommitted cap is reached, or commit cycles fail "
+            "or stall.",
+            registry=r,
         )
         self.events_in_progress = Gauge(
             f"{p}_events_in_progress", "Events fetched and not yet finished.", registry=r

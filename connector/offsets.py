@@ -76,6 +76,15 @@ class OffsetTracker:
             return part.committed
         return part.order[0] if part.order else part.position
 
+    def committed_positions(self) -> dict[TopicPartitionKey, int]:
+        """``committed_position`` of every partition that has one (a no-op to commit)."""
+        out = {}
+        for tp in self._parts:
+            position = self.committed_position(tp)
+            if position is not None:
+                out[tp] = position
+        return out
+
     def pending(self, tp: TopicPartitionKey | None = None) -> int:
         """Records fetched but not finished (one partition, or all)."""
         if tp is not None:

@@ -31,6 +31,7 @@ from connector.events import (
     parse_event,
     result_record,
 )
+from connector.exposure import Exposure
 from connector.metrics import Metrics
 from connector.offsets import OffsetTracker
 from connector.routing import Router, render
@@ -82,7 +83,10 @@ class Pipeline:
         store: DedupStore,
         caller: ThreadCaller,
         metrics: Metrics,
+        exposure: Exposure | None = None,
     ) -> None:
+        """``exposure``: the gate on calls whose results are not committed (a session
+        after a failed commit passes one that starts closed)."""
         self._s = settings
         self._router = router
         self._store = store
@@ -94,6 +98,8 @@ class Pipeline:
         self._outcomes: list[Outcome] = []
         self._key_tails: dict[tuple[TopicPartitionKey, bytes | None], asyncio.Future[None]] = {}
         self._commit_lock = asyncio.Lock()
+        d = settings.delivery
+        self.exposure = exposure or Exposure(d.max_uncommitted_threads, d.commit_stall_s)
         self.stats = _Stats()
 
     # -- intake -------------------------------------------------------------------------
@@ -142,19 +148,26 @@ class Pipeline:
     async def _handle(self, job: Job) -> Outcome:
         record = job.record
         s = self._s
+        if self._store.dead_lettered(record.tp, record.offset):
+            # dead-lettered above the committed position before a restart or rebalance:
+            # its dead letter is durable already (a redriven copy has a new offset)
+            self._m.dedup_hits.labels(record.topic, "dead_letter").inc()
+            return Outcome(record.tp, record.offset)
         try:
             event = parse_event(
                 record,
                 id_field=s.dedup.event_id_field,
                 id_header=s.dedup.event_id_header,
                 type_field=s.event_type_field,
+                max_id_length=s.dedup.max_event_id_length,
             )
         except EventRejected as exc:
             return self._dead(record, exc)
-        if self._store.seen(record.tp, event.event_id) is not None:
+        key = event.dedup_key
+        if self._store.seen(record.tp, key) is not None:
             self._m.dedup_hits.labels(record.topic, "window").inc()
             return Outcome(record.tp, record.offset)
-        waiter = self._inflight.claim(record.tp, event.event_id)
+        waiter = self._inflight.claim(record.tp, key)
         if waiter is not None:
             await waiter  # the first copy's call: one call for both
             self._m.dedup_hits.labels(record.topic, "in_flight").inc()
@@ -162,7 +175,7 @@ class Pipeline:
         try:
             return await self._call(job, event)
         finally:
-            self._inflight.release(record.tp, event.event_id)
+            self._inflight.release(record.tp, key)
 
     async def _call(self, job: Job, event: Event) -> Outcome:
         record = job.record
@@ -172,12 +185,28 @@ class Pipeline:
             return self._dead(record, exc, event.event_id, event.correlation_id)
         if job.previous is not None:
             await job.previous
+        admitted = False
+
+        async def admit() -> None:
+            """The exposure unit is taken once, in the concurrency slot before the first
+            token: calls queued for a slot or a token are not exposure yet."""
+            nonlocal admitted
+            if not admitted:
+                await self._enter_gate()
+                admitted = True
+
         try:
             created = await self._caller.call(
-                request, event.event_id, event.correlation_id, guard=job
+                request, event.event_id, event.correlation_id, guard=job, admit=admit
             )
         except EventRejected as exc:
+            if admitted:
+                self.exposure.leave()  # refused: no thread to commit
             return self._dead(record, exc, event.event_id, event.correlation_id)
+        except BaseException:
+            if admitted:
+                self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
+            raise
         values = {
             "threadUid": created.thread_uid,
             "humanUid": created.human_uid,
@@ -197,7 +226,7 @@ class Pipeline:
             )
         ]
         changelog = self._store.remember(
-            record.tp, Seen(event.event_id, self._store.window.now(), created.thread_uid)
+            record.tp, Seen(event.dedup_key, self._store.window.now(), created.thread_uid)
         )
         if changelog is not None:
             records.append(changelog)
@@ -212,6 +241,17 @@ class Pipeline:
             },
         )
         return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
+
+    async def _enter_gate(self) -> None:
+        exposure = self.exposure
+        if exposure.is_open:
+            await exposure.enter()
+            return
+        self._m.calls_waiting.inc()
+        try:
+            await exposure.enter()
+        finally:
+            self._m.calls_waiting.dec()
 
     def _dead(
         self,
@@ -232,8 +272,10 @@ class Pipeline:
             },
         )
         dlq = dead_letter_record(self._s.kafka.dead_letter_topic, record, exc, event_id=event_id)
+        mark = self._store.remember_dead_letter(record.tp, record.offset)
+        records = (dlq,) if mark is None else (dlq, mark)
         return Outcome(
-            record.tp, record.offset, (dlq,), "dead_letter", stage=exc.stage.value, code=exc.code
+            record.tp, record.offset, records, "dead_letter", stage=exc.stage.value, code=exc.code
         )
 
     # -- revocation and drain -----------------------------------------------------------
@@ -277,23 +319,32 @@ class Pipeline:
         """One commit cycle; returns the number of outcomes made durable."""
         async with self._commit_lock:
             outcomes, self._outcomes = self._outcomes, []
-            if not outcomes and not self.tracker.uncommitted():
+            tracker = self.tracker
+            exposure = self.exposure
+            # after a failed cycle calls wait for one that succeeds: with nothing new to
+            # commit, re-commit the positions already committed to ask the broker
+            probe = {} if exposure.healthy else tracker.committed_positions()
+            if not outcomes and not tracker.uncommitted() and not probe:
                 return 0
             records = [r for o in outcomes for r in o.records]
-            tracker = self.tracker
+            records.extend(self._store.take_tombstones())
 
             def finish() -> dict[TopicPartitionKey, int]:
                 for outcome in outcomes:
                     tracker.done(outcome.tp, outcome.offset)
-                return tracker.uncommitted()
+                return tracker.uncommitted() or probe
 
             started = time.monotonic()
+            exposure.cycle_started()
             try:
                 positions = await sink.commit_cycle(records, finish)
             except BaseException:
+                exposure.cycle_failed()
                 self._m.commit_failures.labels(sink.mode).inc()
                 raise
+            exposure.cycle_succeeded(sum(1 for o in outcomes if o.kind == "result"))
             tracker.mark_committed(positions)
+            self._store.prune(positions)
             self._m.commit_duration.labels(sink.mode).observe(time.monotonic() - started)
             self._count(outcomes)
             return len(outcomes)

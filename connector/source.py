@@ -6,6 +6,7 @@ that matter to the flow are translated here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -83,10 +84,22 @@ class Source:
     def group_id(self) -> str:
         return self._settings.kafka.group_id
 
-    async def fetch(self, timeout_ms: int) -> list[InputRecord]:
-        batches = await self._consumer.getmany(
-            timeout_ms=timeout_ms, max_records=self._settings.kafka.fetch_max_records
-        )
+    async def fetch(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
+        """At most ``kafka.fetch_max_records`` records, and at most ``max_records``."""
+        limit = self._settings.kafka.fetch_max_records
+        if max_records is not None:
+            limit = max(1, min(limit, max_records))
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
+        return [_record(m) for msgs in batches.values() for m in msgs]
+
+    async def keep_alive(self, timeout_ms: int) -> list[InputRecord]:
+        """Poll only paused partitions: no record comes back (unless a rebalance gave one
+        back unpaused meanwhile), but the poll keeps the member in the group."""
+        paused = sorted(self._consumer.paused(), key=lambda tp: (tp.topic, tp.partition))
+        if not paused:
+            await asyncio.sleep(timeout_ms / 1000)
+            return []
+        batches = await self._consumer.getmany(paused[0], timeout_ms=timeout_ms, max_records=1)
         return [_record(m) for msgs in batches.values() for m in msgs]
 
     def assignment(self) -> list[TopicPartitionKey]:

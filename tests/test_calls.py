@@ -632,3 +632,27 @@ async def test_an_unusable_key_pauses_like_a_401_and_heals() -> None:
     assert h.sample("threads_connector_auth_paused") == 0
     assert h.sample("threads_connector_api_key_invalid") == 0
     assert h.caller.breaker.consecutive == 0
+async def test_calls_waiting_for_a_slot_are_not_counted_in_flight() -> None:
+    """``calls_in_flight`` is the requests handed to the client; a call queued for a
+    concurrency slot is ``calls_waiting``."""
+    release = asyncio.Event()
+    samples: list[tuple[float | None, float | None]] = []
+
+    async def hold(_: float) -> None:
+        samples.append(
+            (
+                h.sample("threads_connector_calls_in_flight"),
+                h.sample("threads_connector_calls_waiting"),
+            )
+        )
+        await release.wait()
+
+    h = Harness([OK, OK, OK], api={"max_in_flight": 1}, before_answer=hold)
+    calls = [asyncio.create_task(h.call(f"evt-{i}")) for i in range(3)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert samples == [(1.0, 2.0)]  # one on the wire, two queued for the slot
+    release.set()
+    await asyncio.gather(*calls)
+    assert h.sample("threads_connector_calls_in_flight") == 0
+    assert h.sample("threads_connector_calls_waiting") == 0

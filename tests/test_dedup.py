@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from connector.dedup import (
@@ -286,3 +287,49 @@ async def test_restore_of_an_empty_changelog(tps: list[tuple[str, int]]) -> None
     assert await store.restore(tps) == 0
     assert len(reads) == len(tps)
     assert len(store.window) == 0
+
+
+# -- typed ids and dead-letter marks -------------------------------------------------------
+
+
+async def test_entries_of_the_old_code_are_read_by_their_raw_string_key() -> None:
+    """Old entries (no version) are keyed by the raw string; "5" stood for both 5 and "5"."""
+    clock = FakeClock()
+    changelog = "grp-orders-dedup-changelog"
+    old_value = orjson.dumps({"t": clock.now, "threadUid": "th"})
+    new = Seen('"n"', clock.now, "th-n").encode()
+    log: dict[tuple[str, int], list[ChangelogEntry]] = {
+        (changelog, 0): [(b"abc", old_value), (b"5", old_value), (b'"n"', new), (b"7", new)],
+    }
+    store, _ = make_store(clock, log)
+    await store.restore([TP])
+    assert store.seen(TP, '"abc"') is not None
+    assert store.seen(TP, "abc") is None
+    assert store.seen(TP, '"5"') is not None and store.seen(TP, "5") is not None
+    assert store.seen(TP, '"n"') is not None
+    assert store.seen(TP, "7") is not None and store.seen(TP, '"7"') is None
+
+
+async def test_dead_letter_marks_round_trip_and_are_tombstoned_once_committed() -> None:
+    clock = FakeClock()
+    writer, _ = make_store(clock, {})
+    marks = [writer.remember_dead_letter(TP, offset) for offset in (3, 7, 12)]
+    assert all(m is not None and m.partition == 0 for m in marks)
+    assert writer.dead_lettered(TP, 7) and not writer.dead_lettered(TP, 8)
+    assert not writer.dead_lettered(TP2, 7)
+
+    writer.prune({TP: 8})  # committed position passed 3 and 7
+    assert not writer.dead_lettered(TP, 3) and writer.dead_lettered(TP, 12)
+    tombstones = writer.take_tombstones()
+    assert [(t.key, t.value) for t in tombstones] == [(m.key, None) for m in marks[:2] if m]
+    assert writer.take_tombstones() == []
+
+    changelog = "grp-orders-dedup-changelog"
+    entries: list[ChangelogEntry] = [(m.key, m.value) for m in marks if m]
+    entries += [(t.key, t.value) for t in tombstones]
+    store, _ = make_store(clock, {(changelog, 0): entries})
+    await store.restore([TP])
+    assert [o for o in range(20) if store.dead_lettered(TP, o)] == [12]
+    assert len(store.window) == 0  # marks are not event ids
+    store.forget([TP])
+    assert not store.dead_lettered(TP, 12)

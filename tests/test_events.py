@@ -46,13 +46,15 @@ def record(
     return InputRecord("orders", 3, 42, key, payload, headers, timestamp_ms=1_700_000_000_000)
 
 
-def parse(rec: InputRecord, id_field: str = "id") -> Event:
-    return parse_event(rec, id_field=id_field, id_header="event-id", type_field="type")
+def parse(rec: InputRecord, id_field: str = "id", max_len: int = 256) -> Event:
+    return parse_event(
+        rec, id_field=id_field, id_header="event-id", type_field="type", max_id_length=max_len
+    )
 
 
-def rejected(rec: InputRecord) -> EventRejected:
+def rejected(rec: InputRecord, max_len: int = 256) -> EventRejected:
     with pytest.raises(EventRejected) as info:
-        parse(rec)
+        parse(rec, max_len=max_len)
     return info.value
 
 
@@ -125,16 +127,37 @@ def test_missing_id_is_a_validation_error(headers: tuple[tuple[str, bytes], ...]
     assert exc.code == "no_event_id"
 
 
-@pytest.mark.parametrize("bad_id", [True, 1.5, {"x": 1}, ["a"], None])
-def test_non_scalar_id_does_not_count(bad_id: Any) -> None:
-    assert rejected(record({"id": bad_id, "type": "t"})).code == "no_event_id"
+@pytest.mark.parametrize("bad_id", [True, 1.5, 5.0, {"x": 1}, ["a"], None, ""])
+def test_an_id_that_is_not_a_string_or_an_integer_is_invalid(bad_id: Any) -> None:
+    """Coerced to text, 5.0 or true would collide with other events: a dead letter, even
+    when a header could stand in (which of the two was meant is not ours to guess)."""
+    exc = rejected(record({"id": bad_id, "type": "t"}))
+    assert (exc.stage, exc.code) == (Stage.VALIDATE, "invalid_event_id")
     with_header = record({"id": bad_id, "type": "t"}, headers=(("event-id", b"h-2"),))
-    assert parse(with_header).event_id == "h-2"
+    assert rejected(with_header).code == "invalid_event_id"
 
 
-def test_empty_id_field_falls_back_to_the_header() -> None:
-    rec = record({"id": "", "type": "t"}, headers=(("event-id", b"hdr-3"),))
-    assert parse(rec).event_id == "hdr-3"
+def test_an_integer_id_and_its_digits_as_a_string_are_different_events() -> None:
+    as_int, as_str = parse(record({"id": 5, "type": "t"})), parse(record({"id": "5", "type": "t"}))
+    assert as_int.event_id == as_str.event_id == "5"  # the text form (headers, logs)
+    assert (as_int.id_value, as_str.id_value) == (5, "5")
+    assert (as_int.dedup_key, as_str.dedup_key) == ("5", '"5"')
+
+
+def test_an_id_over_the_length_limit_is_invalid() -> None:
+    ok = record({"id": "x" * 256, "type": "t"})
+    assert parse(ok).event_id == "x" * 256
+    exc = rejected(record({"id": "x" * 10_000, "type": "t"}))
+    assert exc.code == "invalid_event_id"
+    assert "x" * 100 not in exc.reason
+    assert rejected(record({"id": 10**15, "type": "t"}), max_len=10).code == ("invalid_event_id")
+
+
+def test_a_header_id_is_a_string_and_must_be_utf8() -> None:
+    event = parse(record({"type": "t"}, headers=(("event-id", b"5"),)))
+    assert (event.id_value, event.dedup_key) == ("5", '"5"')
+    bad = record({"type": "t"}, headers=(("event-id", b"\xff\xfe"),))
+    assert rejected(bad).code == "invalid_event_id"
 
 
 def test_numeric_id_and_type_become_strings() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from connector import localkafka
 from connector.localkafka import LocalKafka, LocalKafkaError
@@ -343,3 +343,60 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     after = cli("status")
     assert after.returncode == 1 and "not running" in after.stdout
+
+
+@pytest.mark.integration
+def test_cli_stop_then_start_keeps_the_data(tmp_path: Path) -> None:
+    """A stopped broker started again from its state dir has the same topics and records
+    (the storage is formatted only the first time)."""
+    state = tmp_path / "kafka"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connector.localkafka", *args, "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=ROOT,
+            check=False,
+        )
+
+    async def write(bootstrap: str) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic("kept", 1, 1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait("kept", b"survives a restart")
+        finally:
+            await producer.stop()
+
+    async def read(bootstrap: str) -> list[bytes]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tp = TopicPartition("kept", 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            batch = await consumer.getmany(tp, timeout_ms=10_000)
+            return [m.value for m in batch.get(tp, [])]
+        finally:
+            await consumer.stop()
+
+    first = cli("start")
+    try:
+        assert first.returncode == 0, first.stderr
+        asyncio.run(write(first.stdout.strip()))
+        assert cli("stop").returncode == 0
+        second = cli("start")
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.strip() == first.stdout.strip()  # same ports
+        assert asyncio.run(read(second.stdout.strip())) == [b"survives a restart"]
+    finally:
+        cli("stop")

@@ -148,6 +148,8 @@ class LocalKafka:
             libs = ensure_jars(self._cache_dir)
             java = find_executable("java")
             state = self._ensure_state_dir()
+            if not self._formatted:
+                self._adopt(state)
             attempts = 1 if (self._formatted or self._fixed_port) else 3
             for attempt in range(1, attempts + 1):
                 fresh = not self._formatted
@@ -250,6 +252,36 @@ class LocalKafka:
             else:
                 self._state_dir = Path(tempfile.mkdtemp(prefix="localkafka-"))
         return self._state_dir
+
+    def _adopt(self, state: Path) -> None:
+        """Reuse a state dir whose storage is formatted already (a broker stopped before):
+        same cluster, same ports, same data. Formatting anew would wipe every topic."""
+        props = state / "server.properties"
+        if not (state / "data" / "meta.properties").is_file() or not props.is_file():
+            return
+        ports = _listener_ports(props.read_text())
+        if ports is None:
+            return
+        port, controller_port = ports
+        if self._fixed_port is not None:
+            port = self._fixed_port  # the client listener may move; the controller may not
+        for taken in (p for p in (port, controller_port) if not _port_free(p)):
+            raise LocalKafkaError(
+                f"port {HOST}:{taken} of the broker formatted in {state} is in use; free it, "
+                "or delete the state dir to start a new broker"
+            )
+        self._ports = (port, controller_port)
+        props.write_text(
+            render_server_properties(
+                port=port,
+                controller_port=controller_port,
+                log_dir=state / "data",
+                overrides=self._broker_config,
+            )
+        )
+        (state / "log4j2.xml").write_text(render_log4j2(state / "kafka.log"))
+        self._formatted = True
+        logger.info("reusing the Kafka storage formatted in %s", state)
 
     def _prepare(self, libs: Path, state: Path) -> None:
         """Choose ports, write the config files and format a fresh log dir."""
@@ -372,3 +404,18 @@ class LocalKafka:
             if tail:
                 parts.append(f"--- tail of {self._state_dir / name} ---\n{tail}")
         return "\n".join(parts) or f"(no output yet in {self._state_dir}/kafka.out, kafka.log)"
+
+
+def _listener_ports(properties: str) -> tuple[int, int] | None:
+    """(client port, controller port) from a server.properties written by ``_prepare``."""
+    for line in properties.splitlines():
+        if line.startswith("listeners="):
+            found = dict(
+                (name, int(address.rsplit(":", 1)[1]))
+                for name, address in (
+                    item.split("://", 1) for item in line.split("=", 1)[1].split(",")
+                )
+            )
+            if "PLAINTEXT" in found and "CONTROLLER" in found:
+                return found["PLAINTEXT"], found["CONTROLLER"]
+    return None
