@@ -14,8 +14,10 @@ import hashlib
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from connector.errors import ConfigError
+from connector.app import Connector
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
     Names,
@@ -210,18 +212,44 @@ async def test_dlq_reason_cut_keeps_utf8_valid(
             value.decode("utf-8")  # every one of the connector's headers is valid
 
 
-async def test_startup_stops_when_an_output_topic_refuses_large_records(
+async def test_startup_waits_not_ready_while_an_output_topic_refuses_large_records(
     kafka_bootstrap: str, sim: ThreadsApiSimulator
 ) -> None:
+    """The mismatch is named (setting, topic, both numbers) on /readyz and in the log, the
+    process stays up (no crash loop), and fixing the topic lets it start by itself."""
     names = Names.fresh("poison-cfg")
     await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "500000"})
-    settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
-    with pytest.raises(ConfigError) as caught:
-        async with running(settings):
-            pass
-    message = str(caught.value)
-    assert "kafka.max_request_size" in message and names.dead in message
-    assert "1048576" in message and "500000" in message
+    settings = make_settings(
+        kafka_bootstrap, sim.base_url, names, partitions=1, kafka={"retry_max_s": 1.0}
+    )
+    connector = Connector(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(connector.run(stop))
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while connector.kafka_problem is None:
+            assert not task.done(), task
+            assert asyncio.get_running_loop().time() < deadline, "no problem reported"
+            await asyncio.sleep(0.1)
+        ok, detail = connector._ready()
+        assert not ok
+        assert "kafka.max_request_size" in detail and names.dead in detail
+        assert "1048576" in detail and "500000" in detail
+        assert not connector.started.is_set()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            resource = ConfigResource(
+                ConfigResourceType.TOPIC, names.dead, configs={"max.message.bytes": "2000000"}
+            )
+            await admin.alter_configs([resource])
+        finally:
+            await admin.close()
+        await asyncio.wait_for(connector.started.wait(), 30)
+        assert connector.kafka_problem is None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
 
 
 async def test_topics_the_connector_creates_accept_its_largest_record(
