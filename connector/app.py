@@ -293,7 +293,7 @@ class Connector:
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
         # instance that fenced us, and the two would take turns forever
         suffix = f"-f{self._fences}" if self._fences else ""
-        sink = Sink(s, source, kwargs, transactional_suffix=suffix)
+        sink = Sink(s, source, kwargs, transactional_suffix=suffix, metrics=self.metrics)
         self._sink = sink
         self._source = source
         self._store = store

@@ -232,6 +232,17 @@ class Metrics:
             ["mode"],
             registry=r,
         )
+        self.outcomes_bounded = Counter(
+            f"{p}_outcome_records_bounded_total",
+            "Outcome records over kafka.max_request_size or refused by the broker: written "
+            "in bounded form (cut, minimal) or left out (changelog records only).",
+            ["kind", "form"],
+            registry=r,
+        )
+        for kind in ("result", "dead_letter", "changelog"):
+            for form in ("bounded", "left_out"):
+                if form == "bounded" or kind == "changelog":
+                    self.outcomes_bounded.labels(kind, form)
         self.fenced = Counter(
             f"{p}_producer_fenced_total", "Times the transactional producer was fenced.", registry=r
         )

@@ -44,6 +44,7 @@ from connector.bounds import bound, minimal_dead_letter, minimal_result, out_siz
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import OutRecord, TopicPartitionKey
+from connector.metrics import Metrics
 from connector.source import Source
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,10 @@ class Sink:
         source: Source,
         kafka_kwargs: dict[str, object],
         transactional_suffix: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
         d = settings.delivery
+        self._metrics = metrics
         k = settings.kafka
         self.max_request_size = k.max_request_size
         self._oversize_value = k.oversize_value
@@ -206,7 +209,7 @@ class Sink:
                 out.append(record)
                 continue
             if fitted is None:
-                self.dropped += 1
+                self._count(record, "left_out")
                 log.warning(
                     "a %d-byte record for %s is over kafka.max_request_size (%d): left out",
                     out_size(record),
@@ -214,7 +217,7 @@ class Sink:
                     self.max_request_size,
                 )
                 continue
-            self.bounded += 1
+            self._count(record, "bounded")
             log.warning(
                 "a %d-byte record for %s is over kafka.max_request_size (%d): written in "
                 "bounded form (%d bytes)",
@@ -240,9 +243,9 @@ class Sink:
                 "writing its minimal form" if replacement else "left out",
             )
             if replacement is None:
-                self.dropped += 1
+                self._count(record, "left_out")
                 return None
-            self.bounded += 1
+            self._count(record, "bounded")
             return await self._queue(replacement)
 
     async def _publish(self, records: Sequence[OutRecord]) -> list[Refusal]:
@@ -275,9 +278,9 @@ class Sink:
                 "writing its minimal form" if replacement else "left out",
             )
             if replacement is None:
-                self.dropped += 1
+                self._count(record, "left_out")
             else:
-                self.bounded += 1
+                self._count(record, "bounded")
                 out.append(replacement)
         return out
 
@@ -298,11 +301,27 @@ class Sink:
                 "writing its minimal form" if replacement else "left out",
             )
             if replacement is None:
-                self.dropped += 1
+                self._count(record, "left_out")
                 continue
-            self.bounded += 1
+            self._count(record, "bounded")
             futures.append(await self._queue(replacement))
         await asyncio.gather(*futures)
+
+    def _count(self, record: OutRecord, form: str) -> None:
+        """An outcome record that could not be written as it was: ``bounded`` (cut or
+        minimal form) or ``left_out`` (a changelog record that cannot be cut)."""
+        if form == "bounded":
+            self.bounded += 1
+        else:
+            self.dropped += 1
+        if self._metrics is not None:
+            if record.topic == self._results_topic:
+                kind = "result"
+            elif record.topic == self._dead_topic:
+                kind = "dead_letter"
+            else:
+                kind = "changelog"
+            self._metrics.outcomes_bounded.labels(kind, form).inc()
 
     def _minimal(self, record: OutRecord, reason: str) -> OutRecord | None:
         if record.topic == self._dead_topic:

@@ -36,6 +36,7 @@ CHART_OWNED = {
     ("kafka", "ssl_key_password"),  # secret: secrets.sslKeyPassword / existingSecret
     ("kafka", "ssl_key_password_file"),  # set by the chart (kafkaTls.clientKeyEncrypted)
     ("kafka", "ssl_certfile"),  # set by the chart (kafkaTls.clientCertSecret)
+    ("api", "ca_file"),  # set by the chart (apiTls.caSecret)
     ("kafka", "ssl_keyfile"),  # idem
 }
 
@@ -152,6 +153,24 @@ def test_check_helm_validation_catches_an_invalid_manifest(tmp_path: Path) -> No
 
 
 # -- the Deployment ---------------------------------------------------------------------------
+
+
+def test_api_ca_secret_is_mounted_and_named_in_the_config() -> None:
+    docs = render("-f", str(CHART / "ci" / "mtls-values.yaml"))
+    api = connector_config(docs)["api"]
+    api_dir = "/var/run/secrets/threads-connector-api-tls"
+    assert api["ca_file"] == f"{api_dir}/ca.crt"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["api-ca"]["secret"]
+    assert volume["secretName"] == "api-gateway-ca"
+    assert volume["items"] == [{"key": "gateway.pem", "path": "ca.crt"}]
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert mounts["api-ca"]["mountPath"] == api_dir
+    assert mounts["api-ca"]["readOnly"] is True
+    # without the value: no mount and no ca_file (the system's trust store)
+    default = render(*API_KEY_SET)
+    assert "ca_file" not in connector_config(default)["api"]
+    assert "api-ca" not in {m["name"] for m in container(default)["volumeMounts"]}
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

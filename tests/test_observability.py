@@ -152,7 +152,7 @@ def test_dashboard_has_the_panels_the_issue_asks_for() -> None:
         "partitions assigned and paused",
         "end-to-end latency",
         "commit cycle duration",
-        "commit failures and fencing",
+        "commit failures, fencing, oversize outcomes",
         "dedup hits",
         "dedup store",
         "dedup evictions and restores",

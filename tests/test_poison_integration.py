@@ -107,6 +107,9 @@ async def test_oversize_records_among_valid_events_block_nothing(
         await produce_big(kafka_bootstrap, names.input, records)
         await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=90)
         assert connector.sessions == 1  # never restarted
+        bounded = connector.metrics.outcomes_bounded
+        assert bounded.labels("dead_letter", "bounded")._value.get() == 1
+        assert bounded.labels("result", "bounded")._value.get() == 1
     out = await results(kafka_bootstrap, names.results)
     assert sorted(r["eventId"] for r in out) == sorted(
         [f"ok-{i}" for i in range(30)] + ["big-result"]

@@ -33,6 +33,7 @@ EXCLUDED = {
     ("kafka", "ssl_key_password_file"),  # the mounted Secret (kafkaTls.clientKeyEncrypted)
     ("kafka", "ssl_certfile"),  # kafkaTls.clientCertSecret, mounted
     ("kafka", "ssl_keyfile"),  # kafkaTls.clientCertSecret, mounted
+    ("api", "ca_file"),  # apiTls.caSecret, mounted
     ("delivery", "instance_id"),  # the pod name
 }
 DROPPED_KEYWORDS = {"title", "format", "writeOnly", "$defs"}
@@ -188,6 +189,7 @@ def values_schema() -> Schema:
                     "rollOnChange": typed("boolean"),
                 }
             ),
+            "apiTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),
             "kafkaTls": obj(
                 {
                     "caSecret": typed("string"),

@@ -60,6 +60,7 @@ Where things are mounted in the container.
 {{- define "threads-connector.configDir" -}}/etc/threads-connector{{- end }}
 {{- define "threads-connector.secretDir" -}}/var/run/secrets/threads-connector{{- end }}
 {{- define "threads-connector.tlsDir" -}}/var/run/secrets/threads-connector-tls{{- end }}
+{{- define "threads-connector.apiTlsDir" -}}/var/run/secrets/threads-connector-api-tls{{- end }}
 {{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
 
 {{/*
@@ -109,6 +110,9 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- $_ := set $cfg.api "api_key_file" (printf "%s/api-key" (include "threads-connector.secretDir" .)) }}
 {{- if include "threads-connector.saslEnabled" . }}
 {{- $_ := set $cfg.kafka "sasl_password_file" (printf "%s/sasl-password" (include "threads-connector.secretDir" .)) }}
+{{- end }}
+{{- if .Values.apiTls.caSecret }}
+{{- $_ := set $cfg.api "ca_file" (printf "%s/ca.crt" (include "threads-connector.apiTlsDir" .)) }}
 {{- end }}
 {{- if .Values.kafkaTls.caSecret }}
 {{- $_ := set $cfg.kafka "ssl_cafile" (printf "%s/ca.crt" (include "threads-connector.tlsDir" .)) }}
