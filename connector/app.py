@@ -112,6 +112,8 @@ class Connector:
         # by nobody in between, so its entries need no restore.
         self._dedup_held: set[TopicPartitionKey] = set()
         self._held: dict[TopicPartitionKey, list[InputRecord]] = {}
+        # idle partitions new to this session whose committed offset was read (_skip_markers)
+        self._marker_checked: dict[TopicPartitionKey, int] = {}
         self._fetch_paused = False  # the buffer is full: an assignment must not resume
         self._store: DedupStore = MemoryDedupStore(self.window)
         self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
@@ -278,6 +280,7 @@ class Connector:
         store = self._dedup_store()
         self.window.clear()  # a new session restores what it is assigned
         self._dedup_held = set()
+        self._marker_checked = {}
         if self.caller is None:
             raise RuntimeError("run() sets the caller before sessions start")
         exposure = Exposure(
@@ -424,7 +427,33 @@ class Connector:
                 if high is not None and committed is not None:
                     m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, high - committed))
             m.up.set(1 if self._ready()[0] else 0)
+            await self._skip_markers(source, pipeline)
             await asyncio.sleep(GAUGE_INTERVAL_S)
+
+    async def _skip_markers(self, source: Source, pipeline: Pipeline) -> None:
+        """An input written by a transactional producer (a redrive, a transactional
+        service) ends its partitions with a commit marker the consumer never hands out:
+        the last record + 1 is one short of the end, and the lag would stay at 1 (and
+        ``NoProgress`` alert) until the next record. An idle partition's position is moved
+        up to the consumer's, past such markers, and the next cycle commits it."""
+        tracker = pipeline.tracker
+        for tp in source.assignment():
+            if tp in self._restoring or tp in self._held or tracker.pending(tp):
+                continue
+            high, known = source.highwater(tp), tracker.committed_position(tp)
+            if high is None or (known is not None and known >= high):
+                continue
+            position = await source.position(tp)
+            if position is None or position <= (known or -1):
+                continue
+            if known is None:  # not seen this session: what the group has committed
+                if self._marker_checked.get(tp) == position:
+                    continue
+                self._marker_checked[tp] = position
+                known = await source.committed(tp)
+            # re-checked after the awaits: records fetched meanwhile move it themselves
+            if tp not in self._held and not tracker.pending(tp):
+                tracker.skip_to(tp, position, known)
 
     # -- rebalance ----------------------------------------------------------------------
 
@@ -458,6 +487,7 @@ class Connector:
         self._restoring -= gone
         for tp in gone:
             self._held.pop(tp, None)  # uncommitted: the next owner fetches them again
+            self._marker_checked.pop(tp, None)
         for tp in gone:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))

@@ -76,6 +76,23 @@ class OffsetTracker:
             return part.committed
         return part.order[0] if part.order else part.position
 
+    def skip_to(self, tp: TopicPartitionKey, position: int, committed: int | None) -> bool:
+        """Move an idle partition's position up to the consumer's ``position``, past
+        records the consumer never hands out (transaction markers, aborted records), so
+        the next commit cycle commits it. ``committed``: the group's committed offset,
+        for a partition this session has not seen. True if the position moved."""
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = _Partition()
+            part.committed = committed
+        if part.order:
+            return False  # records in progress: their completion moves the position
+        current = part.position if part.position is not None else part.committed
+        if current is not None and position <= current:
+            return False
+        part.position = position
+        return True
+
     def committed_positions(self) -> dict[TopicPartitionKey, int]:
         """``committed_position`` of every partition that has one (a no-op to commit)."""
         out = {}

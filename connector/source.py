@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
@@ -117,6 +117,15 @@ class Source:
     def highwater(self, tp: TopicPartitionKey) -> int | None:
         value = self._consumer.highwater(_tp(tp))
         return int(value) if value is not None else None
+
+    async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:
+        """The next offset the consumer will hand out (past transaction markers), or None
+        when the partition is not assigned any more or its position is not known yet."""
+        try:
+            value = await asyncio.wait_for(self._consumer.position(_tp(tp)), timeout_s)
+        except (IllegalStateError, TimeoutError):
+            return None
+        return int(value)
 
     async def committed(self, tp: TopicPartitionKey) -> int | None:
         value = await self._consumer.committed(_tp(tp))

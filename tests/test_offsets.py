@@ -155,3 +155,25 @@ def test_add_must_increase_after_everything_is_done() -> None:
     tracker.done(TP, 5)
     with pytest.raises(ValueError, match="not after"):
         tracker.add(TP, 3)
+
+
+def test_skip_to_moves_an_idle_partition_past_markers() -> None:
+    tracker = tracker_with(TP, [0, 1, 2])
+    for offset in (0, 1, 2):
+        tracker.done(TP, offset)
+    tracker.mark_committed(tracker.uncommitted())
+    assert tracker.skip_to(TP, 4, committed=None)  # a commit marker at offset 3
+    assert tracker.uncommitted() == {TP: 4}
+    tracker.add(TP, 4)  # the next record follows the marker
+    assert not tracker.skip_to(TP, 5, committed=None)  # busy: its completion moves it
+    tracker.done(TP, 4)
+    assert tracker.uncommitted() == {TP: 5}
+
+
+def test_skip_to_never_moves_backwards_and_learns_the_committed_offset() -> None:
+    tracker = OffsetTracker()
+    assert not tracker.skip_to(TP, 7, committed=7)  # a partition new to this session
+    assert tracker.uncommitted() == {}
+    assert tracker.skip_to(TP2, 8, committed=7)
+    assert tracker.uncommitted() == {TP2: 8}
+    assert not tracker.skip_to(TP2, 6, committed=7)
