@@ -94,6 +94,7 @@ class Pipeline:
         self._outcomes: list[Outcome] = []
         self._key_tails: dict[tuple[TopicPartitionKey, bytes | None], asyncio.Future[None]] = {}
         self._commit_lock = asyncio.Lock()
+        self.outcome_ready = asyncio.Event()  # set with each outcome: a commit cycle may start
         self.stats = _Stats()
 
     # -- intake -------------------------------------------------------------------------
@@ -129,6 +130,7 @@ class Pipeline:
             if jobs is not None:
                 jobs.discard(job)
         self._outcomes.append(outcome)
+        self.outcome_ready.set()
 
     def _finish_turn(self, job: Job) -> None:
         if job.turn is None:
