@@ -213,6 +213,7 @@ def start_connector(
         env=env,
         stdout=log,
         stderr=log,
+        cwd=src,  # ``-m`` puts the working directory first on sys.path
     )
 
 
