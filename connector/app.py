@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 
-from connector.calls import AuthGate, ThreadCaller
+from connector.calls import ThreadCaller
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
@@ -33,6 +33,7 @@ from connector.dedup import (
 )
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
+from connector.gates import AuthGate
 from connector.health import HealthServer
 from connector.kafka_common import client_kwargs
 from connector.metrics import Metrics
@@ -118,8 +119,9 @@ class Connector:
     def _ready(self) -> tuple[bool, str]:
         if not self._joined:
             return False, "not in the consumer group yet"
-        if self.caller is not None and not self.caller.auth_gate.is_open:
-            return False, "paused: the Threads API refuses the API key (401/403)"
+        paused = self.caller.pause_reason() if self.caller is not None else None
+        if paused is not None:
+            return False, paused
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
             return False, f"no successful commit cycle for {age:.0f}s"
@@ -138,6 +140,8 @@ class Connector:
                 connect_timeout_s=s.api.connect_timeout_s,
                 request_timeout_s=s.api.request_timeout_s,
                 max_in_flight=s.api.max_in_flight,
+                max_response_bytes=s.api.max_response_bytes,
+                ca_file=s.api.ca_file,
             )
             stack.push_async_callback(client.close)
             self.caller = ThreadCaller(

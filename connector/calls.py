@@ -5,9 +5,12 @@ moment it is granted: a token taken before queueing for a slot would let calls t
 queued pile up and leave together, over the rate), make one attempt, give the slot back;
 on a retriable failure wait (exponential backoff with full jitter, at least
 ``Retry-After``) *without* holding a slot, and go again until the attempt or time budget
-is spent. 401/403 close a gate: every call waits while one probe retries periodically,
-so a bad key never burns through the backlog; the key is re-read on each probe, so a
-rotated secret file heals the connector without a restart.
+is spent. 401/403 (or a key that cannot be sent) close the auth gate, and lasting
+transport failures (connection, TLS, 5xx storms) trip the circuit breaker: every call
+waits while one probe retries periodically (``connector.gates``), so neither a bad key
+nor an outage burns through the backlog, and waiting spends no retry budget; the key is
+re-read on each probe, so a rotated secret file heals the connector without a restart.
+``Retry-After`` is capped at ``max_retry_after_s``; each new pause is logged once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Protocol
 
 from connector.config import ApiSettings
 from connector.errors import (
+    ApiKeyInvalid,
     AuthError,
     EventRejected,
     PermanentApiError,
@@ -28,6 +32,7 @@ from connector.errors import (
     Stage,
 )
 from connector.events import ThreadCreated
+from connector.gates import AuthGate, CircuitBreaker, Gate
 from connector.metrics import Metrics
 from connector.ratelimit import AdaptiveRate, TokenBucket
 from connector.routing import ThreadRequest
@@ -68,57 +73,6 @@ def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) 
     return rng.uniform(0.0, min(max_s, initial_s * 2 ** (attempt - 1)))
 
 
-class AuthGate:
-    """Closed while the API answers 401/403. While closed, one caller at a time is the
-    probe: it waits ``probe_interval_s`` and tries again; the others wait for the gate."""
-
-    def __init__(self, probe_interval_s: float = 30.0) -> None:
-        self.probe_interval_s = probe_interval_s
-        self._closed = False
-        self._probing = False
-        self._changed = asyncio.Event()
-
-    @property
-    def is_open(self) -> bool:
-        return not self._closed
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def enter(self) -> bool:
-        """Wait until a call may go; True when this caller is the probe."""
-        while self._closed:
-            if not self._probing:
-                self._probing = True
-                return True
-            await self._changed.wait()
-        return False
-
-    def fail(self, was_probe: bool) -> bool:
-        """A 401/403: close the gate. True when it was open until now."""
-        was_open = not self._closed
-        self._closed = True
-        self._end_probe(was_probe)
-        return was_open
-
-    def succeed(self, was_probe: bool) -> bool:
-        """A call went through: open the gate. True when it was closed until now."""
-        was_closed = self._closed
-        self._closed = False
-        self._end_probe(was_probe)
-        return was_closed
-
-    def _end_probe(self, was_probe: bool) -> None:
-        if was_probe:
-            self._probing = False
-        self._notify()
-
-    def abandon_probe(self) -> None:
-        """The probe left without an answer (abandoned, cancelled): let another probe."""
-        self._end_probe(True)
-
-
 class ThreadCaller:
     """Turns a ThreadRequest into a ThreadCreated, or an EventRejected(stage=api)."""
 
@@ -133,6 +87,7 @@ class ThreadCaller:
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
         auth_gate: AuthGate | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._attempt = attempt
         self._settings = settings
@@ -142,8 +97,23 @@ class ThreadCaller:
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self.auth_gate = auth_gate or AuthGate()
+        self.auth_gate = auth_gate or AuthGate(settings.auth_probe_interval_s)
+        self.breaker = breaker or CircuitBreaker(
+            settings.breaker_failure_threshold, settings.breaker_probe_interval_s
+        )
         self.in_flight = 0
+        metrics.api_paused_seconds.set_function(bucket.pause_remaining_s)
+
+    def pause_reason(self) -> str | None:
+        """Why calls are paused for longer than readiness allows, or None."""
+        if not self.auth_gate.is_open:
+            return f"paused: {self.auth_gate.reason}"
+        if not self.breaker.is_open:
+            return f"paused: {self.breaker.reason}"
+        left = self._bucket.pause_remaining_s()
+        if left > self._settings.max_pause_ready_s:
+            return f"paused {left:.0f}s more: the Threads API asked to wait (Retry-After)"
+        return None
 
     async def call(
         self,
@@ -156,30 +126,28 @@ class ThreadCaller:
         Abandoned when ``guard.abandoned`` is set before an attempt could start."""
         guard = guard or _NoGuard()
         started = time.monotonic()
+        paused_s = 0.0  # spent at a closed gate: not the event's retry budget
         attempts = 0
         while True:
-            is_probe = await self.auth_gate.enter()
+            waited_from = time.monotonic()
+            probe = await self._pass_gates()
             try:
-                if is_probe:
-                    await self._sleep(self.auth_gate.probe_interval_s)
+                if probe is not None:
+                    await self._sleep(probe.probe_interval_s)
+                paused_s += time.monotonic() - waited_from
                 attempts += 1
                 try:
                     thread = await self._one_attempt(request, event_id, correlation_id, guard)
                 except AuthError as exc:
                     attempts -= 1  # an auth pause is not the event's fault: no budget spent
-                    if self.auth_gate.fail(is_probe):
-                        self._metrics.auth_paused.set(1)
-                        log.error(
-                            "Threads API refused the API key (HTTP %s): calls paused, "
-                            "probing every %.0fs",
-                            exc.status,
-                            self.auth_gate.probe_interval_s,
-                        )
-                    is_probe = False
+                    # a 401/403 is an answer (the API is up); an unusable key sent nothing
+                    self._breaker_settle(probe, ok=not isinstance(exc, ApiKeyInvalid))
+                    self._auth_refused(probe, exc)
+                    probe = None
                     continue
                 except PermanentApiError as exc:
-                    self._auth_ok(is_probe)  # any answer but 401/403: the key was accepted
-                    is_probe = False
+                    self._answered(probe)  # any answer but 401/403: the key was accepted
+                    probe = None
                     self._metrics.event_attempts.observe(attempts)
                     raise EventRejected(
                         Stage.API,
@@ -188,9 +156,16 @@ class ThreadCaller:
                         status=exc.status,
                     ) from exc
                 except RetriableApiError as exc:
-                    self._auth_ok(is_probe)
-                    is_probe = False
-                    delay = self._retry_delay(exc, attempts, started)
+                    if exc.transport_failure:
+                        self._transport_failed(probe, exc)
+                        probe = None
+                        if not self.breaker.is_open:
+                            attempts -= 1  # the outage is not the event's fault
+                            continue
+                    else:
+                        self._answered(probe, breaker=exc.status is not None)
+                        probe = None
+                    delay = self._retry_delay(exc, attempts, started + paused_s)
                     if delay is None:
                         self._metrics.event_attempts.observe(attempts)
                         raise EventRejected(
@@ -204,8 +179,8 @@ class ThreadCaller:
                     self._metrics.api_retries.labels(_code(exc)).inc()
                     await self._sleep(delay)
                     continue
-                self._auth_ok(is_probe)
-                is_probe = False
+                self._answered(probe)
+                probe = None
                 self._metrics.event_attempts.observe(attempts)
                 return ThreadCreated(
                     thread_uid=thread.thread_uid,
@@ -215,8 +190,20 @@ class ThreadCaller:
                     latency_ms=(time.monotonic() - started) * 1000,
                 )
             finally:
-                if is_probe:  # left without an answer (abandoned, cancelled): hand it on
-                    self.auth_gate.abandon_probe()
+                if probe is not None:  # left without an answer (abandoned, cancelled)
+                    probe.abandon_probe()
+
+    async def _pass_gates(self) -> Gate | None:
+        """Wait until every gate is open, or this caller is the probe of a closed one."""
+        while True:
+            for gate in (self.auth_gate, self.breaker):
+                if not gate.is_open:
+                    if gate.take_probe():
+                        return gate
+                    await gate.changed()
+                    break
+            else:
+                return None
 
     async def _one_attempt(
         self, request: ThreadRequest, event_id: str, correlation_id: str, guard: CallGuard
@@ -263,25 +250,86 @@ class ThreadCaller:
         self._adaptive_update()
         return thread
 
-    def _auth_ok(self, was_probe: bool) -> None:
-        if self.auth_gate.succeed(was_probe):
+    def _answered(self, probe: Gate | None, *, breaker: bool = True) -> None:
+        """The API answered (not 401/403): the key is good; with ``breaker`` the API is
+        reachable too (an answer without a status, e.g. a timeout, says nothing of it)."""
+        if self.auth_gate.succeed(probe is self.auth_gate):
             self._metrics.auth_paused.set(0)
+            self._metrics.api_key_invalid.set(0)
             log.warning("Threads API accepts the API key again: calls resumed")
+        self._breaker_settle(probe, ok=True if breaker else None)
+
+    def _breaker_settle(self, probe: Gate | None, *, ok: bool | None) -> None:
+        if ok and self.breaker.succeed(probe is self.breaker):
+            self._metrics.api_breaker_open.set(0)
+            log.warning("Threads API reachable again: circuit breaker closed, calls resumed")
+        elif not ok and probe is self.breaker:
+            self.breaker.abandon_probe()
+
+    def _auth_refused(self, probe: Gate | None, exc: AuthError) -> None:
+        if isinstance(exc, ApiKeyInvalid):
+            reason = str(exc)  # names where the key was read, never the key
+            self._metrics.api_key_invalid.set(1)
+        else:
+            reason = f"the Threads API refuses the API key (401/403: HTTP {exc.status})"
+            self._metrics.api_key_invalid.set(0)
+        if self.auth_gate.fail(probe is self.auth_gate, reason):
+            self._metrics.auth_paused.set(1)
+            log.error(
+                "%s: calls paused, probing every %.0fs", reason, self.auth_gate.probe_interval_s
+            )
+
+    def _transport_failed(self, probe: Gate | None, exc: RetriableApiError) -> None:
+        if probe is self.auth_gate:  # no answer: nothing learnt about the key
+            self.auth_gate.abandon_probe()
+        what = f"HTTP {exc.status}" if exc.status is not None else exc.code or "error"
+        reason = (
+            f"circuit breaker open: the Threads API failed {self.breaker.consecutive + 1} "
+            f"times in a row (last: {what})"
+        )
+        if self.breaker.failure(probe is self.breaker, reason):
+            self._metrics.api_breaker_open.set(1)
+            log.error(
+                "%s: calls paused, probing every %.0fs: %s",
+                reason,
+                self.breaker.probe_interval_s,
+                exc,
+            )
 
     def _retry_delay(self, exc: RetriableApiError, attempts: int, started: float) -> float | None:
         s = self._settings
+        retry_after = exc.retry_after_s
+        if retry_after is not None:
+            retry_after = min(retry_after, s.max_retry_after_s)
         if exc.status in OVERLOAD_STATUSES:
             self._adaptive.on_overload()
             self._metrics.rate_limited.inc()
-            if exc.retry_after_s:
-                self._bucket.pause_for(exc.retry_after_s)
+            if retry_after:
+                self._pause(retry_after, exc)
             self._adaptive_update()
         delay = backoff_s(attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
-        if exc.retry_after_s is not None:
-            delay = max(delay, exc.retry_after_s)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
         if attempts >= s.max_attempts or time.monotonic() - started + delay > s.retry_budget_s:
             return None
         return delay
+
+    def _pause(self, seconds: float, exc: RetriableApiError) -> None:
+        """Pause every call of this replica; log a pause once (not each answer that
+        asks for the same one)."""
+        before = self._bucket.pause_remaining_s()
+        self._bucket.pause_for(seconds)
+        if seconds > before + 1.0:
+            asked = exc.retry_after_s or 0.0
+            capped = (
+                f" (asked {asked:.0f}s, capped by api.max_retry_after_s)" if asked > seconds else ""
+            )
+            log.warning(
+                "Threads API answered HTTP %s with Retry-After: calls paused %.0fs%s",
+                exc.status,
+                seconds,
+                capped,
+            )
 
     def _adaptive_update(self) -> None:
         self._metrics.rate_limit_rate.set(self._bucket.rate)
@@ -290,4 +338,6 @@ class ThreadCaller:
 def _code(exc: RetriableApiError) -> str:
     if exc.status is not None:
         return str(exc.status)
+    if exc.code:
+        return exc.code
     return "timeout" if exc.outcome_unknown else "connect_error"

@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from connector.errors import ConfigError
+from connector.errors import ApiKeyInvalid, ConfigError
 
 ENV_PREFIX = "THREADS_CONNECTOR_"
 IDENTIFIER_FIELDS = ("humanUid", "externalUserId", "sdkUserEmail", "realEmailAddress")
@@ -130,6 +130,18 @@ class ApiSettings(_Frozen):
     adaptive_decrease_factor: float = Field(default=0.5, gt=0, lt=1)
     adaptive_increase_per_s: float = Field(default=0.05, gt=0, description="fraction/s")
     adaptive_min_fraction: float = Field(default=0.05, gt=0, le=1)
+    max_response_bytes: int = Field(
+        default=1_048_576, ge=1_024, description="a longer body fails the attempt"
+    )
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle for the API's TLS")
+    max_retry_after_s: float = Field(default=300.0, gt=0, description="cap on Retry-After")
+    max_pause_ready_s: float = Field(
+        default=60.0, gt=0, description="a longer Retry-After pause turns /readyz red"
+    )
+    breaker_failure_threshold: int = Field(
+        default=5, ge=1, description="transport failures in a row that pause calls"
+    )
+    breaker_probe_interval_s: float = Field(default=5.0, gt=0, description="while paused")
 
     @field_validator("base_url")
     @classmethod
@@ -238,25 +250,57 @@ class ConnectorSettings(BaseSettings):
 
 class CachedSecret:
     """A secret from the environment or a mounted file, re-read from the file at most every
-    ``refresh_s`` seconds, so a rotated Kubernetes secret is picked up without a restart."""
+    ``refresh_s`` seconds, so a rotated Kubernetes secret is picked up without a restart.
+
+    The value is checked where it is read: surrounding whitespace is stripped, and a value
+    that cannot be a header (empty, control characters, an embedded newline, non-ASCII)
+    raises ``ApiKeyInvalid`` naming the source (``env_name`` or the file), never the
+    value. Calls pause on it like on a 401; a fixed file heals it at the next re-read.
+    """
 
     def __init__(
-        self, value: SecretStr | None, path: Path | None, name: str, refresh_s: float
+        self,
+        value: SecretStr | None,
+        path: Path | None,
+        name: str,
+        refresh_s: float,
+        env_name: str = f"{ENV_PREFIX}API__API_KEY",
     ) -> None:
         self._value = value
         self._path = path
         self._name = name
         self._refresh_s = refresh_s
-        self._cached = _secret(value, path, name)
+        self._source = env_name if value is not None else f"{name} ({path})"
+        self._cached, self._problem = _checked(_secret(value, path, name))
         self._read_at = time.monotonic()
 
     def __call__(self) -> SecretStr:
         if self._value is None and time.monotonic() - self._read_at > self._refresh_s:
             self._read_at = time.monotonic()
-            # keep the last good value while the file is being replaced
+            # keep the last value read while the file cannot be read (being replaced)
             with contextlib.suppress(ConfigError):
-                self._cached = _secret(None, self._path, self._name)
+                self._cached, self._problem = _checked(_secret(None, self._path, self._name))
+        if self._problem is not None:
+            raise ApiKeyInvalid(f"the API key from {self._source} cannot be sent: {self._problem}")
         return self._cached
+
+
+def header_value_problem(value: str) -> str | None:
+    """What keeps ``value`` from being an HTTP header value, in words that never quote it."""
+    if not value:
+        return "it is empty"
+    if "\n" in value or "\r" in value:
+        return "it contains a line break"
+    if not value.isascii():
+        return "it contains a non-ASCII character"
+    if not value.isprintable():
+        return "it contains a control character"
+    return None
+
+
+def _checked(secret: SecretStr) -> tuple[SecretStr, str | None]:
+    value = secret.get_secret_value().strip()
+    return SecretStr(value), header_value_problem(value)
 
 
 def _secret(value: SecretStr | None, path: Path | None, name: str) -> SecretStr:

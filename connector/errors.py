@@ -9,9 +9,10 @@
     │   ├── RetriableApiError  429/502/503/504, timeout, connection error: back off and retry
     │   ├── PermanentApiError  400/404/422: dead-letter the event
     │   └── AuthError          401/403: the connector is misconfigured: pause and alert
+    │       └── ApiKeyInvalid  the key read cannot be sent as a header: pause, name the source
     └── FencedError            another instance took over our transactional id: rejoin
 
-Foreign exceptions (``httpx.*``, ``aiokafka.errors.*``) are translated into these only in
+Foreign exceptions (``aiohttp.*``, ``aiokafka.errors.*``) are translated into these only in
 the adapters that call those libraries (``threads_client``, ``source``, ``sink``).
 """
 
@@ -65,6 +66,8 @@ class RetriableApiError(ApiError):
 
     ``outcome_unknown`` is true when the request may have reached the API (a read timeout
     after the body was sent): the thread may exist even though we never saw its id.
+    ``code`` names a failure without a status (``connect_error``, ``tls_error``,
+    ``timeout``, ``protocol_error``, ``body_too_large``): a bounded metric label.
     """
 
     def __init__(
@@ -74,10 +77,21 @@ class RetriableApiError(ApiError):
         status: int | None = None,
         retry_after_s: float | None = None,
         outcome_unknown: bool = False,
+        code: str | None = None,
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after_s = retry_after_s
         self.outcome_unknown = outcome_unknown
+        self.code = code
+
+    @property
+    def transport_failure(self) -> bool:
+        """The API could not be reached or is failing as a whole (the circuit breaker's
+        kind): a connection or TLS failure, or a 5xx without ``Retry-After`` (with one,
+        the API is alive and says when to come back: that is the rate limit's pause)."""
+        if self.status is not None:
+            return self.status >= 500 and self.retry_after_s is None
+        return self.code in ("connect_error", "tls_error")
 
 
 class PermanentApiError(ApiError):
@@ -86,6 +100,11 @@ class PermanentApiError(ApiError):
 
 class AuthError(ApiError):
     """401/403: the API key is missing, wrong, or not valid for the appUid."""
+
+
+class ApiKeyInvalid(AuthError):
+    """The API key as read cannot be a header value (empty, control characters, an
+    embedded newline, non-ASCII). The message names where it was read, never the value."""
 
 
 class FencedError(ConnectorError):

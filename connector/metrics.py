@@ -159,6 +159,24 @@ class Metrics:
         self.auth_paused = Gauge(
             f"{p}_auth_paused", "1 while calls are paused by a 401/403 from the API.", registry=r
         )
+        self.api_breaker_open = Gauge(
+            f"{p}_api_breaker_open",
+            "1 while calls are paused by the circuit breaker (lasting connection, TLS or 5xx "
+            "failures toward the API).",
+            registry=r,
+        )
+        self.api_paused_seconds = Gauge(
+            f"{p}_api_paused_seconds",
+            "Seconds left of the pause the API asked for with Retry-After "
+            "(capped by api.max_retry_after_s).",
+            registry=r,
+        )
+        self.api_key_invalid = Gauge(
+            f"{p}_api_key_invalid",
+            "1 while the API key as read cannot be sent (empty, control characters, "
+            "non-ASCII): calls are paused until the secret is fixed.",
+            registry=r,
+        )
         self.partitions_assigned = Gauge(
             f"{p}_partitions_assigned", "Input partitions owned by this replica.", registry=r
         )

@@ -132,6 +132,10 @@ class TokenBucket:
         """``Retry-After``: no token is handed out before ``seconds`` from now."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
+    def pause_remaining_s(self) -> float:
+        """Seconds left of the ``Retry-After`` pause (0 when none)."""
+        return max(0.0, self._paused_until - self._clock())
+
     def tokens(self) -> float:
         self._refill()
         return self._tokens

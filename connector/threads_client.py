@@ -1,31 +1,42 @@
 """The Threads API client: one attempt of ``POST /api/v1/appuid/{appUid}/threads``.
 
-The only module that imports httpx. Its errors are translated here, most specific first,
-into the connector's tree (``connector.errors``); retries live in ``calls``.
+The only module that imports the HTTP library (aiohttp: chosen on measurements, see
+``bench/http_clients.py`` and the README). Its errors are translated here, most specific
+first, into the connector's tree (``connector.errors``); retries live in ``calls``.
+
+Each attempt is bounded: ``request_timeout_s`` is a TOTAL deadline (connect, send,
+headers and the whole body), and the body is read up to ``max_response_bytes``; a body
+over it is cut off and the attempt fails with an unknown outcome (a 201 probably did
+create a thread). Redirects are not followed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import orjson
 from pydantic import SecretStr
 
 from connector import __version__
-from connector.errors import AuthError, PermanentApiError, RetriableApiError
+from connector.errors import ApiKeyInvalid, AuthError, PermanentApiError, RetriableApiError
 from connector.routing import ThreadRequest
 
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
+_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +48,18 @@ class ApiThread:
     agent_uid: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Response:
+    """What an attempt keeps of a response: the status, ``Retry-After``, the body."""
+
+    status: int
+    retry_after: str | None
+    content: bytes
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+    Anything else (garbage, a negative or fractional number) is None: no instruction."""
     if not value:
         return None
     value = value.strip()
@@ -46,7 +67,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -58,8 +79,24 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verification against ``ca_file`` (a private CA) when given, the system store
+    otherwise."""
+    if ca_file is not None:
+        return ssl.create_default_context(cafile=str(ca_file))
+    return ssl.create_default_context()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
 class ThreadsClient:
-    """One shared ``httpx.AsyncClient``, its pool sized to the in-flight cap."""
+    """One shared ``aiohttp.ClientSession``, its pool sized to the in-flight cap.
+
+    The session is made on first use (aiohttp wants a running loop); ``close()`` is
+    idempotent.
+    """
 
     def __init__(
         self,
@@ -69,18 +106,37 @@ class ThreadsClient:
         connect_timeout_s: float,
         request_timeout_s: float,
         max_in_flight: int,
-        transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        ca_file: Path | None = None,
     ) -> None:
+        self._base_url = base_url
         self._api_key = api_key
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s, pool=None),
-            limits=httpx.Limits(
-                max_connections=max_in_flight, max_keepalive_connections=max_in_flight
-            ),
-            headers={"user-agent": f"threads-connector/{__version__}"},
-            transport=transport,
-        )
+        self._connect_timeout_s = connect_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._max_in_flight = max_in_flight
+        self._max_response_bytes = max_response_bytes
+        self._ssl = tls_context(ca_file) if base_url.startswith("https:") else None
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError("the Threads API client is closed")
+            connector = aiohttp.TCPConnector(
+                limit=self._max_in_flight,
+                limit_per_host=0,
+                ssl=self._ssl if self._ssl is not None else True,
+            )
+            self._session = aiohttp.ClientSession(
+                self._base_url,
+                connector=connector,
+                # the total deadline is ours (asyncio.timeout around the whole attempt)
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
+                headers={"user-agent": f"threads-connector/{__version__}"},
+                auto_decompress=True,
+            )
+        return self._session
 
     async def __aenter__(self) -> ThreadsClient:
         return self
@@ -94,40 +150,85 @@ class ThreadsClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def create_thread(
         self, request: ThreadRequest, *, event_id: str, correlation_id: str
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
         url = f"/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
+        # validated where it is read (config.CachedSecret); checked again here because
+        # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
+        api_key = self._api_key().get_secret_value()
+        if not (api_key and api_key.isascii() and api_key.isprintable()):
+            raise ApiKeyInvalid("the API key cannot be sent as a header value")
         headers = {
-            "x-api-key": self._api_key().get_secret_value(),
+            "x-api-key": api_key,
             "content-type": "application/json",
             # event ids are the producer's data: percent-encode what a header cannot carry
             "x-event-id": quote(event_id, safe=_HEADER_SAFE),
-            "x-correlation-id": correlation_id,
+            "x-correlation-id": quote(correlation_id, safe=_HEADER_SAFE),
         }
+        body = orjson.dumps(request.body())
         try:
-            response = await self._http.post(
-                url, content=orjson.dumps(request.body()), headers=headers
-            )
-        except httpx.ConnectTimeout as exc:
-            raise RetriableApiError("connect timeout", status=None) from exc
-        except httpx.ConnectError as exc:
-            raise RetriableApiError(f"connection failed: {exc}") from exc
-        except httpx.TimeoutException as exc:  # read/write timeout: the call may have landed
-            raise RetriableApiError("timeout", outcome_unknown=True) from exc
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise RetriableApiError(f"protocol error: {exc}", outcome_unknown=True) from exc
-        except httpx.LocalProtocolError as exc:  # we could not even form the request
-            raise PermanentApiError(f"request could not be sent: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise RetriableApiError(f"transport error: {exc}", outcome_unknown=True) from exc
+            async with asyncio.timeout(self._request_timeout_s):
+                response = await self._post(url, body, headers)
+        except _BodyTooLarge as exc:
+            raise RetriableApiError(
+                f"response body over {self._max_response_bytes} bytes: cut off",
+                outcome_unknown=True,
+                code="body_too_large",
+            ) from exc
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            raise RetriableApiError(f"TLS failure: {exc}", code="tls_error") from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise RetriableApiError("connect timeout", code="connect_error") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise RetriableApiError(f"connection failed: {exc}", code="connect_error") from exc
+        except TimeoutError as exc:  # the total deadline: the call may have landed
+            raise RetriableApiError(
+                f"no complete answer within {self._request_timeout_s:g}s",
+                outcome_unknown=True,
+                code="timeout",
+            ) from exc
+        except aiohttp.ClientError as exc:  # reset, disconnect, bad payload: may have landed
+            raise RetriableApiError(
+                f"protocol error: {type(exc).__name__}", outcome_unknown=True, code="protocol_error"
+            ) from exc
+        except (ValueError, UnicodeError) as exc:  # we could not even form the request
+            # no exception text: it could quote a header value
+            raise PermanentApiError(f"request could not be sent: {type(exc).__name__}") from exc
         return _interpret(response)
 
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
+        """The response, its body read up to the limit. An error status keeps its meaning
+        with an oversized body (the body is dropped); a 201 without its whole body fails."""
+        limit = self._max_response_bytes
+        async with self._http().post(
+            url, data=body, headers=headers, allow_redirects=False
+        ) as response:
+            retry_after = response.headers.get("retry-after")
+            chunks: list[bytes] = []
+            size = response.content_length or 0
+            if size <= limit:
+                size = 0
+                async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > limit:
+                        break
+                    chunks.append(chunk)
+            if size > limit:
+                response.close()  # the connection is not reusable mid-body
+                if response.status == 201:
+                    raise _BodyTooLarge
+                chunks = []
+            return _Response(response.status, retry_after, b"".join(chunks))
 
-def _safe_detail(response: httpx.Response) -> str:
+
+def _safe_detail(response: _Response) -> str:
     """What of an error body may go into a dead letter and a log: the ``error`` title and
     the names of the fields at fault, never free text (it could echo the system message)."""
     try:
@@ -150,8 +251,8 @@ def _safe_detail(response: httpx.Response) -> str:
     return "; ".join(parts) or "(no error title)"
 
 
-def _interpret(response: httpx.Response) -> ApiThread:
-    status = response.status_code
+def _interpret(response: _Response) -> ApiThread:
+    status = response.status
     if status == 201:
         try:
             data = orjson.loads(response.content)
@@ -169,6 +270,6 @@ def _interpret(response: httpx.Response) -> ApiThread:
         raise RetriableApiError(
             f"HTTP {status}",
             status=status,
-            retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+            retry_after_s=parse_retry_after(response.retry_after),
         )
     raise PermanentApiError(f"HTTP {status}: {detail}", status=status)

@@ -19,6 +19,7 @@ import pytest
 from connector.calls import Abandoned, AuthGate, ThreadCaller, backoff_s
 from connector.config import ApiSettings
 from connector.errors import (
+    ApiKeyInvalid,
     AuthError,
     EventRejected,
     PermanentApiError,
@@ -499,3 +500,135 @@ def test_backoff_full_jitter_bounds(attempt: int) -> None:
     assert all(0.0 <= s <= cap for s in samples)
     assert min(samples) < 0.1 * cap  # full jitter reaches down to zero...
     assert max(samples) > 0.9 * cap  # ...and up to the exponential cap
+
+
+# -- Retry-After cap -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_huge_retry_after_is_capped_logged_once_and_shown(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(
+        [unavailable(status, retry_after_s=999_999.0), OK],
+        api={"max_retry_after_s": 20.0, "max_pause_ready_s": 5.0},
+    )
+    seen: list[tuple[float | None, str | None]] = []
+
+    async def look(seconds: float) -> None:
+        seen.append((h.sample("threads_connector_api_paused_seconds"), h.caller.pause_reason()))
+
+    h.before_sleep = look
+    with caplog.at_level("WARNING", logger="connector.calls"):
+        await h.call()
+
+    assert h.delays == [20.0]
+    ((paused, reason),) = seen
+    assert paused == pytest.approx(20.0)
+    assert reason is not None and "Retry-After" in reason
+    assert h.caller.pause_reason() is None  # the pause is over
+    pauses = [r for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert len(pauses) == 1
+    assert "20s" in pauses[0].getMessage() and "999999" in pauses[0].getMessage()
+
+
+async def test_a_short_pause_keeps_readiness() -> None:
+    h = Harness([unavailable(429, retry_after_s=3.0), OK], api={"max_pause_ready_s": 5.0})
+    reasons: list[str | None] = []
+
+    async def look(seconds: float) -> None:
+        reasons.append(h.caller.pause_reason())
+
+    h.before_sleep = look
+    await h.call()
+    assert reasons == [None]
+
+
+# -- the circuit breaker ---------------------------------------------------------------------
+
+
+def refused() -> RetriableApiError:
+    return RetriableApiError("connection failed: refused", code="connect_error")
+
+
+async def test_the_breaker_opens_pauses_and_spends_no_retry_budget() -> None:
+    h = Harness(
+        [refused(), refused(), refused(), unavailable(502), refused(), OK],
+        api={"breaker_failure_threshold": 2, "max_attempts": 3, "breaker_probe_interval_s": 4},
+    )
+    states: list[tuple[float | None, str | None]] = []
+
+    async def look(seconds: float) -> None:
+        states.append((h.sample("threads_connector_api_breaker_open"), h.caller.pause_reason()))
+
+    h.before_sleep = look
+    created = await h.call()
+
+    assert len(h.calls) == 6  # more failures than max_attempts, and no dead letter
+    assert created.attempts == 2  # the first failure, then the probe that succeeded
+    assert h.delays[1:] == [4.0] * 4  # after the breaker opened: probe waits only
+    assert [open_ for open_, _ in states[1:]] == [1.0] * 4
+    assert all("circuit breaker" in (reason or "") for _, reason in states[1:])
+    assert h.caller.breaker.is_open
+    assert h.sample("threads_connector_api_breaker_open") == 0
+    assert h.caller.pause_reason() is None
+
+
+@pytest.mark.parametrize(
+    ("failure", "counts"),
+    [
+        (unavailable(502), True),
+        (unavailable(500), True),
+        (RetriableApiError("TLS failure", code="tls_error"), True),
+        (unavailable(503, retry_after_s=1.0), False),  # the API is up and says when
+        (unavailable(429), False),
+        (RetriableApiError("timeout", outcome_unknown=True, code="timeout"), False),
+    ],
+)
+async def test_what_trips_the_breaker(failure: RetriableApiError, counts: bool) -> None:
+    h = Harness([failure, OK], api={"breaker_failure_threshold": 1})
+    opened: list[bool] = []
+
+    async def look(seconds: float) -> None:
+        opened.append(not h.caller.breaker.is_open)
+
+    h.before_sleep = look
+    await h.call()
+    assert opened == [counts]
+
+
+async def test_waiting_calls_do_not_call_while_the_breaker_is_open() -> None:
+    h = Harness(
+        [refused(), OK, OK, OK],
+        api={"breaker_failure_threshold": 1, "breaker_probe_interval_s": 4},
+    )
+    first = asyncio.ensure_future(h.call("evt-1"))
+    while h.caller.breaker.is_open:
+        await asyncio.sleep(0)
+    others = [asyncio.ensure_future(h.call(f"evt-{i}")) for i in (2, 3)]
+    results = await asyncio.gather(first, *others)
+    assert [r.thread_uid for r in results] == ["th-1"] * 3
+    # the probe went first; the two others only after it succeeded
+    assert [c.event_id for c in h.calls][:2] == ["evt-1", "evt-1"]
+
+
+# -- an API key that cannot be sent ----------------------------------------------------------
+
+
+async def test_an_unusable_key_pauses_like_a_401_and_heals() -> None:
+    source = "api.api_key_file (/run/secrets/key)"
+    h = Harness([ApiKeyInvalid(f"the API key from {source} cannot be sent: it is empty"), OK])
+    reasons: list[str | None] = []
+
+    async def look(seconds: float) -> None:
+        reasons.append(h.caller.pause_reason())
+
+    h.before_sleep = look
+    created = await h.call()
+
+    assert created.attempts == 1
+    assert h.delays == [PROBE_S]
+    assert reasons[0] is not None and source in reasons[0]
+    assert h.sample("threads_connector_auth_paused") == 0
+    assert h.sample("threads_connector_api_key_invalid") == 0
+    assert h.caller.breaker.consecutive == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ from pydantic import ValidationError
 from connector.config import (
     ENV_PREFIX,
     ApiSettings,
+    CachedSecret,
+    ConnectorSettings,
     DeliveryMode,
     Ordering,
     load_settings,
 )
-from connector.errors import ConfigError
+from connector.errors import ApiKeyInvalid, ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "connector.yaml"
 API_KEY = "key-0f1e2d3c-must-not-leak"
@@ -297,3 +300,59 @@ def test_shipped_config_loads(api_key_env: None) -> None:
         "sdkUserEmail",
         "externalUserId",
     }
+
+
+# -- the API key, checked where it is read ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("abc\nSECRET-PART", "line break"),
+        ("abc\rSECRET-PART", "line break"),
+        ("abc\x00SECRET-PART", "control character"),
+        ("abc-SECRET-PARTé", "non-ASCII"),
+        ("abc-SECRET-PART\u2603", "non-ASCII"),
+        ("  \n", "empty"),
+    ],
+)
+def test_an_unusable_key_file_names_the_file_never_the_value(
+    tmp_path: Path, raw: str, problem: str
+) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(raw, encoding="utf-8")
+    secret = CachedSecret(None, key_file, "api.api_key_file", refresh_s=3600)
+    with pytest.raises(ApiKeyInvalid) as info:
+        secret()
+    message = str(info.value)
+    assert str(key_file) in message and problem in message
+    assert "SECRET" not in message and "abc" not in message
+
+
+def test_an_unusable_key_from_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}API__API_KEY", "abc\nSECRET-PART")
+    settings = ConnectorSettings(routes=[ROUTE])
+    with pytest.raises(ApiKeyInvalid) as info:
+        settings.api_key()()
+    assert f"{ENV_PREFIX}API__API_KEY" in str(info.value)
+    assert "SECRET" not in str(info.value)
+
+
+def test_surrounding_whitespace_and_a_trailing_newline_are_stripped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}API__API_KEY", " good-key\n")
+    assert ConnectorSettings(routes=[ROUTE]).api_key()().get_secret_value() == "good-key"
+
+
+def test_a_fixed_key_file_heals(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("bad\nkey", encoding="utf-8")
+    secret = CachedSecret(None, key_file, "api.api_key_file", refresh_s=0.01)
+    with pytest.raises(ApiKeyInvalid):
+        secret()
+    key_file.write_text("good-key\n", encoding="utf-8")
+    time.sleep(0.02)  # past the refresh interval
+    assert secret().get_secret_value() == "good-key"

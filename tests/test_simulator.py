@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import random
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -29,12 +31,14 @@ from connector.simulator import (
     Fault,
     FaultModel,
     FaultSpec,
+    HostileSpec,
     LatencySampler,
     LatencySpec,
     SimulatorSettings,
     ThreadsApiSimulator,
     ThreadStore,
     TokenBucket,
+    make_private_ca,
     resolve_human_uid,
     run_in_thread,
 )
@@ -710,3 +714,115 @@ async def test_changing_faults_keeps_the_rate_limit_bucket(
     assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 429
     sim.reset()
     assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 201
+
+
+# -- hostile modes ---------------------------------------------------------------------------
+
+
+async def test_hostile_retry_after_forms(
+    sim: ThreadsApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.set_hostile(HostileSpec(mode="retry_after", count=1))
+    r = await client.post(PATH, json=BODY, headers=KEY)
+    assert (r.status_code, r.headers["retry-after"]) == (429, "999999")
+    assert r.json()["error"] == ERROR_TITLES[429]
+    assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 201  # count spent
+
+    sim.set_hostile(HostileSpec(mode="retry_after_date", retry_after_s=86_400))
+    r = await client.post(PATH, json=BODY, headers=KEY)
+    when = email.utils.parsedate_to_datetime(r.headers["retry-after"])
+    assert r.status_code == 429
+    assert 86_000 < (when - datetime.now(UTC)).total_seconds() <= 86_400
+
+
+async def test_hostile_modes_come_after_the_checks(
+    sim: ThreadsApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.set_hostile(HostileSpec(mode="retry_after", count=1))
+    assert (await client.post(PATH, json=BODY, headers={"x-api-key": "x"})).status_code == 403
+    assert (await client.post(PATH, json=body(message=...), headers=KEY)).status_code == 422
+    assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 429
+
+
+async def test_hostile_trickle_body_creates_the_thread_and_sends_it_slowly(
+    sim: ThreadsApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.set_hostile(HostileSpec(mode="trickle_body", trickle_interval_s=0.2, count=1))
+    # a per-read timeout never fires (a byte comes every 0.2 s): only a total one does
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await client.post(PATH, json=BODY, headers={**KEY, "x-event-id": "e-t"}, timeout=0.5)
+    assert sim.store.count_by_event_id() == {"e-t": 1}
+
+
+async def test_hostile_trickle_body_is_a_whole_201_in_the_end(
+    sim: ThreadsApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.set_hostile(HostileSpec(mode="trickle_body", trickle_interval_s=0.001))
+    r = await client.post(PATH, json=BODY, headers=KEY)
+    assert r.status_code == 201 and r.json()["threadUid"].startswith("th_")
+
+
+async def test_hostile_huge_body(sim: ThreadsApiSimulator, client: httpx.AsyncClient) -> None:
+    sim.set_hostile(HostileSpec(mode="huge_body", body_bytes=3_000_000))
+    r = await client.post(PATH, json=BODY, headers=KEY)
+    assert r.status_code == 201
+    assert len(r.content) == 3_000_000
+    assert r.json()["threadUid"] == sim.store.all()[0].thread_uid
+
+
+async def test_hostile_slow_headers(sim: ThreadsApiSimulator, client: httpx.AsyncClient) -> None:
+    sim.set_hostile(HostileSpec(mode="slow_headers", headers_delay_s=30, count=1))
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(PATH, json=BODY, headers=KEY, timeout=0.3)
+    assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 201
+
+
+async def test_hostile_reset(sim: ThreadsApiSimulator, client: httpx.AsyncClient) -> None:
+    sim.set_hostile(HostileSpec(mode="reset", count=1))
+    with pytest.raises(httpx.RemoteProtocolError):
+        await client.post(PATH, json=BODY, headers=KEY)
+    assert len(sim.store) == 0
+    assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 201
+
+
+async def test_hostile_mode_from_the_admin_api(
+    sim: ThreadsApiSimulator, client: httpx.AsyncClient
+) -> None:
+    r = await client.put("/_simulator/faults", json={"hostile": {"mode": "retry_after"}})
+    assert r.status_code == 200 and r.json()["hostile"]["mode"] == "retry_after"
+    assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 429
+    bad = await client.put("/_simulator/faults", json={"hostile": {"mode": "explode"}})
+    assert bad.status_code == 422
+
+
+def test_hostile_and_tls_cli_flags(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "--hostile",
+            "huge_body",
+            "--hostile-count",
+            "3",
+            "--body-bytes",
+            "1000",
+            "--tls-self-signed",
+            str(tmp_path / "tls"),
+        ]
+    )
+    settings = settings_from_args(args)
+    assert settings.hostile == HostileSpec(mode="huge_body", count=3, body_bytes=1000)
+    assert settings.tls_cert_file == tmp_path / "tls" / "server.pem"
+    assert (tmp_path / "tls" / "ca.pem").is_file()
+
+
+async def test_untrusted_tls_unless_the_ca_is_given(tmp_path: Path) -> None:
+    files = make_private_ca(tmp_path)
+    settings = SimulatorSettings(tls_cert_file=files.cert_file, tls_key_file=files.key_file)
+    async with ThreadsApiSimulator(settings) as simulator:
+        assert simulator.base_url.startswith("https://")
+        async with httpx.AsyncClient(base_url=simulator.base_url) as untrusting:
+            with pytest.raises(httpx.ConnectError):
+                await untrusting.post(PATH, json=BODY, headers=KEY)
+        ctx = ssl.create_default_context(cafile=str(files.ca_file))
+        async with httpx.AsyncClient(base_url=simulator.base_url, verify=ctx) as trusting:
+            assert (await trusting.post(PATH, json=BODY, headers=KEY)).status_code == 201

@@ -1,22 +1,33 @@
-"""connector.threads_client: one attempt, every OpenAPI status mapped, via MockTransport."""
+"""connector.threads_client: one attempt against a real HTTP server in this process.
+
+Every OpenAPI status mapped; every transport failure (refused, reset, trickling body,
+slow headers, oversized body, untrusted TLS) translated into the connector's tree.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
-import httpx
+import aiohttp
 import orjson
 import pytest
+import trustme
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from connector.errors import ApiError, AuthError, PermanentApiError, RetriableApiError
+from connector.localkafka.ports import free_ports
 from connector.routing import ThreadRequest
 from connector.threads_client import ApiThread, ThreadsClient, parse_retry_after
 
-BASE_URL = "https://api.test"
 IDENTIFIERS = ("humanUid", "externalUserId", "sdkUserEmail", "realEmailAddress")
 REQUEST = ThreadRequest(
     app_uid="demo app/1",
@@ -26,22 +37,43 @@ REQUEST = ThreadRequest(
     identifier_field="externalUserId",
     identifier_value="cust-42",
 )
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def client(handler: Handler, key: Callable[[], SecretStr] | None = None) -> ThreadsClient:
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Handler, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """A real HTTP server in this loop answering with ``handler``; yields its base URL."""
+    server = RawTestServer(handler)
+    await server.start_server(ssl=ssl_context)
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+def client(
+    base_url: str,
+    key: Callable[[], SecretStr] | None = None,
+    *,
+    request_timeout_s: float = 2.0,
+    max_response_bytes: int = 1 << 20,
+    ca_file: Path | None = None,
+) -> ThreadsClient:
     return ThreadsClient(
-        BASE_URL,
+        base_url,
         key or (lambda: SecretStr("the-api-key")),
         connect_timeout_s=1.0,
-        request_timeout_s=2.0,
+        request_timeout_s=request_timeout_s,
         max_in_flight=4,
-        transport=httpx.MockTransport(handler),
+        max_response_bytes=max_response_bytes,
+        ca_file=ca_file,
     )
 
 
-async def call(handler: Handler, event_id: str = "evt-1") -> ApiThread:
-    async with client(handler) as c:
+async def call(handler: Handler, event_id: str = "evt-1", **options: object) -> ApiThread:
+    async with serving(handler) as base_url, client(base_url, **options) as c:  # type: ignore[arg-type]
         return await c.create_thread(REQUEST, event_id=event_id, correlation_id="corr-1")
 
 
@@ -53,22 +85,17 @@ def respond(
     text: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json=json, content=content, text=text, headers=headers)
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        body = orjson.dumps(json) if json is not None else content
+        return web.Response(status=status, body=body, text=text, headers=headers)
 
     return handler
 
 
-def raising(exc_type: type[httpx.TransportError]) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc_type("simulated", request=request)
-
-    return handler
-
-
-async def api_error(handler: Handler) -> ApiError:
+async def api_error(handler: Handler, **options: object) -> ApiError:
     with pytest.raises(ApiError) as info:
-        await call(handler)
+        await call(handler, **options)
     return info.value
 
 
@@ -76,23 +103,24 @@ async def api_error(handler: Handler) -> ApiError:
 
 
 async def test_request_shape() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[tuple[str, str, CIMultiDict[str], bytes]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(201, json={"threadUid": "th-1"})
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(
+            (request.method, request.raw_path, CIMultiDict(request.headers), await request.read())
+        )
+        return web.Response(status=201, body=orjson.dumps({"threadUid": "th-1"}))
 
     await call(handler, event_id="evt-9")
 
-    (request,) = seen
-    assert request.method == "POST"
-    assert request.url.host == "api.test"
-    assert request.url.raw_path == b"/api/v1/appuid/demo%20app%2F1/threads"
-    assert request.headers["x-api-key"] == "the-api-key"
-    assert request.headers["content-type"] == "application/json"
-    assert request.headers["x-event-id"] == "evt-9"
-    assert request.headers["x-correlation-id"] == "corr-1"
-    body = orjson.loads(request.content)
+    ((method, raw_path, headers, content),) = seen
+    assert method == "POST"
+    assert raw_path == "/api/v1/appuid/demo%20app%2F1/threads"
+    assert headers["x-api-key"] == "the-api-key"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["x-event-id"] == "evt-9"
+    assert headers["x-correlation-id"] == "corr-1"
+    body = orjson.loads(content)
     assert body == {
         "agentUid": "agent-orders::s-1",
         "message": "Order o-1 has shipped.",
@@ -106,11 +134,14 @@ async def test_api_key_is_read_for_every_call() -> None:
     keys = iter(["key-1", "key-2"])
     sent: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         sent.append(request.headers["x-api-key"])
-        return httpx.Response(201, json={"threadUid": "th"})
+        return web.Response(status=201, body=orjson.dumps({"threadUid": "th"}))
 
-    async with client(handler, key=lambda: SecretStr(next(keys))) as c:
+    async with (
+        serving(handler) as base_url,
+        client(base_url, key=lambda: SecretStr(next(keys))) as c,
+    ):
         await c.create_thread(REQUEST, event_id="e", correlation_id="c")
         await c.create_thread(REQUEST, event_id="e", correlation_id="c")
     assert sent == ["key-1", "key-2"]
@@ -196,28 +227,130 @@ def test_parse_retry_after() -> None:
 # -- transport errors ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("exc_type", [httpx.ConnectError, httpx.ConnectTimeout])
-async def test_connection_failures_are_retriable_and_known_not_to_have_landed(
-    exc_type: type[httpx.TransportError],
-) -> None:
-    exc = await api_error(raising(exc_type))
-    assert isinstance(exc, RetriableApiError)
+async def test_connection_refused_is_retriable_and_known_not_to_have_landed() -> None:
+    (port,) = free_ports(1)
+    async with client(f"http://127.0.0.1:{port}") as c:
+        with pytest.raises(RetriableApiError) as info:
+            await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    exc = info.value
     assert exc.outcome_unknown is False
     assert exc.status is None
-    assert isinstance(exc.__cause__, exc_type)
+    assert exc.code == "connect_error"
+    assert exc.transport_failure
+    assert isinstance(exc.__cause__, aiohttp.ClientConnectorError)
 
 
-@pytest.mark.parametrize(
-    "exc_type",
-    [httpx.ReadTimeout, httpx.WriteTimeout, httpx.RemoteProtocolError, httpx.ReadError],
-)
-async def test_failures_after_sending_have_an_unknown_outcome(
-    exc_type: type[httpx.TransportError],
-) -> None:
-    exc = await api_error(raising(exc_type))
+async def test_connection_reset_after_the_request_has_an_unknown_outcome() -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response(status=201)
+
+    exc = await api_error(handler)
     assert isinstance(exc, RetriableApiError)
     assert exc.outcome_unknown is True
-    assert isinstance(exc.__cause__, exc_type)
+    assert exc.code == "protocol_error"
+
+
+async def test_a_trickling_body_ends_at_the_total_deadline() -> None:
+    """One byte every 0.3 s never trips a per-read timeout; the total deadline ends it."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=201)
+        await response.prepare(request)
+        for byte in b'{"threadUid": "th-1"}' * 100:
+            await response.write(bytes([byte]))
+            await asyncio.sleep(0.3)
+        return response
+
+    exc = await api_error(handler, request_timeout_s=1.0)
+    assert isinstance(exc, RetriableApiError)
+    assert exc.outcome_unknown is True
+    assert exc.code == "timeout"
+
+
+async def test_slow_headers_end_at_the_total_deadline() -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        return web.Response(status=201)
+
+    exc = await api_error(handler, request_timeout_s=0.5)
+    assert isinstance(exc, RetriableApiError)
+    assert exc.outcome_unknown is True
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_201_body_over_the_limit_is_cut_off_with_an_unknown_outcome(
+    chunked: bool,
+) -> None:
+    body = orjson.dumps({"threadUid": "th-1", "pad": "x" * 300_000})
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        if not chunked:
+            return web.Response(status=201, body=body)
+        response = web.StreamResponse(status=201)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(0, len(body), 10_000):
+            await response.write(body[i : i + 10_000])
+        return response
+
+    exc = await api_error(handler, max_response_bytes=100_000)
+    assert isinstance(exc, RetriableApiError)
+    assert exc.outcome_unknown is True
+    assert exc.code == "body_too_large"
+    # under the limit the same body is a thread
+    assert (await call(handler, max_response_bytes=1 << 20)).thread_uid == "th-1"
+
+
+async def test_an_error_status_keeps_its_meaning_with_an_oversized_body() -> None:
+    exc = await api_error(respond(422, content=b"x" * 200_000), max_response_bytes=1000)
+    assert type(exc) is PermanentApiError
+    assert exc.status == 422
+
+
+async def test_redirects_are_not_followed() -> None:
+    exc = await api_error(respond(302, headers={"Location": "https://elsewhere.example/"}))
+    assert type(exc) is PermanentApiError
+    assert exc.status == 302
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a certificate of a private CA, and that CA's PEM file."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return server, ca_file
+
+
+async def test_an_untrusted_certificate_is_a_tls_failure(
+    tls: tuple[ssl.SSLContext, Path],
+) -> None:
+    server_ctx, _ = tls
+    async with (
+        serving(respond(201, json={"threadUid": "th"}), server_ctx) as base_url,
+        client(base_url) as c,
+    ):
+        with pytest.raises(RetriableApiError) as info:
+            await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    assert info.value.code == "tls_error"
+    assert info.value.transport_failure
+    assert info.value.outcome_unknown is False
+
+
+async def test_a_private_ca_is_trusted_through_ca_file(tls: tuple[ssl.SSLContext, Path]) -> None:
+    server_ctx, ca_file = tls
+    async with serving(respond(201, json={"threadUid": "th"}), server_ctx) as base_url:
+        assert base_url.startswith("https://")
+        async with client(base_url, ca_file=ca_file) as c:
+            thread = await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    assert thread.thread_uid == "th"
 
 
 async def test_non_ascii_event_id_does_not_escape_as_a_foreign_error() -> None:
@@ -225,8 +358,17 @@ async def test_non_ascii_event_id_does_not_escape_as_a_foreign_error() -> None:
         await call(respond(201, json={"threadUid": "th"}), event_id="commande-été-1")
 
 
-async def test_local_protocol_error_is_translated() -> None:
-    await api_error(raising(httpx.LocalProtocolError))
+@pytest.mark.parametrize("key", ["bad\nkey-SECRET", "bad-kéy-SECRET\u2603"])
+async def test_a_key_that_cannot_be_a_header_is_translated_without_its_value(key: str) -> None:
+    """Defence in depth (config validates the key where it is read): a foreign error here
+    could carry the header value into a dead letter or a log."""
+    async with (
+        serving(respond(201, json={"threadUid": "th"})) as base_url,
+        client(base_url, key=lambda: SecretStr(key)) as c,
+    ):
+        with pytest.raises(ApiError) as info:
+            await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    assert "SECRET" not in str(info.value)
 
 
 async def test_error_body_free_text_never_reaches_the_error() -> None:
@@ -237,9 +379,9 @@ async def test_error_body_free_text_never_reaches_the_error() -> None:
         "detail": [{"field": "message", "message": secret_text}],
         "echo": secret_text,
     }
-    exc = await api_error(lambda request: httpx.Response(422, content=orjson.dumps(body)))
+    exc = await api_error(respond(422, content=orjson.dumps(body)))
     assert isinstance(exc, PermanentApiError)
     assert secret_text not in str(exc)
     assert "Validation error" in str(exc) and "message" in str(exc)
-    plain = await api_error(lambda request: httpx.Response(400, text=f"bad: {secret_text}"))
+    plain = await api_error(respond(400, text=f"bad: {secret_text}"))
     assert secret_text not in str(plain)

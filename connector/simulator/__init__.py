@@ -13,11 +13,13 @@ from connector.simulator.settings import (
     AppSpec,
     BehaviorSpec,
     FaultSpec,
+    HostileSpec,
     LatencySpec,
     SimulatorSettings,
 )
 from connector.simulator.store import CreatedThread, ThreadStore
 from connector.simulator.threaded import SimulatorThread, run_in_thread
+from connector.simulator.tls import TlsFiles, make_private_ca
 from connector.simulator.validation import resolve_human_uid
 
 __all__ = [
@@ -27,15 +29,18 @@ __all__ = [
     "Fault",
     "FaultModel",
     "FaultSpec",
+    "HostileSpec",
     "LatencySampler",
     "LatencySpec",
     "SimulatorSettings",
     "SimulatorThread",
     "ThreadStore",
     "ThreadsApiSimulator",
+    "TlsFiles",
     "TokenBucket",
     "build_app",
     "main",
+    "make_private_ca",
     "resolve_human_uid",
     "run_in_thread",
 ]

@@ -7,7 +7,10 @@ or a hang), then 201.
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +20,7 @@ from aiohttp import web
 from connector.simulator.faults import Fault
 from connector.simulator.ratelimit import TokenBucket
 from connector.simulator.responses import SUCCESS_STATUS, error_response, json_response
+from connector.simulator.settings import HostileMode
 from connector.simulator.state import STATE, SimulatorState
 from connector.simulator.store import CreatedThread
 from connector.simulator.validation import (
@@ -33,14 +37,14 @@ CORRELATION_ID_HEADER = "x-correlation-id"
 log = logging.getLogger(__name__)
 
 
-async def create_thread(request: web.Request) -> web.Response:
+async def create_thread(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     response = await _create_thread(state, request)
     state.store.record_response(response.status)
     return response
 
 
-async def _create_thread(state: SimulatorState, request: web.Request) -> web.Response:
+async def _create_thread(state: SimulatorState, request: web.Request) -> web.StreamResponse:
     app_uid = request.match_info["appUid"]
     auth = state.auth_status(app_uid, request.headers.get("x-api-key"))
     if auth == 401:
@@ -58,6 +62,12 @@ async def _create_thread(state: SimulatorState, request: web.Request) -> web.Res
 
     if not state.agent_exists(app_uid, thread_input.agent):
         return error_response(404, f"Agent not found: {thread_input.agent}")
+
+    hostile = state.take_hostile()
+    if hostile == "slow_headers":
+        await state.sleep(state.behavior.hostile.headers_delay_s)
+    elif hostile != "none":
+        return await _hostile(state, request, app_uid, thread_input, hostile)
 
     if state.bucket is not None:
         wait_s = state.bucket.try_acquire()
@@ -95,6 +105,51 @@ async def _create_thread(state: SimulatorState, request: web.Request) -> web.Res
         },
         status=SUCCESS_STATUS,
     )
+
+
+async def _hostile(
+    state: SimulatorState,
+    request: web.Request,
+    app_uid: str,
+    thread_input: ThreadInput,
+    mode: HostileMode,
+) -> web.StreamResponse:
+    """One misbehaving answer (see ``HostileSpec``)."""
+    spec = state.behavior.hostile
+    if mode in ("retry_after", "retry_after_date"):
+        value = str(spec.retry_after_s)
+        if mode == "retry_after_date":
+            value = email.utils.formatdate(time.time() + spec.retry_after_s, usegmt=True)
+        return error_response(429, "injected by the simulator", headers={"Retry-After": value})
+    if mode == "reset":
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # nothing more to send: the handler ends here
+    thread = _record(state, request, app_uid, thread_input, answered=True)
+    head = orjson.dumps(
+        {"threadUid": thread.thread_uid, "humanUid": thread.human_uid, "agentUid": thread.agent_uid}
+    )
+    response = web.StreamResponse(status=SUCCESS_STATUS)
+    response.content_type = "application/json"
+    if mode == "trickle_body":
+        await response.prepare(request)
+        for byte in head:
+            await response.write(bytes([byte]))
+            if not await state.sleep(spec.trickle_interval_s):
+                break
+        return response
+    # huge_body: {"threadUid": ..., "padding": "xxx..."} of exactly body_bytes
+    prefix = head[:-1] + b', "padding": "'
+    padding = max(0, spec.body_bytes - len(prefix) - 2)
+    response.content_length = len(prefix) + padding + 2
+    await response.prepare(request)
+    await response.write(prefix)
+    chunk = b"x" * 65_536
+    while padding > 0:
+        await response.write(chunk[: min(padding, len(chunk))])
+        padding -= min(padding, len(chunk))
+    await response.write(b'"}')
+    return response
 
 
 async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:

@@ -15,7 +15,8 @@ import gc
 import logging
 import signal
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import yaml
 
@@ -23,9 +24,11 @@ from connector.simulator.server import ThreadsApiSimulator
 from connector.simulator.settings import (
     DEFAULT_API_KEY,
     DEFAULT_APP_UID,
+    HostileMode,
     SimulatorSettings,
     load_yaml,
 )
+from connector.simulator.tls import make_private_ca
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,14 @@ _OVERRIDES: dict[str, tuple[str | None, str]] = {
     "hang_s": ("faults", "hang_s"),
     "timeout_creates_thread": ("faults", "timeout_creates_thread"),
     "retry_after_s": ("faults", "retry_after_s"),
+    "hostile": ("hostile", "mode"),
+    "hostile_count": ("hostile", "count"),
+    "hostile_retry_after_s": ("hostile", "retry_after_s"),
+    "trickle_interval_s": ("hostile", "trickle_interval_s"),
+    "body_bytes": ("hostile", "body_bytes"),
+    "headers_delay_s": ("hostile", "headers_delay_s"),
+    "tls_cert": (None, "tls_cert_file"),
+    "tls_key": (None, "tls_key_file"),
 }
 
 
@@ -81,6 +92,25 @@ def build_parser(prog: str = "python -m connector.simulator") -> argparse.Argume
         help="create the thread before hanging (default yes)",
     )
     faults.add_argument("--retry-after-s", type=int, help="Retry-After sent with injected 503")
+    bad = p.add_argument_group("hostile API (see HostileSpec; also PUT /_simulator/faults)")
+    bad.add_argument(
+        "--hostile",
+        choices=list(get_args(HostileMode)),
+        help="misbehave this way (retry_after: 429 with a huge Retry-After; ...)",
+    )
+    bad.add_argument("--hostile-count", type=int, metavar="N", help="for the first N requests")
+    bad.add_argument("--hostile-retry-after-s", type=int, help="Retry-After (default 999999)")
+    bad.add_argument("--trickle-interval-s", type=float, help="seconds between body bytes")
+    bad.add_argument("--body-bytes", type=int, help="size of the huge 201 body")
+    bad.add_argument("--headers-delay-s", type=float, help="silence before slow headers")
+    tls = p.add_argument_group("TLS (serve https)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key")
+    tls.add_argument(
+        "--tls-self-signed",
+        metavar="DIR",
+        help="make a private CA and a certificate into DIR (ca.pem: the connector's api.ca_file)",
+    )
     limit = p.add_argument_group("rate limit (429)")
     limit.add_argument("--rate-limit-per-s", type=float, help="token bucket rate")
     limit.add_argument("--rate-limit-burst", type=int, help="bucket size")
@@ -110,6 +140,10 @@ def settings_from_args(args: argparse.Namespace) -> SimulatorSettings:
                 "agents": args.agent or [],
             }
         }
+    if args.tls_self_signed is not None:
+        files = make_private_ca(Path(args.tls_self_signed))
+        data["tls_cert_file"], data["tls_key_file"] = files.cert_file, files.key_file
+        log.info("serving https; the CA to trust is %s", files.ca_file)
     return SimulatorSettings.model_validate(data)
 
 

@@ -8,6 +8,7 @@ async with ThreadsApiSimulator(SimulatorSettings(seed=1)) as sim:
 from __future__ import annotations
 
 import logging
+import ssl
 import warnings
 from types import TracebackType
 
@@ -20,6 +21,7 @@ from connector.simulator.responses import json_response
 from connector.simulator.settings import (
     BehaviorSpec,
     FaultSpec,
+    HostileSpec,
     LatencySpec,
     SimulatorSettings,
 )
@@ -58,14 +60,14 @@ def build_app(state: SimulatorState) -> web.Application:
     return app
 
 
-def _url(address: object) -> str:
+def _url(address: object, scheme: str = "http") -> str:
     if not isinstance(address, tuple) or len(address) < 2:
         raise RuntimeError(f"the simulator is not listening on TCP: {address!r}")
     host, port = str(address[0]), int(address[1])
     host = _WILDCARDS.get(host, host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 class ThreadsApiSimulator:
@@ -117,8 +119,13 @@ class ThreadsApiSimulator:
                 faults=self.behavior.faults,
                 rate_limit_per_s=per_s,
                 rate_limit_burst=burst,
+                hostile=self.behavior.hostile,
             )
         )
+
+    def set_hostile(self, hostile: HostileSpec) -> None:
+        """Misbehave (``HostileSpec.mode``) for the next ``hostile.count`` requests."""
+        self.set_behavior(self.behavior.model_copy(update={"hostile": hostile}))
 
     def reset(self) -> None:
         """Forget created threads and counts, re-seed, refill the bucket."""
@@ -137,13 +144,17 @@ class ThreadsApiSimulator:
         )
         await runner.setup()
         self._state.begin()
+        tls = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
         try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
+            await web.TCPSite(runner, settings.host, settings.port, ssl_context=tls).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self._base_url = _url(runner.addresses[0])
+        self._base_url = _url(runner.addresses[0], "https" if tls else "http")
         log.info("Threads API simulator listening on %s", self._base_url)
 
     async def stop(self) -> None:

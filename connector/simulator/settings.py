@@ -92,6 +92,34 @@ class FaultSpec(_Frozen):
         return self
 
 
+HostileMode = Literal[
+    "none", "retry_after", "retry_after_date", "trickle_body", "huge_body", "slow_headers", "reset"
+]
+
+
+class HostileSpec(_Frozen):
+    """An API that misbehaves in one way, for the first ``count`` createThread requests
+    that pass the API key, body and agent checks (every one when ``count`` is None), then
+    behaves again. Modes:
+
+    - ``retry_after``: 429 with ``Retry-After: <retry_after_s>`` (delta-seconds).
+    - ``retry_after_date``: 429 with ``Retry-After`` an HTTP date ``retry_after_s`` ahead.
+    - ``trickle_body``: the thread is created, a 201 whose body comes one byte every
+      ``trickle_interval_s``.
+    - ``huge_body``: the thread is created, a 201 whose JSON body is ``body_bytes`` long
+      (``threadUid`` first, then padding), streamed.
+    - ``slow_headers``: nothing is sent for ``headers_delay_s``, then the normal answer.
+    - ``reset``: the connection is closed without an answer (no thread is created).
+    """
+
+    mode: HostileMode = "none"
+    count: int | None = Field(default=None, ge=0, description="None = every request")
+    retry_after_s: int = Field(default=999_999, ge=0)
+    trickle_interval_s: float = Field(default=2.0, gt=0)
+    body_bytes: int = Field(default=50 * 1024 * 1024, ge=64)
+    headers_delay_s: float = Field(default=30.0, ge=0)
+
+
 class BehaviorSpec(_Frozen):
     """What may change while the simulator runs. Omitted fields take their defaults."""
 
@@ -103,6 +131,7 @@ class BehaviorSpec(_Frozen):
     rate_limit_burst: int | None = Field(
         default=None, ge=1, description="bucket size; None = one second's worth of tokens"
     )
+    hostile: HostileSpec = Field(default_factory=HostileSpec)
 
     @property
     def burst(self) -> int:
@@ -128,6 +157,9 @@ class SimulatorSettings(_Frozen):
     faults: FaultSpec = Field(default_factory=FaultSpec)
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     rate_limit_burst: int | None = Field(default=None, ge=1)
+    hostile: HostileSpec = Field(default_factory=HostileSpec)
+    tls_cert_file: Path | None = Field(default=None, description="serve https with this PEM")
+    tls_key_file: Path | None = Field(default=None, description="its private key (PEM)")
     seed: int | None = Field(default=None, description="seed for reproducible randomness")
     access_log: bool = False
     shutdown_timeout_s: float = Field(
@@ -138,6 +170,8 @@ class SimulatorSettings(_Frozen):
     def _app_uids_not_empty(self) -> SimulatorSettings:
         if any(not uid for uid in self.apps):
             raise ValueError("appUid must not be empty (OpenAPI: minLength 1)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
         return self
 
     def behavior(self) -> BehaviorSpec:
@@ -147,6 +181,7 @@ class SimulatorSettings(_Frozen):
             faults=self.faults,
             rate_limit_per_s=self.rate_limit_per_s,
             rate_limit_burst=self.rate_limit_burst,
+            hostile=self.hostile,
         )
 
     @classmethod

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from connector.simulator.faults import FaultModel, LatencySampler
 from connector.simulator.ratelimit import TokenBucket
-from connector.simulator.settings import BehaviorSpec, SimulatorSettings
+from connector.simulator.settings import BehaviorSpec, HostileMode, SimulatorSettings
 from connector.simulator.store import ThreadStore
 
 
@@ -25,6 +25,7 @@ class SimulatorState:
     """Everything the request handlers share."""
 
     behavior: BehaviorSpec
+    _hostile_left: int | None
     faults: FaultModel
     latency: LatencySampler
     bucket: TokenBucket | None
@@ -49,10 +50,21 @@ class SimulatorState:
             self.behavior.burst,
         )
         self.behavior = behavior
+        self._hostile_left = behavior.hostile.count
         self.faults = FaultModel(behavior.faults, self._rng)
         self.latency = LatencySampler(behavior.latency, self._rng)
         if not same_limit:
             self.bucket = self._new_bucket()
+
+    def take_hostile(self) -> HostileMode:
+        """The misbehaviour for this request (``none`` once ``count`` is spent)."""
+        mode = self.behavior.hostile.mode
+        if mode == "none" or self._hostile_left is None:
+            return mode
+        if self._hostile_left <= 0:
+            return "none"
+        self._hostile_left -= 1
+        return mode
 
     def _new_bucket(self) -> TokenBucket | None:
         per_s = self.behavior.rate_limit_per_s
