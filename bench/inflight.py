@@ -11,7 +11,7 @@ after 20 s, and a backlog larger than what can be in flight. Once the connector 
 
 Targets: RSS <= 300 MB, /healthz p99 <= 50 ms.
 
-    python -m bench.inflight [--in-flight 5000] [--latency-ms 20000] [--window-s 15]
+    python -m bench.inflight [--in-flight 5000] [--latency-ms 20000] [--window-s 30]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-flight", type=int, default=5_000)
     parser.add_argument("--latency-ms", type=float, default=20_000)
-    parser.add_argument("--window-s", type=float, default=15)
+    parser.add_argument("--window-s", type=float, default=30)
     parser.add_argument("--src", help="run the connector from this source tree")
     args = parser.parse_args()
     n = args.in_flight
