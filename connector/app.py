@@ -399,14 +399,20 @@ class Connector:
                     pipeline.submit(record, tasks)
 
     async def _commit_loop(self, pipeline: Pipeline, sink: Sink, draining: asyncio.Event) -> None:
-        """Commit cycles every interval; never cancelled mid-cycle (that would abort a
-        transaction whose events the tracker already counts as done)."""
+        """A commit cycle starts as soon as an outcome waits and the previous cycle is done:
+        under load cycles run back to back and each takes what finished during the last
+        one (the batch grows with the load); a lone event does not wait for a timer. With
+        nothing to do, a cycle every ``commit_interval_ms`` all the same (keeps readiness's
+        "last commit" fresh). Never cancelled mid-cycle (that would abort a transaction
+        whose events the tracker already counts as done)."""
         interval = self.settings.delivery.commit_interval_ms / 1000
+        work = pipeline.outcome_ready
         while True:
-            await _sleep_unless(draining, interval)
+            await _first_set((work, draining), interval)
             # read before the cycle: the drain is signalled once every job has finished, so
             # a cycle that starts after it has seen every outcome and can be the last one
             last = draining.is_set()
+            work.clear()  # before the cycle takes the outcomes: a later one sets it again
             await pipeline.commit(sink)
             self._last_commit_ok = time.monotonic()
             if last:
@@ -552,6 +558,18 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _first_set(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:
+    """Return when one of ``events`` is set, or after ``timeout_s``."""
+    if any(event.is_set() for event in events):
+        return
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -100,6 +100,7 @@ class Pipeline:
         self._commit_lock = asyncio.Lock()
         d = settings.delivery
         self.exposure = exposure or Exposure(d.max_uncommitted_threads, d.commit_stall_s)
+        self.outcome_ready = asyncio.Event()  # set with each outcome: a commit cycle may start
         self.stats = _Stats()
 
     # -- intake -------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class Pipeline:
             if jobs is not None:
                 jobs.discard(job)
         self._outcomes.append(outcome)
+        self.outcome_ready.set()
 
     def _finish_turn(self, job: Job) -> None:
         if job.turn is None:

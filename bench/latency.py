@@ -1,0 +1,170 @@
+"""Added latency at half of the maximum load (issue 11).
+
+added = result record timestamp - event timestamp - the API call's latency (the result's
+``latencyMs``): the time the connector itself adds between an event and its result
+(fetch, queueing, the wait for a commit cycle). The result's timestamp is stamped when the
+commit cycle sends it; ``visible`` is when a ``read_committed`` reader got it (after the
+transaction committed), minus the event timestamp and ``latencyMs``.
+
+One ``connector run`` process (``exactly_once``, default settings but for the rate limit),
+the simulator in its own process at 0 ms latency. The maximum load is measured first
+(``bench.throughput``'s steady rate, 10 % to 90 % of a backlog) unless ``--rate`` is given;
+events are then produced at half of it, paced, for ``--seconds``. Target: p99 <= 100 ms.
+
+``--compare NAME=SRC`` runs the connector from another source tree too (e.g. an export of
+the commit before a change), in alternating rounds, against the same load.
+
+    python -m bench.latency [--rate R] [--seconds 30] [--rounds 1] [--compare base=/tmp/x]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from bench.common import (
+    Progress,
+    Simulator,
+    Topics,
+    connector_config,
+    create_topics,
+    kafka_bootstrap,
+    load_average,
+    produce,
+    start_connector,
+    stop_process,
+    wait_committed,
+)
+from bench.throughput import connector_starter, run_one
+
+WARMUP = 60
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def collect(
+    bootstrap: str, topic: str, want: set[str], timeout_s: float
+) -> dict[str, tuple[int, float, float]]:
+    """event id -> (result timestamp ms, time received ms, latencyMs) for ``want``."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+    )
+    await consumer.start()
+    seen: dict[str, tuple[int, float, float]] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not want <= seen.keys() and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=100)
+            now_ms = time.time() * 1000
+            for records in batches.values():
+                for record in records:
+                    value = orjson.loads(record.value or b"{}")
+                    seen[value["eventId"]] = (record.timestamp, now_ms, value["latencyMs"])
+    finally:
+        await consumer.stop()
+    return seen
+
+
+async def paced_run(
+    bootstrap: str, topics: Topics, rate: float, seconds: float
+) -> tuple[dict[str, int], dict[str, tuple[int, float, float]]]:
+    count = int(rate * seconds)
+    ids = {f"b-{i}" for i in range(WARMUP, WARMUP + count)}
+    reader = asyncio.create_task(collect(bootstrap, topics.results, ids, seconds + 120))
+    await asyncio.sleep(1)  # the reader joins before the first event
+    stamps = await produce(bootstrap, topics.input, count, start=WARMUP, rate=rate)
+    return stamps, await reader
+
+
+def one_run(
+    name: str, src: str | None, bootstrap: str, base_url: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    topics = Topics(f"lat-{name}-{uuid.uuid4().hex[:6]}")
+    asyncio.run(create_topics(bootstrap, topics))
+    proc = start_connector(connector_config(bootstrap, base_url, topics, "exactly_once"), src)
+    try:
+        # warm up: joined, first calls made, then the paced load
+        asyncio.run(produce(bootstrap, topics.input, WARMUP))
+        progress = Progress(time.monotonic(), WARMUP)
+        asyncio.run(wait_committed(bootstrap, topics, progress, proc.pid, 120))
+        before = progress.last.cpu_s
+        stamps, seen = asyncio.run(paced_run(bootstrap, topics, rate, seconds))
+        progress = Progress(time.monotonic(), WARMUP + len(stamps))
+        asyncio.run(wait_committed(bootstrap, topics, progress, proc.pid, 120))
+        cpu_s = progress.last.cpu_s - before
+    finally:
+        stop_process(proc)
+    added = [seen[e][0] - ts - seen[e][2] for e, ts in stamps.items() if e in seen]
+    visible = [seen[e][1] - ts - seen[e][2] for e, ts in stamps.items() if e in seen]
+    return {
+        "name": name,
+        "events": len(stamps),
+        "results": len(added),
+        "added_p50_ms": round(percentile(added, 0.50), 1),
+        "added_p95_ms": round(percentile(added, 0.95), 1),
+        "added_p99_ms": round(percentile(added, 0.99), 1),
+        "visible_p50_ms": round(percentile(visible, 0.50), 1),
+        "visible_p99_ms": round(percentile(visible, 0.99), 1),
+        "cpu_ms_per_event": round(cpu_s * 1000 / max(1, len(stamps)), 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, help="events/s (default: half the measured max)")
+    parser.add_argument("--max-events", type=int, default=10_000, help="to measure the max")
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=SRC")
+    args = parser.parse_args()
+    trees: list[tuple[str, str | None]] = [("current", None)]
+    trees += [(spec.split("=", 1)[0], spec.split("=", 1)[1]) for spec in args.compare]
+    out: dict[str, Any] = {"load_average": [load_average()]}
+    runs: list[dict[str, Any]] = []
+    with kafka_bootstrap() as bootstrap, Simulator(0.0) as sim:
+        rate = args.rate
+        if rate is None:
+            start = connector_starter("exactly_once")
+            best = run_one("max", start, bootstrap, sim.base_url, args.max_events, 0)
+            out["max_steady_per_s"] = best.steady_per_s
+            rate = round(best.steady_per_s / 2, 1)
+        out["rate_per_s"] = rate
+        for round_ in range(args.rounds):
+            order = trees if round_ % 2 == 0 else trees[::-1]
+            for name, src in order:
+                run = one_run(name, src, bootstrap, sim.base_url, rate, args.seconds)
+                runs.append(run)
+                sys.stderr.write(f"round {round_}: {run}\n")
+            out["load_average"].append(load_average())
+    out["runs"] = runs
+    for name, _ in trees:
+        mine = [r for r in runs if r["name"] == name]
+        out[name] = {
+            key: statistics.median(r[key] for r in mine)
+            for key in mine[0]
+            if key not in ("name", "events", "results")
+        }
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    p99 = out["current"]["added_p99_ms"]
+    sys.stdout.write(f"target (added p99 <= 100 ms): {'met' if p99 <= 100 else 'NOT met'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
