@@ -6,6 +6,7 @@ in one place (and the API key or the system message text can never slip into it)
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -224,8 +225,18 @@ def _scalar(body: dict[str, Any], path: str) -> str | None:
     return str(value)
 
 
+_now_cache: tuple[int, str] = (-1, "")
+
+
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, ISO-8601 to the millisecond; formatted once per millisecond (a result record
+    per event under load formats the same instant many times)."""
+    global _now_cache
+    now_ms = time.time_ns() // 1_000_000
+    if _now_cache[0] != now_ms:
+        when = datetime.fromtimestamp(now_ms // 1000, UTC).replace(microsecond=now_ms % 1000 * 1000)
+        _now_cache = (now_ms, when.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    return _now_cache[1]
 
 
 def result_record(

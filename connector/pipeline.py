@@ -233,15 +233,16 @@ class Pipeline:
         if changelog is not None:
             records.append(changelog)
         self._m.threads_created.labels(record.topic).inc()
-        log.info(
-            "thread created",
-            extra={
-                "event_id": event.event_id,
-                "correlation_id": event.correlation_id,
-                "thread_uid": created.thread_uid,
-                "attempts": created.attempts,
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: the result record says it all
+            log.debug(
+                "thread created",
+                extra={
+                    "event_id": event.event_id,
+                    "correlation_id": event.correlation_id,
+                    "thread_uid": created.thread_uid,
+                    "attempts": created.attempts,
+                },
+            )
         return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
 
     async def _enter_gate(self) -> None:

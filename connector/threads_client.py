@@ -16,6 +16,7 @@ import asyncio
 import email.utils
 import ssl
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -133,8 +134,13 @@ class ThreadsClient:
                 connector=connector,
                 # the total deadline is ours (asyncio.timeout around the whole attempt)
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
-                headers={"user-agent": f"threads-connector/{__version__}"},
-                auto_decompress=True,
+                # ask for an uncompressed body, and inflate one sent anyway ourselves, with
+                # the body limit applied to the inflated bytes (a gzip bomb cannot grow)
+                headers={
+                    "user-agent": f"threads-connector/{__version__}",
+                    "accept-encoding": "identity",
+                },
+                auto_decompress=False,
             )
         return self._session
 
@@ -178,7 +184,8 @@ class ThreadsClient:
                 response = await self._post(url, body, headers)
         except _BodyTooLarge as exc:
             raise RetriableApiError(
-                f"response body over {self._max_response_bytes} bytes: cut off",
+                f"response body unusable (over {self._max_response_bytes} bytes, or an "
+                "encoding that cannot be read): cut off",
                 outcome_unknown=True,
                 kind="body_too_large",
             ) from exc
@@ -211,21 +218,48 @@ class ThreadsClient:
             url, data=body, headers=headers, allow_redirects=False
         ) as response:
             retry_after = response.headers.get("retry-after")
+            inflate = _inflater(response.headers.get("content-encoding"))
             chunks: list[bytes] = []
-            size = response.content_length or 0
-            if size <= limit:
-                size = 0
-                async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
-                    size += len(chunk)
-                    if size > limit:
+            usable = inflate is not None and (response.content_length or 0) <= limit
+            size = 0
+            if inflate is not None and usable:
+                async for raw in response.content.iter_chunked(_CHUNK_BYTES):
+                    try:
+                        piece = inflate(raw, limit - size + 1)  # one byte over: too large
+                    except zlib.error:
+                        usable = False  # not what its content-encoding says
                         break
-                    chunks.append(chunk)
-            if size > limit:
+                    size += len(piece)
+                    chunks.append(piece)
+                    if size > limit:
+                        usable = False
+                        break
+            if not usable:
                 response.close()  # the connection is not reusable mid-body
                 if response.status == 201:
                     raise _BodyTooLarge
                 chunks = []
             return _Response(response.status, retry_after, b"".join(chunks))
+
+
+Inflater = Callable[[bytes, int], bytes]
+
+
+def _inflater(encoding: str | None) -> Inflater | None:
+    """How to turn the body's bytes into content, at most N bytes per call; None for an
+    encoding we cannot read (then, as for an oversized body, nothing of it is used)."""
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return lambda data, _limit: data
+    if name not in ("gzip", "x-gzip", "deflate"):
+        return None
+    # gzip or zlib header detected (47); raw deflate, which some servers send, is not
+    state = zlib.decompressobj(47)
+
+    def inflate(data: bytes, limit: int) -> bytes:
+        return state.decompress(state.unconsumed_tail + data, max(1, limit))
+
+    return inflate
 
 
 def _safe_detail(response: _Response) -> str:

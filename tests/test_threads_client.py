@@ -306,6 +306,55 @@ async def test_a_201_body_over_the_limit_is_cut_off_with_an_unknown_outcome(
     assert (await call(handler, max_response_bytes=1 << 20)).thread_uid == "th-1"
 
 
+def gzipped(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=9)
+
+
+async def test_the_client_asks_for_an_uncompressed_body() -> None:
+    seen: list[str | None] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        seen.append(request.headers.get("accept-encoding"))
+        return web.json_response({"threadUid": "th-1"}, status=201)
+
+    assert (await call(handler)).thread_uid == "th-1"
+    assert seen == ["identity"]
+
+
+async def test_a_gzip_body_sent_anyway_is_inflated() -> None:
+    body = gzipped(orjson.dumps({"threadUid": "th-gz", "humanUid": "h-1"}))
+    headers = {"content-encoding": "gzip", "content-type": "application/json"}
+    thread = await call(respond(201, content=body, headers=headers))
+    assert (thread.thread_uid, thread.human_uid) == ("th-gz", "h-1")
+
+
+async def test_a_gzip_bomb_is_cut_at_the_limit_of_inflated_bytes() -> None:
+    """100 MB of inflated JSON in a ~100 KB body: the limit counts inflated bytes, and
+    inflating stops there (the whole bomb is never held)."""
+    bomb = gzipped(b'{"threadUid": "th-1", "pad": "' + b"x" * 100_000_000 + b'"}')
+    assert len(bomb) < 200_000
+    headers = {"content-encoding": "gzip"}
+    exc = await api_error(respond(201, content=bomb, headers=headers), max_response_bytes=1 << 20)
+    assert isinstance(exc, RetriableApiError)
+    assert exc.kind == "body_too_large" and exc.outcome_unknown is True
+
+
+@pytest.mark.parametrize(
+    ("encoding", "content"),
+    [("br", b"\x1b\x00\x00"), ("gzip", b"not gzip at all"), ("compress", b"x")],
+)
+async def test_a_201_body_that_cannot_be_decoded_has_an_unknown_outcome(
+    encoding: str, content: bytes
+) -> None:
+    headers = {"content-encoding": encoding}
+    exc = await api_error(respond(201, content=content, headers=headers))
+    assert isinstance(exc, RetriableApiError)
+    assert exc.outcome_unknown is True
+
+
 async def test_an_error_status_keeps_its_meaning_with_an_oversized_body() -> None:
     exc = await api_error(respond(422, content=b"x" * 200_000), max_response_bytes=1000)
     assert type(exc) is PermanentApiError
