@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test unit lint tools kafka-jars helm-check bench clean image lock sbom
+.PHONY: demo test unit lint tools tools-kafka tools-debian tools-helm tools-image kafka-jars \
+        helm-check bench clean image lock sbom
 
 # The dev environment from the dev lock (exact versions and hashes), then the project itself
 # without resolving anything: what the tests run on is what `make lock` wrote down.
@@ -19,12 +20,22 @@ demo: $(BIN)/.installed
 	$(BIN)/connector demo
 
 ## tools: what the tests need besides Python: Kafka jars, Prometheus (Debian), helm (Go),
-## buildah and debootstrap (Debian) for the image test
-tools: $(BIN)/.installed
+## buildah and debootstrap (Debian) and the image's Debian base for the image test.
+## Independent parts: `make -j4 tools` (as .ci/run does) installs them side by side.
+tools: tools-kafka tools-debian tools-helm tools-image
+
+tools-kafka: $(BIN)/.installed
 	$(BIN)/python -m connector.localkafka fetch
+
+tools-debian:
 	bash scripts/install-prometheus.sh
-	bash scripts/install-helm.sh
 	bash scripts/install-buildah.sh
+
+tools-helm: $(BIN)/.installed
+	bash scripts/install-helm.sh
+
+tools-image: tools-debian
+	BASE_ONLY=1 bash scripts/build-image.sh
 
 ## test: lint, then the whole suite (integration tests on a real Kafka broker)
 test: tools lint

@@ -14,7 +14,7 @@
 # The host's CA bundle is mounted read-only for the build only (the machine may reach PyPI
 # through a TLS proxy whose CA is in that bundle); it is never copied into the image.
 #
-# Settings (environment): IMAGE (localhost/threads-connector:dev), BASE_IMAGE
+# Settings (environment): BASE_ONLY=1 (steps 1 and 2 only), IMAGE (localhost/threads-connector:dev), BASE_IMAGE
 # (localhost/debian-python:3.11-bookworm-<recipe hash>), DEBIAN_MIRROR (the first Debian
 # mirror apt uses), CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt), STORAGE_DRIVER (vfs:
 # works on any kernel and file system, and is what tests/test_image.py reads the image with).
@@ -88,6 +88,10 @@ else
   cleanup
   trap - EXIT
   say "base $((SECONDS - started)) s ($BASE_IMAGE)"
+fi
+
+if [[ "${BASE_ONLY:-}" == 1 ]]; then
+  exit 0  # CI makes the base while other tools install (make tools-image)
 fi
 
 # -- 3. the project's Dockerfile ----------------------------------------------------------------
