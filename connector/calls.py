@@ -282,7 +282,7 @@ class ThreadCaller:
     def _transport_failed(self, probe: Gate | None, exc: RetriableApiError) -> None:
         if probe is self.auth_gate:  # no answer: nothing learnt about the key
             self.auth_gate.abandon_probe()
-        what = f"HTTP {exc.status}" if exc.status is not None else exc.code or "error"
+        what = f"HTTP {exc.status}" if exc.status is not None else exc.kind or "error"
         reason = (
             f"circuit breaker open: the Threads API failed {self.breaker.consecutive + 1} "
             f"times in a row (last: {what})"
@@ -338,6 +338,6 @@ class ThreadCaller:
 def _code(exc: RetriableApiError) -> str:
     if exc.status is not None:
         return str(exc.status)
-    if exc.code:
-        return exc.code
+    if exc.kind:
+        return exc.kind
     return "timeout" if exc.outcome_unknown else "connect_error"

@@ -66,7 +66,7 @@ class RetriableApiError(ApiError):
 
     ``outcome_unknown`` is true when the request may have reached the API (a read timeout
     after the body was sent): the thread may exist even though we never saw its id.
-    ``code`` names a failure without a status (``connect_error``, ``tls_error``,
+    ``kind`` names a failure without a status (``connect_error``, ``tls_error``,
     ``timeout``, ``protocol_error``, ``body_too_large``): a bounded metric label.
     """
 
@@ -77,12 +77,12 @@ class RetriableApiError(ApiError):
         status: int | None = None,
         retry_after_s: float | None = None,
         outcome_unknown: bool = False,
-        code: str | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after_s = retry_after_s
         self.outcome_unknown = outcome_unknown
-        self.code = code
+        self.kind = kind
 
     @property
     def transport_failure(self) -> bool:
@@ -91,7 +91,7 @@ class RetriableApiError(ApiError):
         the API is alive and says when to come back: that is the rate limit's pause)."""
         if self.status is not None:
             return self.status >= 500 and self.retry_after_s is None
-        return self.code in ("connect_error", "tls_error")
+        return self.kind in ("connect_error", "tls_error")
 
 
 class PermanentApiError(ApiError):

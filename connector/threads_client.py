@@ -180,23 +180,23 @@ class ThreadsClient:
             raise RetriableApiError(
                 f"response body over {self._max_response_bytes} bytes: cut off",
                 outcome_unknown=True,
-                code="body_too_large",
+                kind="body_too_large",
             ) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
-            raise RetriableApiError(f"TLS failure: {exc}", code="tls_error") from exc
+            raise RetriableApiError(f"TLS failure: {exc}", kind="tls_error") from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            raise RetriableApiError("connect timeout", code="connect_error") from exc
+            raise RetriableApiError("connect timeout", kind="connect_error") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise RetriableApiError(f"connection failed: {exc}", code="connect_error") from exc
+            raise RetriableApiError(f"connection failed: {exc}", kind="connect_error") from exc
         except TimeoutError as exc:  # the total deadline: the call may have landed
             raise RetriableApiError(
                 f"no complete answer within {self._request_timeout_s:g}s",
                 outcome_unknown=True,
-                code="timeout",
+                kind="timeout",
             ) from exc
         except aiohttp.ClientError as exc:  # reset, disconnect, bad payload: may have landed
             raise RetriableApiError(
-                f"protocol error: {type(exc).__name__}", outcome_unknown=True, code="protocol_error"
+                f"protocol error: {type(exc).__name__}", outcome_unknown=True, kind="protocol_error"
             ) from exc
         except (ValueError, UnicodeError) as exc:  # we could not even form the request
             # no exception text: it could quote a header value

@@ -548,7 +548,7 @@ async def test_a_short_pause_keeps_readiness() -> None:
 
 
 def refused() -> RetriableApiError:
-    return RetriableApiError("connection failed: refused", code="connect_error")
+    return RetriableApiError("connection failed: refused", kind="connect_error")
 
 
 async def test_the_breaker_opens_pauses_and_spends_no_retry_budget() -> None:
@@ -579,10 +579,10 @@ async def test_the_breaker_opens_pauses_and_spends_no_retry_budget() -> None:
     [
         (unavailable(502), True),
         (unavailable(500), True),
-        (RetriableApiError("TLS failure", code="tls_error"), True),
+        (RetriableApiError("TLS failure", kind="tls_error"), True),
         (unavailable(503, retry_after_s=1.0), False),  # the API is up and says when
         (unavailable(429), False),
-        (RetriableApiError("timeout", outcome_unknown=True, code="timeout"), False),
+        (RetriableApiError("timeout", outcome_unknown=True, kind="timeout"), False),
     ],
 )
 async def test_what_trips_the_breaker(failure: RetriableApiError, counts: bool) -> None:

@@ -130,9 +130,10 @@ async def test_a_trickling_201_body_ends_at_the_request_timeout_and_is_retried(
     kafka_bootstrap: str, sim: ThreadsApiSimulator
 ) -> None:
     names = Names.fresh("trickle")
-    sim.set_hostile(HostileSpec(mode="trickle_body", trickle_interval_s=2.0, count=1))
+    # a byte a second never trips a per-read timeout of 3 s; only a total deadline ends it
+    sim.set_hostile(HostileSpec(mode="trickle_body", trickle_interval_s=1.0, count=1))
     settings = make_settings(
-        kafka_bootstrap, sim.base_url, names, partitions=1, api={"request_timeout_s": 2}
+        kafka_bootstrap, sim.base_url, names, partitions=1, api={"request_timeout_s": 3}
     )
     async with running(settings) as connector:
         ids = await produce_events(kafka_bootstrap, names, "tr", 2)
@@ -176,8 +177,8 @@ async def test_a_50_mb_201_body_is_cut_off_without_being_held(
         retries = connector.metrics.registry.get_sample_value(
             "threads_connector_api_retries_total", {"code": "body_too_large"}
         )
-    assert retries == 1
     assert grown < body_bytes / 2, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    assert retries == 1
     assert await read_all(kafka_bootstrap, names.dead) == []
     assert sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results)) == ids
 

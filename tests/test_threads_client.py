@@ -235,7 +235,7 @@ async def test_connection_refused_is_retriable_and_known_not_to_have_landed() ->
     exc = info.value
     assert exc.outcome_unknown is False
     assert exc.status is None
-    assert exc.code == "connect_error"
+    assert exc.kind == "connect_error"
     assert exc.transport_failure
     assert isinstance(exc.__cause__, aiohttp.ClientConnectorError)
 
@@ -250,7 +250,7 @@ async def test_connection_reset_after_the_request_has_an_unknown_outcome() -> No
     exc = await api_error(handler)
     assert isinstance(exc, RetriableApiError)
     assert exc.outcome_unknown is True
-    assert exc.code == "protocol_error"
+    assert exc.kind == "protocol_error"
 
 
 async def test_a_trickling_body_ends_at_the_total_deadline() -> None:
@@ -268,7 +268,7 @@ async def test_a_trickling_body_ends_at_the_total_deadline() -> None:
     exc = await api_error(handler, request_timeout_s=1.0)
     assert isinstance(exc, RetriableApiError)
     assert exc.outcome_unknown is True
-    assert exc.code == "timeout"
+    assert exc.kind == "timeout"
 
 
 async def test_slow_headers_end_at_the_total_deadline() -> None:
@@ -301,7 +301,7 @@ async def test_a_201_body_over_the_limit_is_cut_off_with_an_unknown_outcome(
     exc = await api_error(handler, max_response_bytes=100_000)
     assert isinstance(exc, RetriableApiError)
     assert exc.outcome_unknown is True
-    assert exc.code == "body_too_large"
+    assert exc.kind == "body_too_large"
     # under the limit the same body is a thread
     assert (await call(handler, max_response_bytes=1 << 20)).thread_uid == "th-1"
 
@@ -339,7 +339,7 @@ async def test_an_untrusted_certificate_is_a_tls_failure(
     ):
         with pytest.raises(RetriableApiError) as info:
             await c.create_thread(REQUEST, event_id="e", correlation_id="c")
-    assert info.value.code == "tls_error"
+    assert info.value.kind == "tls_error"
     assert info.value.transport_failure
     assert info.value.outcome_unknown is False
 
