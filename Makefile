@@ -58,7 +58,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench.ratelimit_group
 	$(BIN)/python -m bench.dedup_memory
 	$(BIN)/python -m bench.throughput --events 2000 --rounds 1
-	$(BIN)/python -m bench.latency --max-events 2000 --seconds 10
+	$(BIN)/python -m bench.latency --max-events 5000 --seconds 10
 	$(BIN)/python -m bench.inflight --in-flight 1000 --latency-ms 5000 --window-s 5
 
 ## image: the container image without a Docker engine (buildah; see scripts/build-image.sh)
