@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.logging.level, settings.logging.format)
         # what start-up built (modules, pydantic schemas: most of the heap) lives as long as
         # the process: out of the collector's sight, a full collection takes a few ms
-        # instead of tens, which would hold every call in flight
+        # instead of tens, which would hold every call in flight. Collections of the young
+        # generation every 50,000 allocations instead of 700, and of the older ones
+        # rarely: what lives long (dedup entries, connections) grows while events flow, and
+        # each full collection walked it all (bench/latency.py: added latency p99 172 and
+        # 50 ms with the defaults, 51 and 38 ms with these, side by side)
         gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         return asyncio.run(run(settings))
     if args.command == "dlq":
         from connector.dlq.cli import main as dlq_main

@@ -10,6 +10,7 @@ never evaluates anything, and a missing field rejects the event (stage ``validat
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import time
@@ -56,9 +57,14 @@ class _EventView(Mapping[str, str]):
         return len(self._body)
 
 
+@functools.lru_cache(maxsize=1024)
+def _compiled(template: str) -> _DottedTemplate:
+    return _DottedTemplate(template)
+
+
 def render(template: str, body: dict[str, Any], extra: Mapping[str, str] | None = None) -> str:
     """Render a template against the event; KeyError names the first missing field."""
-    return _DottedTemplate(template).substitute(_EventView(body, extra or {}))
+    return _compiled(template).substitute(_EventView(body, extra or {}))
 
 
 def check_template(template: str) -> None:
