@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
+    IllegalOperation,
     CorruptRecordException,
     InvalidMessageError,
     InvalidProducerEpoch,
@@ -172,12 +173,19 @@ class Sink:
             except FENCED:
                 raise  # the broker aborted it already; the producer cannot abort any more
             except BaseException:
-                await _abort_quietly(producer)
+                if not _fatal(producer):
+                    await _abort_quietly(producer)
                 raise
         except FENCED as exc:
             raise FencedError(f"transactional producer fenced: {exc}") from exc
-        except KafkaError as exc:
-            raise CommitError(f"transaction failed and was aborted: {exc}") from exc
+        except (KafkaError, IllegalOperation, AssertionError) as exc:
+            if _fatal(producer):
+                # fenced while a batch was in flight: aiokafka's sender moved the producer
+                # to its fatal state and the next send says "not in transaction"
+                raise FencedError(f"transactional producer in a fatal state: {exc!r}") from exc
+            if isinstance(exc, KafkaError):
+                raise CommitError(f"transaction failed and was aborted: {exc}") from exc
+            raise
         return positions
 
     async def _plain_cycle(
@@ -343,6 +351,13 @@ class Sink:
             headers=list(record.headers),
         )
         return future
+
+
+def _fatal(producer: AIOKafkaProducer) -> bool:
+    """Whether the producer's transaction manager is in its fatal state (aiokafka has no
+    public accessor): such a producer can neither send, abort nor begin again."""
+    manager = getattr(producer, "_txn_manager", None)
+    return manager is not None and bool(manager.is_fatal_error())
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

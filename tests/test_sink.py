@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from connector.errors import EventRejected, Stage
+from connector.errors import EventRejected, FencedError, Stage
 from connector.events import InputRecord, OutRecord, dead_letter_record
 from connector.kafka_common import client_kwargs
 from connector.sink import Sink
@@ -99,3 +99,35 @@ async def test_a_record_the_broker_refuses_is_replaced_by_its_minimal_form(
     assert dead.value == b"" and header(dead, "dlq-value-bytes") == b"300000"
     assert [m.value for m in await read_all(kafka_bootstrap, names.results)] == [b"{}"]
     assert sink.bounded == 1
+
+
+async def test_a_producer_fenced_mid_cycle_ends_the_session_as_a_fence(
+    kafka_bootstrap: str,
+) -> None:
+    """A newer instance with the same transactional id fences this one while its batches
+    are in flight: aiokafka's sender moves the producer to its fatal state and the next
+    send raises IllegalOperation ("not in transaction"), which is not a KafkaError. The
+    cycle must say FencedError (the session restarts with a new producer), never crash
+    the replica with an unclassified error (seen in CI during a rebalance)."""
+    names = Names.fresh("sink-fenced")
+    await create_topics(kafka_bootstrap, {names.results: 3, names.dead: 1})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names)
+    source = Source(settings, _nothing, _nothing)  # type: ignore[arg-type]
+    old = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    new = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    await old.start()
+    try:
+        await new.start()  # bumps the epoch: ``old`` is fenced
+        try:
+            records = [
+                OutRecord(names.results, str(i).encode(), b"{}", partition=i % 3)
+                for i in range(2_000)
+            ]
+            for _ in range(3):  # every cycle of a fenced producer says so
+                with pytest.raises(FencedError):
+                    await old.commit_cycle(records, dict)
+        finally:
+            await new.stop()
+    finally:
+        await old.stop()
+    assert await read_all(kafka_bootstrap, names.results) == []
