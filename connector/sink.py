@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
-    IllegalOperation,
     CorruptRecordException,
+    IllegalOperation,
     InvalidMessageError,
     InvalidProducerEpoch,
     KafkaError,

@@ -632,6 +632,8 @@ async def test_an_unusable_key_pauses_like_a_401_and_heals() -> None:
     assert h.sample("threads_connector_auth_paused") == 0
     assert h.sample("threads_connector_api_key_invalid") == 0
     assert h.caller.breaker.consecutive == 0
+
+
 async def test_calls_waiting_for_a_slot_are_not_counted_in_flight() -> None:
     """``calls_in_flight`` is the requests handed to the client; a call queued for a
     concurrency slot is ``calls_waiting``."""
