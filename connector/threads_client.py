@@ -258,8 +258,12 @@ def _interpret(response: _Response) -> ApiThread:
     if status == 201:
         try:
             data = orjson.loads(response.content)
+            thread_uid = data["threadUid"]
+            # the spec's string: str() would publish null as "None" and call it a success
+            if not isinstance(thread_uid, str) or not thread_uid:
+                raise TypeError("threadUid is not a non-empty string")
             return ApiThread(
-                thread_uid=str(data["threadUid"]),
+                thread_uid=thread_uid,
                 human_uid=str(data.get("humanUid") or ""),
                 agent_uid=str(data.get("agentUid") or ""),
             )

@@ -165,6 +165,11 @@ async def test_201_with_only_a_thread_uid() -> None:
         b"not json",
         b"{}",
         b"[]",
+        # the spec says a string: anything else must not be published as "None" or "12"
+        b'{"threadUid": null}',
+        b'{"threadUid": 12}',
+        b'{"threadUid": ""}',
+        b'{"threadUid": {"a": 1}}',
     ],
 )
 async def test_201_without_a_thread_uid_is_permanent(content: bytes) -> None:
