@@ -64,7 +64,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isascii: str.isdigit() is also true of "\u00b2", which float() refuses, and the
+    # ValueError would escape the call (a replica stopped by one header)
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -290,8 +292,12 @@ def _interpret(response: _Response) -> ApiThread:
     if status == 201:
         try:
             data = orjson.loads(response.content)
+            thread_uid = data["threadUid"]
+            # the spec's string: str() would publish null as "None" and call it a success
+            if not isinstance(thread_uid, str) or not thread_uid:
+                raise TypeError("threadUid is not a non-empty string")
             return ApiThread(
-                thread_uid=str(data["threadUid"]),
+                thread_uid=thread_uid,
                 human_uid=str(data.get("humanUid") or ""),
                 agent_uid=str(data.get("agentUid") or ""),
             )

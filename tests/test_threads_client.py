@@ -159,7 +159,19 @@ async def test_201_with_only_a_thread_uid() -> None:
     assert await call(respond(201, json={"threadUid": "th-1"})) == ApiThread("th-1", "", "")
 
 
-@pytest.mark.parametrize("content", [b"not json", b"{}", b"[]"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"{}",
+        b"[]",
+        # the spec says a string: anything else must not be published as "None" or "12"
+        b'{"threadUid": null}',
+        b'{"threadUid": 12}',
+        b'{"threadUid": ""}',
+        b'{"threadUid": {"a": 1}}',
+    ],
+)
 async def test_201_without_a_thread_uid_is_permanent(content: bytes) -> None:
     exc = await api_error(respond(201, content=content))
     assert type(exc) is PermanentApiError
@@ -205,7 +217,8 @@ async def test_503_with_retry_after_http_date() -> None:
     assert 110 <= exc.retry_after_s <= 121
 
 
-@pytest.mark.parametrize("value", ["", "soon", "-5", "1.5"])
+# "\u00b2" (superscript two) is str.isdigit() but not a number float() takes
+@pytest.mark.parametrize("value", ["", "soon", "-5", "1.5", "\u00b2", "1\u00b2"])
 async def test_429_with_an_unusable_retry_after(value: str) -> None:
     exc = await api_error(respond(429, headers={"Retry-After": value}))
     assert isinstance(exc, RetriableApiError)
@@ -222,6 +235,7 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(past, now=now) == 0.0
     assert parse_retry_after(None) is None
     assert parse_retry_after("next tuesday") is None
+    assert parse_retry_after("\u00b2") is None
 
 
 # -- transport errors ----------------------------------------------------------------------
