@@ -304,9 +304,7 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 {
                     "eval_time": "5m",
                     "alertname": "ThreadsConnectorAuthFailure",
-                    "exp_alerts": [
-                        expect("ThreadsConnectorAuthFailure", {"app": "app-a"}, "1")
-                    ],
+                    "exp_alerts": [expect("ThreadsConnectorAuthFailure", {"app": "app-a"}, "1")],
                 },
                 # not ready because of the auth pause: only the auth alert, not this one
                 {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
@@ -325,9 +323,7 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 {
                     "eval_time": "5m",
                     "alertname": "ThreadsConnectorAuthFailure",
-                    "exp_alerts": [
-                        expect("ThreadsConnectorAuthFailure", {"app": "app-b"}, "1")
-                    ],
+                    "exp_alerts": [expect("ThreadsConnectorAuthFailure", {"app": "app-b"}, "1")],
                 },
             ],
         },
