@@ -610,8 +610,6 @@ def test_a_route_whose_app_has_no_key_is_rejected_by_the_chart() -> None:
 
 
 def test_an_app_without_a_key_source_is_rejected() -> None:
-    proc = helm(
-        "template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k"
-    )
+    proc = helm("template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k")
     assert proc.returncode != 0
     assert "secrets.apps.app-c needs apiKey" in proc.stderr
