@@ -98,6 +98,19 @@ def test_each_app_has_its_key_from_file_or_environment_and_its_own_limits(
     assert KEY_B not in repr(settings) and KEY_B not in settings.model_dump_json()
 
 
+def test_an_app_named_only_by_its_environment_key_merges_with_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_a = tmp_path / "key-a"
+    key_a.write_text("key-a")
+    monkeypatch.setenv(f"{ENV_PREFIX}API__APPS__APP-B__API_KEY", KEY_B)
+    data = {"api": {"apps": {"app-a": {"api_key_file": str(key_a)}}}, "routes": ROUTES}
+    settings = load_settings(write(tmp_path, data))
+    assert sorted(settings.api.apps) == ["app-a", "app-b"]
+    assert settings.app_key("app-a")().get_secret_value() == "key-a"
+    assert settings.app_key("app-b")().get_secret_value() == KEY_B
+
+
 def test_a_route_whose_app_has_no_key_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
