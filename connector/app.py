@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 
-from connector.calls import ThreadCaller
+from connector.apps import Apps
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
@@ -34,7 +34,6 @@ from connector.dedup import (
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.exposure import Exposure
-from connector.gates import AuthGate
 from connector.health import HealthServer
 from connector.kafka_common import (
     BootstrapNoise,
@@ -45,11 +44,9 @@ from connector.kafka_common import (
 )
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
-from connector.ratelimit import AdaptiveRate, TokenBucket, group_share
 from connector.routing import Router
 from connector.sink import Sink
 from connector.source import Source, TopicReader
-from connector.threads_client import ThreadsClient
 from connector.topics import TopicManager
 
 log = logging.getLogger(__name__)
@@ -73,15 +70,7 @@ class Connector:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.router = Router(settings.routes)
-        api = settings.api
-        self.adaptive = AdaptiveRate(
-            decrease_factor=api.adaptive_decrease_factor,
-            increase_per_s=api.adaptive_increase_per_s,
-            min_fraction=api.adaptive_min_fraction,
-        )
-        self.bucket = TokenBucket(
-            0.0, api.rate_limit_burst, adaptive=self.adaptive, window_s=api.rate_limit_window_s
-        )
+        self.apps = Apps(settings, self.metrics)  # one call policy per app (connector.apps)
         self.health = HealthServer(
             settings.server.host,
             settings.server.port,
@@ -95,7 +84,6 @@ class Connector:
         self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
         self.input_partitions: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
-        self.caller: ThreadCaller | None = None
         self._assigned: list[TopicPartitionKey] = []
         self._joined = False
         self._heartbeat = time.monotonic()
@@ -149,7 +137,7 @@ class Connector:
             return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
         if not self._joined:
             return False, "not in the consumer group yet"
-        paused = self.caller.pause_reason() if self.caller is not None else None
+        paused = self.apps.pause_reason()
         if paused is not None:
             return False, paused
         age = time.monotonic() - self._last_commit_ok
@@ -164,24 +152,7 @@ class Connector:
         async with AsyncExitStack() as stack:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
-            client = ThreadsClient(
-                s.api.base_url,
-                s.api_key(),
-                connect_timeout_s=s.api.connect_timeout_s,
-                request_timeout_s=s.api.request_timeout_s,
-                max_in_flight=s.api.max_in_flight,
-                max_response_bytes=s.api.max_response_bytes,
-                ca_file=s.api.ca_file,
-            )
-            stack.push_async_callback(client.close)
-            self.caller = ThreadCaller(
-                client.create_thread,
-                s.api,
-                self.bucket,
-                self.adaptive,
-                self.metrics,
-                auth_gate=AuthGate(s.api.auth_probe_interval_s),
-            )
+            self.apps.start(stack)  # each app's HTTP client and caller
             quiet = BootstrapNoise()  # our one line per attempt replaces aiokafka's
             logging.getLogger("aiokafka").addFilter(quiet)
             stack.callback(logging.getLogger("aiokafka").removeFilter, quiet)
@@ -281,8 +252,6 @@ class Connector:
         self.window.clear()  # a new session restores what it is assigned
         self._dedup_held = set()
         self._marker_checked = {}
-        if self.caller is None:
-            raise RuntimeError("run() sets the caller before sessions start")
         exposure = Exposure(
             s.delivery.max_uncommitted_threads,
             s.delivery.commit_stall_s,
@@ -290,7 +259,7 @@ class Connector:
             observe=self._observe_exposure,
         )
         self._observe_exposure(exposure)
-        pipeline = Pipeline(s, self.router, store, self.caller, self.metrics, exposure)
+        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure)
         self.pipeline = pipeline
         source = Source(s, self._on_revoked, self._on_assigned)
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
@@ -425,8 +394,7 @@ class Connector:
             m.dedup_entries.set(len(self.window))
             m.dedup_evictions.inc(self.window.evicted - self._evictions_reported)
             self._evictions_reported = self.window.evicted
-            m.rate_limit_tokens.set(self.bucket.tokens())
-            m.rate_limit_rate.set(self.bucket.rate)
+            self.apps.update_gauges()
             for tp in source.assignment():
                 high = source.highwater(tp)
                 committed = pipeline.tracker.committed_position(tp)
@@ -485,7 +453,7 @@ class Connector:
         pipeline, sink = self.pipeline, self._sink
         if pipeline is None or sink is None:
             return
-        self.bucket.set_rate(0.0)  # no new calls until the new assignment sets our share
+        self.apps.stop_calls()  # no new calls until the new assignment sets our share
         await pipeline.abandon(revoked, self.settings.delivery.revoke_timeout_s)
         await pipeline.commit(sink)
         pipeline.forget(revoked)
@@ -527,18 +495,13 @@ class Connector:
                 "partitions": len(assigned),
                 "dedup_restored": restored,
                 "restore_s": round(time.monotonic() - started, 3),
-                "rate_per_s": round(self.bucket.rate, 3),
+                "rate_per_s": self.apps.rates(),
             },
         )
 
     def _apply_share(self) -> None:
-        api = self.settings.api
-        total = sum(self.input_partitions.values())
-        share = group_share(api.rate_limit_per_s, len(self._assigned), total)
-        burst = max(1.0, api.rate_limit_burst * (share / api.rate_limit_per_s))
-        self.bucket.set_rate(share, burst, ramp_s=api.ramp_up_s)
-        self.metrics.rate_limit_share.set(share)
-        self.metrics.rate_limit_rate.set(self.bucket.rate)
+        """Each app's share of its own group rate (``connector.apps``)."""
+        self.apps.apply_share(len(self._assigned), sum(self.input_partitions.values()))
 
 
 def _only_fenced(exc: BaseException) -> BaseException:

@@ -34,7 +34,7 @@ from connector.errors import (
 )
 from connector.events import ThreadCreated
 from connector.gates import AuthGate, CircuitBreaker, Gate
-from connector.metrics import Metrics
+from connector.metrics import AppMetrics, Metrics
 from connector.ratelimit import AdaptiveRate, TokenBucket
 from connector.routing import ThreadRequest
 from connector.threads_client import ApiThread, status_class
@@ -85,7 +85,7 @@ class ThreadCaller:
         settings: ApiSettings,
         bucket: TokenBucket,
         adaptive: AdaptiveRate,
-        metrics: Metrics,
+        metrics: Metrics | AppMetrics,
         *,
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -96,7 +96,8 @@ class ThreadCaller:
         self._settings = settings
         self._bucket = bucket
         self._adaptive = adaptive
-        self._metrics = metrics
+        # one app's caller: its metrics carry the app label (none given: the label is "")
+        self._metrics = metrics if isinstance(metrics, AppMetrics) else AppMetrics(metrics, "")
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._slots = asyncio.Semaphore(settings.max_in_flight)
@@ -105,7 +106,7 @@ class ThreadCaller:
             settings.breaker_failure_threshold, settings.breaker_probe_interval_s
         )
         self.in_flight = 0
-        metrics.api_paused_seconds.set_function(bucket.pause_remaining_s)
+        self._metrics.api_paused_seconds.set_function(bucket.pause_remaining_s)
 
     def pause_reason(self) -> str | None:
         """Why calls are paused for longer than readiness allows, or None."""
@@ -310,7 +311,10 @@ class ThreadCaller:
         if self.auth_gate.fail(probe is self.auth_gate, reason):
             self._metrics.auth_paused.set(1)
             log.error(
-                "%s: calls paused, probing every %.0fs", reason, self.auth_gate.probe_interval_s
+                "%s: calls paused, probing every %.0fs",
+                reason,
+                self.auth_gate.probe_interval_s,
+                extra={"app": self._metrics.app},
             )
 
     def _transport_failed(self, probe: Gate | None, exc: RetriableApiError) -> None:

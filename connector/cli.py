@@ -114,6 +114,13 @@ def check_config(path: Path) -> int:
         f" {a.max_in_flight} in flight\n"
         f"  routes: {len(settings.routes)}\n"
     )
+    for app in settings.app_uids():
+        own, api = a.apps.get(app), a.for_app(app)
+        key = "own key" if own is not None and own.has_key else "default key"
+        sys.stdout.write(
+            f"  app {app}: {key}, rate {api.rate_limit_per_s}/s for the group,"
+            f" {api.max_in_flight} in flight\n"
+        )
     return 0
 
 

@@ -162,6 +162,28 @@ class DedupSettings(_Frozen):
     restore_timeout_s: float = Field(default=120.0, gt=0)
 
 
+class AppSettings(_Frozen):
+    """One Mindset app's own key, rate limit and in-flight cap (``api.apps.<appUid>``).
+
+    The API refuses a key that does not belong to the ``appUid`` of the call (403), so
+    routes naming several apps need a key each. An unset field takes the ``api`` value of
+    the same name (the defaults); each app gets its own token bucket, in-flight cap and
+    auth pause, whatever it inherits.
+    """
+
+    api_key: SecretStr | None = Field(
+        default=None, description="from THREADS_CONNECTOR_API__APPS__<appUid>__API_KEY only"
+    )
+    api_key_file: Path | None = Field(default=None, description="a mounted secret file")
+    rate_limit_per_s: float | None = Field(default=None, gt=0, description="for the group")
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1, le=10_000)
+
+    @property
+    def has_key(self) -> bool:
+        return self.api_key is not None or self.api_key_file is not None
+
+
 class ApiSettings(_Frozen):
     """The Threads API, its credentials, and how hard we may call it."""
 
@@ -198,6 +220,41 @@ class ApiSettings(_Frozen):
         default=5, ge=1, description="transport failures in a row that pause calls"
     )
     breaker_probe_interval_s: float = Field(default=5.0, gt=0, description="while paused")
+    apps: dict[str, AppSettings] = Field(
+        default_factory=dict,
+        description="per-app key, rate limit and in-flight cap, by appUid (unset: the above)",
+    )
+
+    @field_validator("apps")
+    @classmethod
+    def _app_names(cls, apps: dict[str, AppSettings]) -> dict[str, AppSettings]:
+        """Environment variable names are case-insensitive (pydantic-settings lower-cases
+        them): ``..._APPS__APP-A__API_KEY`` lands on ``app-a``. Two names differing only in
+        case are an app the environment meant but could not name: refuse them."""
+        seen: dict[str, str] = {}
+        for name in apps:
+            if not name.strip():
+                raise ValueError("an app name (appUid) must not be empty")
+            other = seen.setdefault(name.lower(), name)
+            if other != name:
+                raise ValueError(
+                    f"{other!r} and {name!r} differ only in case: environment variable "
+                    f"names are case-insensitive (they give the lower-case name); for an "
+                    f"appUid with capitals use api.apps.<appUid>.api_key_file"
+                )
+        return apps
+
+    def for_app(self, app_uid: str) -> ApiSettings:
+        """These settings with the app's own rate limit, burst and in-flight cap."""
+        own = self.apps.get(app_uid)
+        if own is None:
+            return self
+        update = {
+            name: value
+            for name in ("rate_limit_per_s", "rate_limit_burst", "max_in_flight")
+            if (value := getattr(own, name)) is not None
+        }
+        return self.model_copy(update=update) if update else self
 
     @field_validator("base_url")
     @classmethod
@@ -310,10 +367,27 @@ class ConnectorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _secrets_present(self) -> ConnectorSettings:
-        if self.api.api_key is None and self.api.api_key_file is None:
+        """Every route's app needs a key: its own (``api.apps``) or the default one."""
+        default_key = self.api.api_key is not None or self.api.api_key_file is not None
+        keyless = [
+            (index, route.app_uid)
+            for index, route in enumerate(self.routes)
+            if not default_key
+            and not (route.app_uid in self.api.apps and self.api.apps[route.app_uid].has_key)
+        ]
+        if keyless and not self.api.apps:
             raise ValueError(
                 f"api.api_key is required: set {ENV_PREFIX}API__API_KEY "
                 f"or api.api_key_file (a mounted secret file)"
+            )
+        if keyless:
+            raise ValueError(
+                "; ".join(
+                    f"routes.{index} (app_uid {app!r}) has no API key: set "
+                    f"{app_key_env(app)} or api.apps.{app}.api_key_file, or a default "
+                    f"api.api_key ({ENV_PREFIX}API__API_KEY) / api.api_key_file"
+                    for index, app in keyless
+                )
             )
         if self.kafka.sasl_mechanism and not (
             self.kafka.sasl_password or self.kafka.sasl_password_file
@@ -368,6 +442,24 @@ class ConnectorSettings(BaseSettings):
             self.api.api_key, self.api.api_key_file, "api.api_key_file", self.api.secret_refresh_s
         )
 
+    def app_key(self, app_uid: str) -> CachedSecret:
+        """The key for calls to ``app_uid``: its own (``api.apps``), else the default."""
+        own = self.api.apps.get(app_uid)
+        if own is None or not own.has_key:
+            return self.api_key()
+        return CachedSecret(
+            own.api_key,
+            own.api_key_file,
+            f"api.apps.{app_uid}.api_key_file",
+            self.api.secret_refresh_s,
+            env_name=app_key_env(app_uid),
+        )
+
+    def app_uids(self) -> list[str]:
+        """The apps this configuration can call (the routes' and ``api.apps``'): the
+        bounded values of the metrics' ``app`` label."""
+        return sorted({route.app_uid for route in self.routes} | set(self.api.apps))
+
     def ssl_key_password(self) -> SecretStr | None:
         """The client key's password (mTLS), from the environment or a mounted file."""
         k = self.kafka
@@ -418,6 +510,12 @@ class CachedSecret:
         if self._problem is not None:
             raise ApiKeyInvalid(f"the API key from {self._source} cannot be sent: {self._problem}")
         return self._cached
+
+
+def app_key_env(app_uid: str) -> str:
+    """The environment variable of an app's key (pydantic-settings' nested naming: it
+    matches case-insensitively, and Kubernetes allows the dashes of an appUid in it)."""
+    return f"{ENV_PREFIX}API__APPS__{app_uid.upper()}__API_KEY"
 
 
 def header_value_problem(value: str) -> str | None:
@@ -520,6 +618,13 @@ def load_settings(path: Path | None) -> ConnectorSettings:
             raise ConfigError(
                 f"{section}.{name}: secrets must not be written in the config file; "
                 f"set {env_name} or {section}.{name}_file"
+            )
+    apps = data.get("api", {}).get("apps") if isinstance(data.get("api"), dict) else None
+    for app, app_data in (apps or {}).items() if isinstance(apps, dict) else ():
+        if isinstance(app_data, dict) and app_data.get("api_key") is not None:
+            raise ConfigError(
+                f"api.apps.{app}.api_key: secrets must not be written in the config file; "
+                f"set {app_key_env(str(app))} or api.apps.{app}.api_key_file"
             )
     try:
         return ConnectorSettings(**data)

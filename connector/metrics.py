@@ -2,7 +2,8 @@
 
 Named by Prometheus conventions: a ``threads_connector_`` prefix, base units in the name
 (``_seconds``), ``_total`` on counters. Labels are bounded: topics, partitions, stages,
-short reason codes and HTTP codes; never event ids or user ids.
+short reason codes, HTTP codes and the configured apps (``app``: the routes' and
+``api.apps``' appUids); never event ids or user ids.
 
 Each ``Metrics`` owns its registry, so several connectors can run in one process (tests)
 without colliding; the app serves its own registry on ``/metrics``.
@@ -127,7 +128,7 @@ class Metrics:
         self.threads_created = CachedCounter(
             f"{p}_threads_created_total",
             "Threads created (201 from the API).",
-            ["topic"],
+            ["topic", "app"],
             registry=r,
         )
         self.results_published = Counter(
@@ -136,8 +137,8 @@ class Metrics:
         self.api_responses = CachedCounter(
             f"{p}_api_responses_total",
             "Threads API responses by status class (2xx, 4xx, 5xx, error) and code "
-            "(HTTP status, or timeout / connect_error).",
-            ["status_class", "code"],
+            "(HTTP status, or timeout / connect_error), per app.",
+            ["status_class", "code", "app"],
             registry=r,
         )
         self.api_call_duration = CachedHistogram(
@@ -172,7 +173,9 @@ class Metrics:
         )
         self.calls_in_flight = Gauge(
             f"{p}_calls_in_flight",
-            "Threads API requests on the wire now (handed to the HTTP client, not returned).",
+            "Threads API requests on the wire now (handed to the HTTP client, not returned), "
+            "per app.",
+            ["app"],
             registry=r,
         )
         self.calls_waiting = Gauge(
@@ -200,15 +203,17 @@ class Metrics:
         self.rate_limit_rate = Gauge(
             f"{p}_rate_limit_per_second",
             "This replica's current call rate limit (group share times adaptive factor).",
+            ["app"],
             registry=r,
         )
         self.rate_limit_share = Gauge(
             f"{p}_rate_limit_share_per_second",
             "This replica's share of the group rate, before adaptive backoff.",
+            ["app"],
             registry=r,
         )
         self.rate_limit_tokens = Gauge(
-            f"{p}_rate_limit_tokens", "Tokens in the bucket now.", registry=r
+            f"{p}_rate_limit_tokens", "Tokens in the bucket now.", ["app"], registry=r
         )
         self.rate_limit_wait = Counter(
             f"{p}_rate_limit_wait_seconds_total",
@@ -216,10 +221,16 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            f"{p}_rate_limited_total", "429 and 503 answers that slowed the rate down.", registry=r
+            f"{p}_rate_limited_total",
+            "429 and 503 answers that slowed the rate down.",
+            ["app"],
+            registry=r,
         )
         self.auth_paused = Gauge(
-            f"{p}_auth_paused", "1 while calls are paused by a 401/403 from the API.", registry=r
+            f"{p}_auth_paused",
+            "1 while the app's calls are paused by a 401/403 from the API.",
+            ["app"],
+            registry=r,
         )
         self.api_breaker_open = Gauge(
             f"{p}_api_breaker_open",
@@ -231,12 +242,14 @@ class Metrics:
             f"{p}_api_paused_seconds",
             "Seconds left of the pause the API asked for with Retry-After "
             "(capped by api.max_retry_after_s).",
+            ["app"],
             registry=r,
         )
         self.api_key_invalid = Gauge(
             f"{p}_api_key_invalid",
             "1 while the API key as read cannot be sent (empty, control characters, "
-            "non-ASCII): calls are paused until the secret is fixed.",
+            "non-ASCII): the app's calls are paused until the secret is fixed.",
+            ["app"],
             registry=r,
         )
         self.partitions_assigned = Gauge(
@@ -310,15 +323,15 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(__version__).set(1)
+        self.apps: tuple[str, ...] = ()
         self._initialise_labels()
 
     def _initialise_labels(self) -> None:
-        """Create the known label combinations at 0 (see the module docstring)."""
+        """Create the known label combinations at 0 (see the module docstring); the
+        per-app ones wait for the apps (``init_apps``)."""
         for stage, reasons in DEAD_LETTER_REASONS.items():
             for reason in reasons:
                 self.dead_letters.labels(stage, reason)
-        for status_class, code in API_RESPONSE_CODES:
-            self.api_responses.labels(status_class, code)
         for code in RETRY_CODES:
             self.api_retries.labels(code)
         for status_class in STATUS_CLASSES:
@@ -329,10 +342,71 @@ class Metrics:
         for kind in REBALANCE_KINDS:
             self.rebalances.labels(kind)
 
+    def init_apps(self, apps: Iterable[str]) -> None:
+        """Create the per-app series at 0 (the apps of the configuration, known at start)."""
+        self.apps = tuple(sorted(set(self.apps) | set(apps)))
+        for app in self.apps:
+            for status_class, code in API_RESPONSE_CODES:
+                self.api_responses.labels(status_class, code, app)
+            for gauge in APP_GAUGES:
+                getattr(self, gauge).labels(app)
+            self.rate_limited.labels(app)
+
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
         for topic in topics:
             self.events_consumed.labels(topic)
-            self.threads_created.labels(topic)
+            for app in self.apps:
+                self.threads_created.labels(topic, app)
             for kind in DEDUP_KINDS:
                 self.dedup_hits.labels(topic, kind)
+
+
+# The gauges with an ``app`` label (created at 0 per app by ``init_apps``).
+APP_GAUGES = (
+    "calls_in_flight",
+    "rate_limit_rate",
+    "rate_limit_share",
+    "rate_limit_tokens",
+    "auth_paused",
+    "api_key_invalid",
+    "api_paused_seconds",
+)
+
+
+class _LastLabel:
+    """A labelled metric with its last label (``app``) bound: ``labels(a, b)`` is the
+    parent's ``labels(a, b, app)``."""
+
+    def __init__(self, parent: Counter, value: str) -> None:
+        self._parent = parent
+        self._value = value
+
+    def labels(self, *values: str) -> Counter:
+        return self._parent.labels(*values, self._value)
+
+
+class AppMetrics:
+    """The metrics one app's ``ThreadCaller`` writes, its ``app`` label bound, under the
+    names of ``Metrics``: the caller's code stays the same for one app or several. Metrics
+    without an ``app`` label (durations, retries, the circuit breaker: the API host's)
+    are the shared ones, reached through ``base``."""
+
+    def __init__(self, metrics: Metrics, app: str) -> None:
+        self.base = metrics
+        self.app = app
+        self.api_responses = _LastLabel(metrics.api_responses, app)
+        self.calls_in_flight: Gauge = metrics.calls_in_flight.labels(app)
+        self.rate_limit_rate: Gauge = metrics.rate_limit_rate.labels(app)
+        self.rate_limit_share: Gauge = metrics.rate_limit_share.labels(app)
+        self.rate_limit_tokens: Gauge = metrics.rate_limit_tokens.labels(app)
+        self.rate_limited: Counter = metrics.rate_limited.labels(app)
+        self.auth_paused: Gauge = metrics.auth_paused.labels(app)
+        self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
+        self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""
+        if name == "base":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from connector.apps import Apps
 from connector.calls import Abandoned, ThreadCaller
 from connector.config import ConnectorSettings, Ordering
 from connector.dedup import DedupStore, InFlight, Seen
@@ -81,7 +82,7 @@ class Pipeline:
         settings: ConnectorSettings,
         router: Router,
         store: DedupStore,
-        caller: ThreadCaller,
+        caller: ThreadCaller | Apps,
         metrics: Metrics,
         exposure: Exposure | None = None,
     ) -> None:
@@ -232,7 +233,7 @@ class Pipeline:
         )
         if changelog is not None:
             records.append(changelog)
-        self._m.threads_created.labels(record.topic).inc()
+        self._m.threads_created.labels(record.topic, route.app_uid).inc()
         if log.isEnabledFor(logging.DEBUG):  # the hot path: the result record says it all
             log.debug(
                 "thread created",

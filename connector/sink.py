@@ -260,7 +260,15 @@ class Sink:
         """Send every record and wait for every acknowledgement; return the records the
         broker refused on their own (any other error propagates). Unawaited, a refused
         batch's future failed silently and the transaction committed without its record."""
-        sent = [(r, f) for r in records if (f := await self._send(r)) is not None]
+        sent: list[tuple[OutRecord, asyncio.Future[object]]] = []
+        try:
+            for record in records:
+                if (future := await self._send(record)) is not None:
+                    sent.append((record, future))
+        except BaseException:
+            for _, future in sent:  # their failures are this one's; retrieved, not logged
+                future.add_done_callback(_retrieve)
+            raise
         answers = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         refused: list[Refusal] = []
         for (record, _), answer in zip(sent, answers, strict=True):
@@ -353,11 +361,21 @@ class Sink:
         return future
 
 
+def _retrieve(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _fatal(producer: AIOKafkaProducer) -> bool:
     """Whether the producer's transaction manager is in its fatal state (aiokafka has no
     public accessor): such a producer can neither send, abort nor begin again."""
     manager = getattr(producer, "_txn_manager", None)
-    return manager is not None and bool(manager.is_fatal_error())
+    if manager is None or not manager.is_fatal_error():
+        return False
+    waiter = manager.wait_for_transaction_end()  # holds the fence: retrieved, not logged at GC
+    if waiter.done():
+        _retrieve(waiter)
+    return True
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

@@ -143,7 +143,10 @@ class Harness:
         return info.value
 
     def sample(self, name: str, **labels: str) -> float | None:
-        return self.metrics.registry.get_sample_value(name, labels)
+        """A sample of the caller's metrics; those labelled by app carry its label ("")."""
+        with_app = labels | {"app": ""}
+        value = self.metrics.registry.get_sample_value(name, with_app)
+        return value if value is not None else self.metrics.registry.get_sample_value(name, labels)
 
 
 def unavailable(status: int = 503, retry_after_s: float | None = None) -> RetriableApiError:

@@ -238,7 +238,7 @@ async def test_rate_limited_api_slows_the_group_without_dead_letters(kafka_boots
         )
         async with running(settings) as a, running(second) as b:
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
-            slowed = a.metrics.rate_limited._value.get() + b.metrics.rate_limited._value.get()
+            slowed = sum(c.metrics.rate_limited.labels("demo-app")._value.get() for c in (a, b))
         assert sim.store.response_counts().get(429, 0) > 0
         assert slowed > 0
         assert await read_all(kafka_bootstrap, names.dead) == []

@@ -564,3 +564,71 @@ def test_the_chart_binds_the_health_server_on_all_pod_addresses() -> None:
     """The connector's own default is loopback; in a pod the kubelet and Prometheus come
     from outside, so the chart sets 0.0.0.0 (and the NetworkPolicy restricts who)."""
     assert connector_config(render(*API_KEY_SET))["server"]["host"] == "0.0.0.0"
+
+
+# -- several Mindset apps -------------------------------------------------------------------
+
+SEVERAL_APPS = CHART / "ci" / "several-apps-values.yaml"
+
+
+def test_several_apps_each_key_mounted_as_its_own_file() -> None:
+    docs = render("-f", str(SEVERAL_APPS))
+    api = connector_config(docs)["api"]
+    assert "api_key_file" not in api  # no default key: every route's app has its own
+    apps_dir = "/var/run/secrets/threads-connector-apps"
+    assert api["apps"] == {
+        "app-a": {
+            "api_key_file": f"{apps_dir}/app-a/api-key",
+            "rate_limit_per_s": 10,
+            "max_in_flight": 100,
+        },
+        "app-b": {"api_key_file": f"{apps_dir}/app-b/api-key", "rate_limit_per_s": 5},
+    }
+    assert one(docs, "Secret")["data"] == {
+        "api-key-app-b": "Y2ktYXBwLWIta2V5LW5vdC1hLXJlYWwtb25l"  # base64 of the value
+    }
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert volumes["app-key-0"] == {
+        "secretName": "app-a-threads-api",
+        "defaultMode": 288,
+        "items": [{"key": "api-key", "path": "api-key"}],
+    }
+    assert volumes["app-key-1"]["secretName"] == "rel-threads-connector"
+    assert volumes["app-key-1"]["items"] == [{"key": "api-key-app-b", "path": "api-key"}]
+    assert "secrets" not in volumes  # nothing else to mount (no default key, no SASL)
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert "secrets" not in mounts
+    assert mounts["app-key-0"]["mountPath"] == f"{apps_dir}/app-a"
+    assert mounts["app-key-1"]["mountPath"] == f"{apps_dir}/app-b"
+    assert all("subPath" not in m for m in mounts.values())  # rotation reaches the files
+
+
+def test_several_apps_config_is_valid_for_the_connector(tmp_path: Path) -> None:
+    from connector.config import load_settings
+
+    path = tmp_path / "connector.yaml"
+    path.write_text(config_map(render("-f", str(SEVERAL_APPS)))["data"]["connector.yaml"])
+    settings = load_settings(path)
+    assert settings.app_uids() == ["app-a", "app-b"]
+    assert settings.api.for_app("app-b").rate_limit_per_s == 5
+
+
+def test_a_route_whose_app_has_no_key_is_rejected_by_the_chart() -> None:
+    proc = helm(
+        "template",
+        "rel",
+        str(CHART),
+        "-f",
+        str(SEVERAL_APPS),
+        "--set",
+        "config.routes[1].app_uid=app-c",
+    )
+    assert proc.returncode != 0
+    assert "config.routes[1] (app_uid app-c) has no API key" in proc.stderr
+
+
+def test_an_app_without_a_key_source_is_rejected() -> None:
+    proc = helm("template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k")
+    assert proc.returncode != 0
+    assert "secrets.apps.app-c needs apiKey" in proc.stderr

@@ -76,8 +76,12 @@ async def not_ready_with(connector: Connector, words: str) -> None:
 
 
 def gauge(connector: Connector, name: str) -> float:
-    value = connector.metrics.registry.get_sample_value(f"threads_connector_{name}")
-    return -1.0 if value is None else value
+    """The gauge of the route's app (demo-app), or the unlabelled one; -1: absent."""
+    for labels in ({"app": "demo-app"}, {}):
+        value = connector.metrics.registry.get_sample_value(f"threads_connector_{name}", labels)
+        if value is not None:
+            return value
+    return -1.0
 
 
 async def produce_events(bootstrap: str, names: Names, prefix: str, n: int) -> list[str]:

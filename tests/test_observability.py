@@ -196,15 +196,21 @@ def test_known_series_start_at_zero() -> None:
     assert (
         value("threads_connector_dead_letters_total", {"stage": "api", "reason": "http_404"}) == 0
     )
-    assert (
-        value("threads_connector_api_responses_total", {"status_class": "4xx", "code": "401"}) == 0
-    )
+    m.init_apps(["app-a", "app-b"])
+    for app in ("app-a", "app-b"):
+        labels = {"status_class": "4xx", "code": "403", "app": app}
+        assert value("threads_connector_api_responses_total", labels) == 0
+        assert value("threads_connector_auth_paused", {"app": app}) == 0
+        assert value("threads_connector_rate_limited_total", {"app": app}) == 0
+        assert value("threads_connector_calls_in_flight", {"app": app}) == 0
     assert value("threads_connector_commit_failures_total", {"mode": "transaction"}) == 0
     assert value("threads_connector_rebalances_total", {"kind": "assign"}) == 0
     assert value("threads_connector_api_call_duration_seconds_count", {"status_class": "2xx"}) == 0
     assert value("threads_connector_build_info", {"version": __version__}) == 1
     m.init_topics(["orders"])
     assert value("threads_connector_events_consumed_total", {"topic": "orders"}) == 0
+    labels = {"topic": "orders", "app": "app-b"}
+    assert value("threads_connector_threads_created_total", labels) == 0
     assert (
         value("threads_connector_dedup_hits_total", {"topic": "orders", "kind": "in_flight"}) == 0
     )
@@ -224,9 +230,9 @@ async def test_promtool_check_metrics_with_every_metric_in_use() -> None:
     m = Metrics()
     m.events_consumed.labels("in").inc()
     m.dedup_hits.labels("in", "window").inc()
-    m.threads_created.labels("in").inc()
+    m.threads_created.labels("in", "app-a").inc()
     m.results_published.inc()
-    m.api_responses.labels("2xx", "201").inc()
+    m.api_responses.labels("2xx", "201", "app-a").inc()
     m.api_call_duration.labels("2xx").observe(3.2)
     m.event_attempts.observe(2)
     m.api_retries.labels("503").inc()
@@ -283,7 +289,14 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
         {  # the auth gate closes at minute 2
             "interval": "1m",
             "input_series": [
-                {"series": f"threads_connector_auth_paused{{{sel}}}", "values": "0 0 1x10"},
+                {
+                    "series": f'threads_connector_auth_paused{{{sel}, app="app-a"}}',
+                    "values": "0 0 1x10",
+                },
+                {  # another app of the replica goes on: the alert names the one paused
+                    "series": f'threads_connector_auth_paused{{{sel}, app="app-b"}}',
+                    "values": "0x12",
+                },
                 {"series": f"threads_connector_ready{{{sel}}}", "values": "1 1 0x10"},
             ],
             "alert_rule_test": [
@@ -291,7 +304,7 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 {
                     "eval_time": "5m",
                     "alertname": "ThreadsConnectorAuthFailure",
-                    "exp_alerts": [expect("ThreadsConnectorAuthFailure", {}, "1")],
+                    "exp_alerts": [expect("ThreadsConnectorAuthFailure", {"app": "app-a"}, "1")],
                 },
                 # not ready because of the auth pause: only the auth alert, not this one
                 {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
@@ -302,7 +315,7 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
             "input_series": [
                 {
                     "series": "threads_connector_api_responses_total"
-                    f'{{{sel}, status_class="4xx", code="401"}}',
+                    f'{{{sel}, status_class="4xx", code="401", app="app-b"}}',
                     "values": "0 0 3 6 9 12 15",
                 },
             ],
@@ -310,7 +323,7 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 {
                     "eval_time": "5m",
                     "alertname": "ThreadsConnectorAuthFailure",
-                    "exp_alerts": [expect("ThreadsConnectorAuthFailure", {}, "1")],
+                    "exp_alerts": [expect("ThreadsConnectorAuthFailure", {"app": "app-b"}, "1")],
                 },
             ],
         },
@@ -684,7 +697,7 @@ async def test_api_key_and_system_message_never_leak(kafka_bootstrap: str, tmp_p
                 ]
                 await produce(kafka_bootstrap, names.input, records)
                 deadline = time.monotonic() + 60
-                while connector.metrics.auth_paused._value.get() != 1:
+                while connector.metrics.auth_paused.labels("demo-app")._value.get() != 1:
                     assert time.monotonic() < deadline, "the wrong key never paused the calls"
                     await asyncio.sleep(0.1)
                 key_file.write_text(key)  # the secret is rotated

@@ -235,11 +235,11 @@ async def test_bad_api_key_pauses_without_dead_letters_then_recovers(
                     break
                 await asyncio.sleep(0.1)
             assert ready.status_code == 503 and "401/403" in ready.json()["detail"]
-        assert connector.metrics.auth_paused._value.get() == 1
+        assert connector.metrics.auth_paused.labels("demo-app")._value.get() == 1
         assert sim.store.count_by_event_id() == {}
         key_file.write_text("demo-key")  # the secret is rotated
         await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=30)
-        assert connector.metrics.auth_paused._value.get() == 0
+        assert connector.metrics.auth_paused.labels("demo-app")._value.get() == 0
     assert await read_all(kafka_bootstrap, names.dead) == []
     assert sorted(sim.store.count_by_event_id()) == [f"a-{i}" for i in range(5)]
 

@@ -68,8 +68,8 @@ def inline(node: Schema, defs: dict[str, Schema], section: str | None = None) ->
                 for name, sub in value.items()
                 if (section, name) not in EXCLUDED
             }
-        elif key == "items":
-            out[key] = inline(value, defs, section)
+        elif key == "items" or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = inline(value, defs, section)  # a list's items, a mapping's values
         elif key == "required":
             required = [r for r in value if (section, r) not in EXCLUDED]
             if required:
@@ -187,6 +187,18 @@ def values_schema() -> Schema:
                     "saslPassword": typed("string"),
                     "sslKeyPassword": typed("string"),
                     "rollOnChange": typed("boolean"),
+                    "apps": typed(
+                        "object",
+                        description="each Mindset app's API key, by appUid",
+                        propertyNames={"pattern": "^[-._a-zA-Z0-9]+$"},
+                        additionalProperties=obj(
+                            {
+                                "apiKey": typed("string"),
+                                "existingSecret": typed("string"),
+                                "key": SECRET_KEY,
+                            }
+                        ),
+                    ),
                 }
             ),
             "apiTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),

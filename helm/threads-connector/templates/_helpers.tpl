@@ -62,6 +62,38 @@ Where things are mounted in the container.
 {{- define "threads-connector.tlsDir" -}}/var/run/secrets/threads-connector-tls{{- end }}
 {{- define "threads-connector.apiTlsDir" -}}/var/run/secrets/threads-connector-api-tls{{- end }}
 {{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
+{{- define "threads-connector.appsDir" -}}/var/run/secrets/threads-connector-apps{{- end }}
+
+{{/*
+Is the default API key (secrets.apiKey, or secrets.apiKeyKey in secrets.existingSecret)
+mounted and used? Always with an existing Secret; with the chart's Secret only when set
+(with secrets.apps, every route's app may have a key of its own).
+*/}}
+{{- define "threads-connector.defaultApiKey" -}}
+{{- if or .Values.secrets.existingSecret .Values.secrets.apiKey (not .Values.secrets.apps) }}true{{- end }}
+{{- end }}
+
+{{/*
+Does the connector's Secret volume mount anything (the default key, the SASL password, the
+client key's password)? Not with per-app keys only and no SASL.
+*/}}
+{{- define "threads-connector.secretVolume" -}}
+{{- if or (include "threads-connector.defaultApiKey" .) (include "threads-connector.saslEnabled" .) .Values.kafkaTls.clientKeyEncrypted }}true{{- end }}
+{{- end }}
+
+{{/*
+One app's key (secrets.apps.<appUid>): the Secret and the key in it, as "secret/key".
+Its own existingSecret (key default api-key), else secrets.existingSecret or the chart's
+Secret (key default api-key-<appUid>).
+*/}}
+{{- define "threads-connector.appKeySource" -}}
+{{- $app := index .root.Values.secrets.apps .app | default dict }}
+{{- if $app.existingSecret }}
+{{- printf "%s/%s" $app.existingSecret ($app.key | default "api-key") }}
+{{- else }}
+{{- printf "%s/%s" (include "threads-connector.secretName" .root) ($app.key | default (printf "api-key-%s" .app)) }}
+{{- end }}
+{{- end }}
 
 {{/*
 The Secret holding the API key and the SASL password.
@@ -107,7 +139,14 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- $cfg := deepCopy (.Values.config | default dict) }}
 {{- if not (hasKey $cfg "api") }}{{- $_ := set $cfg "api" dict }}{{- end }}
 {{- if not (hasKey $cfg "kafka") }}{{- $_ := set $cfg "kafka" dict }}{{- end }}
+{{- if include "threads-connector.defaultApiKey" . }}
 {{- $_ := set $cfg.api "api_key_file" (printf "%s/api-key" (include "threads-connector.secretDir" .)) }}
+{{- end }}
+{{- range $app := keys (.Values.secrets.apps | default dict) | sortAlpha }}
+{{- if not (hasKey $cfg.api "apps") }}{{- $_ := set $cfg.api "apps" dict }}{{- end }}
+{{- if not (hasKey $cfg.api.apps $app) }}{{- $_ := set $cfg.api.apps $app dict }}{{- end }}
+{{- $_ := set (index $cfg.api.apps $app) "api_key_file" (printf "%s/%s/api-key" (include "threads-connector.appsDir" $) $app) }}
+{{- end }}
 {{- if include "threads-connector.saslEnabled" . }}
 {{- $_ := set $cfg.kafka "sasl_password_file" (printf "%s/sasl-password" (include "threads-connector.secretDir" .)) }}
 {{- end }}
@@ -144,8 +183,19 @@ Cross-field checks the schema cannot express; each fails with what to change.
 */}}
 {{- define "threads-connector.validate" -}}
 {{- $errors := list }}
-{{- if and (not .Values.secrets.existingSecret) (not .Values.secrets.apiKey) }}
+{{- if not (include "threads-connector.defaultApiKey" .) }}
+{{- range $i, $route := (.Values.config.routes | default list) }}
+{{- if not (hasKey $.Values.secrets.apps (toString $route.app_uid)) }}
+{{- $errors = append $errors (printf "config.routes[%d] (app_uid %s) has no API key: add secrets.apps.%s, or a default secrets.apiKey" $i $route.app_uid $route.app_uid) }}
+{{- end }}
+{{- end }}
+{{- else if and (not .Values.secrets.existingSecret) (not .Values.secrets.apiKey) }}
 {{- $errors = append $errors "secrets.apiKey is required: set it (helm install --set-file secrets.apiKey=./api-key), or name a Secret you manage in secrets.existingSecret" }}
+{{- end }}
+{{- range $name, $app := (.Values.secrets.apps | default dict) }}
+{{- if and (not $app.existingSecret) (not $.Values.secrets.existingSecret) (not $app.apiKey) }}
+{{- $errors = append $errors (printf "secrets.apps.%s needs apiKey (a value for the chart's Secret) or existingSecret (a Secret you manage)" $name) }}
+{{- end }}
 {{- end }}
 {{- if and (include "threads-connector.saslEnabled" .) (not .Values.secrets.existingSecret) (not .Values.secrets.saslPassword) }}
 {{- $errors = append $errors "secrets.saslPassword is required when config.kafka.sasl_mechanism is set (or name a Secret you manage in secrets.existingSecret)" }}
