@@ -252,6 +252,12 @@ class Connector:
         self.window.clear()  # a new session restores what it is assigned
         self._dedup_held = set()
         self._marker_checked = {}
+        # records held for a restore of the last session (one ended by a fence or a failed
+        # restore) are the new consumer's to fetch again from the committed offsets: kept,
+        # they were submitted twice (the tracker refused the second: the replica crashed)
+        self._held = {}
+        self._restoring = set()
+        self._assigned = []
         exposure = Exposure(
             s.delivery.max_uncommitted_threads,
             s.delivery.commit_stall_s,
