@@ -258,6 +258,7 @@ class Connector:
         self._held = {}
         self._restoring = set()
         self._assigned = []
+        self._fatal = None  # a hook's failure as the last session left the group was its own
         exposure = Exposure(
             s.delivery.max_uncommitted_threads,
             s.delivery.commit_stall_s,
