@@ -195,7 +195,7 @@ def settings_dict(bootstrap: str, base_url: str, tag: str, rate: float) -> dict[
             }
         ],
         "server": {"host": "127.0.0.1", "port": 0},
-        "logging": {"level": "WARNING", "format": "json"},
+        "logging": {"level": os.environ.get("CHAOS_LOG_LEVEL", "WARNING"), "format": "json"},
     }
 
 
