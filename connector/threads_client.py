@@ -264,6 +264,17 @@ def _inflater(encoding: str | None) -> Inflater | None:
     return inflate
 
 
+def _scalar_text(value: object) -> str | None:
+    """A JSON scalar of the API's as text; None for an array or an object. Never ``str()``
+    of a container: its repr recurses, and 1,000 nested lists (orjson accepts 1,023)
+    raise RecursionError, which escapes the call and stops the replica."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return orjson.dumps(value).decode()
+    return None
+
+
 def _safe_detail(response: _Response) -> str:
     """What of an error body may go into a dead letter and a log: the ``error`` title and
     the names of the fields at fault, never free text (it could echo the system message)."""
@@ -279,9 +290,8 @@ def _safe_detail(response: _Response) -> str:
         parts.append(title[:120])
     detail = data.get("detail")
     if isinstance(detail, list):
-        fields = sorted(
-            {str(d["field"])[:60] for d in detail if isinstance(d, dict) and "field" in d}
-        )
+        names = {_scalar_text(d["field"]) for d in detail if isinstance(d, dict) and "field" in d}
+        fields = sorted({name[:60] for name in names if name is not None})
         if fields:
             parts.append("fields: " + ", ".join(fields))
     return "; ".join(parts) or "(no error title)"
@@ -296,10 +306,12 @@ def _interpret(response: _Response) -> ApiThread:
             # the spec's string: str() would publish null as "None" and call it a success
             if not isinstance(thread_uid, str) or not thread_uid:
                 raise TypeError("threadUid is not a non-empty string")
+            # the spec's strings too; anything else is not published (not its repr)
+            human_uid, agent_uid = data.get("humanUid"), data.get("agentUid")
             return ApiThread(
                 thread_uid=thread_uid,
-                human_uid=str(data.get("humanUid") or ""),
-                agent_uid=str(data.get("agentUid") or ""),
+                human_uid=human_uid if isinstance(human_uid, str) else "",
+                agent_uid=agent_uid if isinstance(agent_uid, str) else "",
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise PermanentApiError("201 without a threadUid in its body", status=201) from exc

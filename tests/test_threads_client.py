@@ -448,3 +448,23 @@ async def test_error_body_free_text_never_reaches_the_error() -> None:
     assert "Validation error" in str(exc) and "message" in str(exc)
     plain = await api_error(respond(400, text=f"bad: {secret_text}"))
     assert secret_text not in str(plain)
+
+
+DEEP = "[" * 1000 + "]" * 1000  # orjson accepts up to 1,023 levels; repr() does not
+
+
+async def test_a_deeply_nested_field_in_an_error_body_is_a_permanent_error() -> None:
+    """``str()`` of a 1,000-deep field name raised RecursionError out of the client."""
+    body = f'{{"error": "Validation error", "detail": [{{"field": {DEEP}}}, {{"field": 7}}]}}'
+    exc = await api_error(respond(422, content=body.encode()))
+    assert isinstance(exc, PermanentApiError)
+    assert str(exc) == "HTTP 422: Validation error; fields: 7"
+
+
+@pytest.mark.parametrize("odd", [DEEP, '{"a": 1}', "[1]", "42", "true"])
+async def test_a_201_with_odd_human_and_agent_uids_keeps_the_thread(odd: str) -> None:
+    """humanUid/agentUid that are not strings: the thread is kept, the odd values are not
+    published (not as a Python repr, and not by a RecursionError out of the client)."""
+    body = f'{{"threadUid": "th-1", "humanUid": {odd}, "agentUid": {odd}}}'
+    thread = await call(respond(201, content=body.encode()))
+    assert thread == ApiThread(thread_uid="th-1", human_uid="", agent_uid="")

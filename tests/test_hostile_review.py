@@ -1,0 +1,84 @@
+"""Hostile review, round 2: API answers, templates and events nobody tried before, end to
+end on a real broker with a real ``Connector`` and a real HTTP server playing the API.
+
+Each test names the defect it found; each failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
+
+from tests.harness import Names, event, make_settings, produce, results, running
+
+pytestmark = pytest.mark.integration
+
+Answer = Callable[[dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def fake_api(answer: Answer) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A real HTTP server playing the Threads API: ``answer`` gets each request's JSON
+    body; yields the base URL and the bodies received (the calls made)."""
+    calls: list[dict[str, Any]] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        calls.append(body)
+        return await answer(body)
+
+    server = RawTestServer(handler)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), calls
+    finally:
+        await server.close()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition never held")
+        await asyncio.sleep(0.1)
+
+
+# -- a 201 whose humanUid is 1,000 lists deep ---------------------------------------------
+
+
+async def test_a_201_with_a_deeply_nested_human_uid_publishes_the_thread_once(
+    kafka_bootstrap: str,
+) -> None:
+    """Defect: ``str()`` of the 201's ``humanUid`` (any JSON the API sent) raised
+    RecursionError for 1,000 nested lists (orjson accepts 1,023): not an ApiError, it
+    escaped the call, the thread created was never published and the event was replayed
+    (a second thread). Now a humanUid that is not a string is published as ""."""
+    deep = "[" * 1000 + "]" * 1000
+
+    async def answer(body: dict[str, Any]) -> web.StreamResponse:
+        raw = f'{{"threadUid": "th-{len(calls)}", "humanUid": {deep}, "agentUid": {deep}}}'
+        return web.Response(status=201, body=raw.encode(), content_type="application/json")
+
+    names = Names.fresh("deep")
+    async with fake_api(answer) as (base_url, calls):
+        settings = make_settings(kafka_bootstrap, base_url, names)
+        async with running(settings):
+            await produce(kafka_bootstrap, names.input, [(b"k", event("deep-1"))])
+
+            async def published() -> bool:
+                return len(await results(kafka_bootstrap, names.results)) == 1
+
+            await until(published)
+            await asyncio.sleep(1.0)  # time for a replay, had there been one
+        out = await results(kafka_bootstrap, names.results)
+    assert len(calls) == 1
+    assert [(r["eventId"], r["threadUid"], r["humanUid"]) for r in out] == [("deep-1", "th-1", "")]
+    assert out[0]["agentUid"] == "agent-orders"  # the request's, the answer's was unusable
