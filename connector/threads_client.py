@@ -210,7 +210,7 @@ class ThreadsClient:
         except (ValueError, UnicodeError) as exc:  # we could not even form the request
             # no exception text: it could quote a header value
             raise PermanentApiError(f"request could not be sent: {type(exc).__name__}") from exc
-        return _interpret(response)
+        return _interpret(response, api_key)
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         """The response, its body read up to the limit. An error status keeps its meaning
@@ -264,6 +264,9 @@ def _inflater(encoding: str | None) -> Inflater | None:
     return inflate
 
 
+_REDACTED = "[redacted]"
+
+
 def _scalar_text(value: object) -> str | None:
     """A JSON scalar of the API's as text; None for an array or an object. Never ``str()``
     of a container: its repr recurses, and 1,000 nested lists (orjson accepts 1,023)
@@ -275,9 +278,18 @@ def _scalar_text(value: object) -> str | None:
     return None
 
 
-def _safe_detail(response: _Response) -> str:
+def _safe_detail(response: _Response, secret: str = "") -> str:
     """What of an error body may go into a dead letter and a log: the ``error`` title and
-    the names of the fields at fault, never free text (it could echo the system message)."""
+    the names of the fields at fault, never free text (it could echo the system message).
+
+    ``secret`` (the API key sent) is redacted before anything is cut: an API that echoes
+    the ``x-api-key`` in its error would otherwise put it in ``dlq-reason``."""
+
+    def clean(text: str, limit: int) -> str:
+        if secret:
+            text = text.replace(secret, _REDACTED)
+        return text[:limit]
+
     try:
         data = orjson.loads(response.content)
     except orjson.JSONDecodeError:
@@ -287,17 +299,17 @@ def _safe_detail(response: _Response) -> str:
     parts = []
     title = data.get("error")
     if isinstance(title, str):
-        parts.append(title[:120])
+        parts.append(clean(title, 120))
     detail = data.get("detail")
     if isinstance(detail, list):
         names = {_scalar_text(d["field"]) for d in detail if isinstance(d, dict) and "field" in d}
-        fields = sorted({name[:60] for name in names if name is not None})
+        fields = sorted({clean(name, 60) for name in names if name is not None})
         if fields:
             parts.append("fields: " + ", ".join(fields))
     return "; ".join(parts) or "(no error title)"
 
 
-def _interpret(response: _Response) -> ApiThread:
+def _interpret(response: _Response, secret: str = "") -> ApiThread:
     status = response.status
     if status == 201:
         try:
@@ -315,7 +327,7 @@ def _interpret(response: _Response) -> ApiThread:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise PermanentApiError("201 without a threadUid in its body", status=201) from exc
-    detail = _safe_detail(response)
+    detail = _safe_detail(response, secret)
     if status in AUTH_STATUSES:
         raise AuthError(f"HTTP {status}: {detail}", status=status)
     if status in RETRIABLE_STATUSES or status >= 500:

@@ -450,6 +450,22 @@ async def test_error_body_free_text_never_reaches_the_error() -> None:
     assert secret_text not in str(plain)
 
 
+async def test_an_error_body_echoing_the_api_key_does_not_carry_it_onward() -> None:
+    """A 4xx whose error title or field names echo the x-api-key it was sent: the key
+    must not reach the error (it becomes the dlq-reason header and a log line)."""
+    key = "sk-live-0123456789abcdef"
+    body = {
+        "error": f"API key {key} is not valid for this app",
+        "detail": [{"field": f"x-api-key={key}"}, {"field": "x" * 55 + key}],
+    }
+    for status in (400, 401, 422):
+        with pytest.raises(ApiError) as info:
+            await call(respond(status, content=orjson.dumps(body)), key=lambda: SecretStr(key))
+        text = str(info.value)
+        assert key not in text and key[:8] not in text, text
+        assert "[redacted]" in text
+
+
 DEEP = "[" * 1000 + "]" * 1000  # orjson accepts up to 1,023 levels; repr() does not
 
 
