@@ -264,6 +264,7 @@ def _inflater(encoding: str | None) -> Inflater | None:
     return inflate
 
 
+_DETAIL_FIELDS_MAX = 10  # field names an error keeps; the rest are counted
 _REDACTED = "[redacted]"
 
 
@@ -282,6 +283,7 @@ def _safe_detail(response: _Response, secret: str = "") -> str:
     """What of an error body may go into a dead letter and a log: the ``error`` title and
     the names of the fields at fault, never free text (it could echo the system message).
 
+    Bounded (a 422 naming 10,000 fields made a log line of 600 KB per dead letter), and
     ``secret`` (the API key sent) is redacted before anything is cut: an API that echoes
     the ``x-api-key`` in its error would otherwise put it in ``dlq-reason``."""
 
@@ -305,7 +307,10 @@ def _safe_detail(response: _Response, secret: str = "") -> str:
         names = {_scalar_text(d["field"]) for d in detail if isinstance(d, dict) and "field" in d}
         fields = sorted({clean(name, 60) for name in names if name is not None})
         if fields:
-            parts.append("fields: " + ", ".join(fields))
+            shown = ", ".join(fields[:_DETAIL_FIELDS_MAX])
+            if len(fields) > _DETAIL_FIELDS_MAX:
+                shown += f" (+{len(fields) - _DETAIL_FIELDS_MAX} more)"
+            parts.append("fields: " + shown)
     return "; ".join(parts) or "(no error title)"
 
 

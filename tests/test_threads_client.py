@@ -466,6 +466,17 @@ async def test_an_error_body_echoing_the_api_key_does_not_carry_it_onward() -> N
         assert "[redacted]" in text
 
 
+async def test_an_error_body_with_thousands_of_fields_gives_a_bounded_error() -> None:
+    """A 422 listing 10,000 fields (under the body limit): the error (a log line per dead
+    letter) stays short, saying how many fields were left out."""
+    detail = [{"field": f"f{i:05d}" + "y" * 50} for i in range(10_000)]
+    body = {"error": "Validation error", "detail": detail}
+    exc = await api_error(respond(422, content=orjson.dumps(body)))
+    assert isinstance(exc, PermanentApiError)
+    assert len(str(exc)) < 1000
+    assert "f00000" in str(exc) and "more" in str(exc)
+
+
 DEEP = "[" * 1000 + "]" * 1000  # orjson accepts up to 1,023 levels; repr() does not
 
 
