@@ -48,7 +48,11 @@ class _EventView(Mapping[str, str]):
             raise KeyError(path)
         if isinstance(value, str):
             return value
-        return orjson.dumps(value).decode()
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError as exc:  # a TypeError: it would escape the pipeline
+            # orjson writes 255 levels but reads 1,023: an event can hold what cannot render
+            raise ValueError(f"field {path!r} cannot be written as JSON ({exc})") from exc
 
     def __iter__(self) -> Any:
         return iter(self._body)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer
 
-from tests.harness import Names, event, make_settings, produce, results, running
+from tests.harness import Names, event, make_settings, produce, read_all, results, running
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +82,51 @@ async def test_a_201_with_a_deeply_nested_human_uid_publishes_the_thread_once(
     assert len(calls) == 1
     assert [(r["eventId"], r["threadUid"], r["humanUid"]) for r in out] == [("deep-1", "th-1", "")]
     assert out[0]["agentUid"] == "agent-orders"  # the request's, the answer's was unusable
+
+
+async def created_201(body: dict[str, Any]) -> web.StreamResponse:
+    return web.json_response({"threadUid": "th-1", "humanUid": "h-1"}, status=201)
+
+
+async def dead_letters(bootstrap: str, topic: str) -> list[tuple[str, str]]:
+    """(event id, dlq-code) of each dead letter."""
+    out = []
+    for m in await read_all(bootstrap, topic):
+        headers = dict(m.headers)
+        out.append((headers["dlq-event-id"].decode(), headers["dlq-code"].decode()))
+    return out
+
+
+# -- a template field 300 levels deep -------------------------------------------------------
+
+
+async def test_a_template_field_nested_300_deep_is_dead_lettered_not_fatal(
+    kafka_bootstrap: str,
+) -> None:
+    """Defect: a template field holding JSON nested deeper than orjson writes (255) made
+    ``orjson.dumps`` raise a TypeError that ``Router.build`` did not catch: the replica
+    stopped on the event, and every replica that took the partition after it (a poison
+    pill stalling the group). Now it is dead-lettered (``template_error``), no call."""
+    deep = orjson.Fragment(b"[" * 300 + b"]" * 300)
+    names = Names.fresh("deeptpl")
+    async with fake_api(created_201) as (base_url, calls):
+        settings = make_settings(kafka_bootstrap, base_url, names)
+        async with running(settings):
+            await produce(
+                kafka_bootstrap,
+                names.input,
+                [
+                    (b"k", event("bad-1", data={"orderId": deep})),
+                    (b"k", event("good-1")),
+                ],
+            )
+
+            async def settled() -> bool:
+                dead = await read_all(kafka_bootstrap, names.dead)
+                return len(dead) == 1 and len(await results(kafka_bootstrap, names.results)) == 1
+
+            await until(settled)
+        assert await dead_letters(kafka_bootstrap, names.dead) == [("bad-1", "template_error")]
+        assert [r["eventId"] for r in await results(kafka_bootstrap, names.results)] == ["good-1"]
+        assert len(calls) == 1
+
