@@ -71,6 +71,28 @@ def render(template: str, body: dict[str, Any], extra: Mapping[str, str] | None 
     return _compiled(template).substitute(_EventView(body, extra or {}))
 
 
+def render_event(
+    template: str, body: dict[str, Any], extra: Mapping[str, str] | None = None
+) -> str:
+    """``render``, with its failures as the event's: EventRejected (stage validate)."""
+    try:
+        return render(template, body, extra)
+    except KeyError as exc:
+        raise _missing(exc) from exc
+    except ValueError as exc:
+        raise _template_error(exc) from exc
+
+
+def _missing(exc: KeyError) -> EventRejected:
+    return EventRejected(
+        Stage.VALIDATE, f"field {exc.args[0]!r} is missing from the event", code="missing_field"
+    )
+
+
+def _template_error(exc: ValueError) -> EventRejected:
+    return EventRejected(Stage.VALIDATE, f"template error: {exc}", code="template_error")
+
+
 def check_template(template: str) -> None:
     """Raise ValueError if the template itself is malformed (the settings models run the
     same check, so ``check-config`` reports it against the field)."""
@@ -186,15 +208,9 @@ class Router:
             agent_uid = render(route.agent_uid, event.body, extra)
             id_field, raw_user = _identifier(route, event)
         except KeyError as exc:
-            raise EventRejected(
-                Stage.VALIDATE,
-                f"field {exc.args[0]!r} is missing from the event",
-                code="missing_field",
-            ) from exc
+            raise _missing(exc) from exc
         except ValueError as exc:
-            raise EventRejected(
-                Stage.VALIDATE, f"template error: {exc}", code="template_error"
-            ) from exc
+            raise _template_error(exc) from exc
         if isinstance(raw_user, bool) or not isinstance(raw_user, str | int):
             raise EventRejected(
                 Stage.VALIDATE,

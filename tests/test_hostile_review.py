@@ -130,3 +130,44 @@ async def test_a_template_field_nested_300_deep_is_dead_lettered_not_fatal(
         assert [r["eventId"] for r in await results(kafka_bootstrap, names.results)] == ["good-1"]
         assert len(calls) == 1
 
+
+# -- a deep link naming an event field the event lacks ------------------------------------
+
+
+async def test_a_deep_link_field_missing_from_the_event_is_dead_lettered_before_the_call(
+    kafka_bootstrap: str,
+) -> None:
+    """Defect: the deep link is rendered after the thread is created, and a field of the
+    event it names (documented: ``results.deep_link_template`` may use event fields) that
+    the event lacks raised KeyError there: the replica stopped with a thread created and
+    no result, and the replay created another (a thread per restart). Now the event is
+    dead-lettered before any call (``missing_field``), like a message template field."""
+    names = Names.fresh("linkfield")
+    async with fake_api(created_201) as (base_url, calls):
+        settings = make_settings(
+            kafka_bootstrap,
+            base_url,
+            names,
+            results={"deep_link_template": "https://app.example/${data.shop}/t/${threadUid}"},
+        )
+        async with running(settings):
+            await produce(
+                kafka_bootstrap,
+                names.input,
+                [
+                    (b"k", event("no-shop")),
+                    (b"k", event("shop-1", data={"orderId": "A-1", "shop": "s1"})),
+                ],
+            )
+
+            async def settled() -> bool:
+                dead = await read_all(kafka_bootstrap, names.dead)
+                return len(dead) == 1 and len(await results(kafka_bootstrap, names.results)) == 1
+
+            await until(settled)
+        assert await dead_letters(kafka_bootstrap, names.dead) == [("no-shop", "missing_field")]
+        out = await results(kafka_bootstrap, names.results)
+        assert [(r["eventId"], r["deepLink"]) for r in out] == [
+            ("shop-1", "https://app.example/s1/t/th-1")
+        ]
+        assert len(calls) == 1
