@@ -245,8 +245,10 @@ class Pipeline:
         return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
 
     def _deep_link(self, event: Event, app_uid: str, created: ThreadCreated | None) -> str:
-        """The result's deep link; ``created`` None: a check before the call (the API's
-        values are then empty), which raises EventRejected if the event cannot render it."""
+        """The result's deep link, each value percent-encoded (a threadUid or an event field
+        with ``/``, ``?``, ``#`` cannot rewrite it); ``created`` None: a check before the
+        call (the API's values are then empty), raising EventRejected if the event cannot
+        render it."""
         values = {
             "threadUid": created.thread_uid if created else "",
             "humanUid": created.human_uid if created else "",
@@ -254,7 +256,7 @@ class Pipeline:
             "appUid": app_uid,
             "eventId": event.event_id,
         }
-        return render_event(self._s.results.deep_link_template, event.body, values)
+        return render_event(self._s.results.deep_link_template, event.body, values, url=True)
 
     async def _enter_gate(self) -> None:
         exposure = self.exposure

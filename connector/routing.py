@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -66,17 +67,38 @@ def _compiled(template: str) -> _DottedTemplate:
     return _DottedTemplate(template)
 
 
-def render(template: str, body: dict[str, Any], extra: Mapping[str, str] | None = None) -> str:
-    """Render a template against the event; KeyError names the first missing field."""
-    return _compiled(template).substitute(_EventView(body, extra or {}))
+class _UrlView(_EventView):
+    """The values percent-encoded for a URL: only RFC 3986 unreserved characters are kept
+    (RFC 6570's simple expansion), so no value can add a path, a query parameter or a
+    fragment to the link, or a scheme or a line break."""
+
+    def __getitem__(self, path: str) -> str:
+        return quote(super().__getitem__(path), safe="")
+
+
+def render(
+    template: str,
+    body: dict[str, Any],
+    extra: Mapping[str, str] | None = None,
+    *,
+    url: bool = False,
+) -> str:
+    """Render a template against the event; KeyError names the first missing field.
+    ``url``: the template is a URL (the deep link), each value is percent-encoded."""
+    view = (_UrlView if url else _EventView)(body, extra or {})
+    return _compiled(template).substitute(view)
 
 
 def render_event(
-    template: str, body: dict[str, Any], extra: Mapping[str, str] | None = None
+    template: str,
+    body: dict[str, Any],
+    extra: Mapping[str, str] | None = None,
+    *,
+    url: bool = False,
 ) -> str:
     """``render``, with its failures as the event's: EventRejected (stage validate)."""
     try:
-        return render(template, body, extra)
+        return render(template, body, extra, url=url)
     except KeyError as exc:
         raise _missing(exc) from exc
     except ValueError as exc:

@@ -171,3 +171,45 @@ async def test_a_deep_link_field_missing_from_the_event_is_dead_lettered_before_
             ("shop-1", "https://app.example/s1/t/th-1")
         ]
         assert len(calls) == 1
+
+
+# -- values that would rewrite the deep link ------------------------------------------------
+
+
+async def test_values_substituted_into_the_deep_link_are_percent_encoded(
+    kafka_bootstrap: str,
+) -> None:
+    """Defect: the deep link substituted the API's threadUid and the event's fields as they
+    were, so a value with ``/``, ``..``, ``?``, ``&``, ``#``, a newline or a scheme rewrote
+    the link sent to users (another path, extra query parameters, a fragment). Every value
+    substituted is now percent-encoded (RFC 6570 simple expansion: only unreserved kept);
+    the template's own text is left as written."""
+    thread_uid = "../../admin?x=1#top\r\nSet-Cookie: a"
+
+    async def answer(body: dict[str, Any]) -> web.StreamResponse:
+        return web.json_response({"threadUid": thread_uid, "humanUid": "h/1"}, status=201)
+
+    names = Names.fresh("linkenc")
+    template = "https://app.example/agent?thread=${threadUid}&shop=${data.shop}&u=${humanUid}"
+    async with fake_api(answer) as (base_url, _calls):
+        settings = make_settings(
+            kafka_bootstrap, base_url, names, results={"deep_link_template": template}
+        )
+        async with running(settings):
+            shop = "javascript:alert(1)&admin=true é"
+            await produce(
+                kafka_bootstrap,
+                names.input,
+                [(b"k", event("enc-1", data={"orderId": "A-1", "shop": shop}))],
+            )
+
+            async def published() -> bool:
+                return len(await results(kafka_bootstrap, names.results)) == 1
+
+            await until(published)
+        [out] = await results(kafka_bootstrap, names.results)
+    assert out["threadUid"] == thread_uid  # the result keeps the API's value as it is
+    assert out["deepLink"] == (
+        "https://app.example/agent?thread=..%2F..%2Fadmin%3Fx%3D1%23top%0D%0ASet-Cookie%3A%20a"
+        "&shop=javascript%3Aalert%281%29%26admin%3Dtrue%20%C3%A9&u=h%2F1"
+    )
