@@ -235,6 +235,7 @@ class ApiSettings(_Frozen):
         for name in apps:
             if not name.strip():
                 raise ValueError("an app name (appUid) must not be empty")
+            check_app_uid(name)
             other = seen.setdefault(name.lower(), name)
             if other != name:
                 raise ValueError(
@@ -308,6 +309,11 @@ class Route(_Frozen):
     @classmethod
     def _template_syntax(cls, value: str) -> str:
         return check_template_syntax(value)
+
+    @field_validator("app_uid")
+    @classmethod
+    def _app_uid(cls, value: str) -> str:
+        return check_app_uid(value)
 
 
 class ResultSettings(_Frozen):
@@ -510,6 +516,15 @@ class CachedSecret:
         if self._problem is not None:
             raise ApiKeyInvalid(f"the API key from {self._source} cannot be sent: {self._problem}")
         return self._cached
+
+
+def check_app_uid(app_uid: str) -> str:
+    """An appUid is one segment of the request path, percent-encoded; ``.`` and ``..``
+    cannot be one: ``.`` is unreserved, so they are sent as they are and every URL library
+    removes them (``/api/v1/appuid/../threads`` is sent to ``/api/v1/threads``)."""
+    if app_uid in (".", ".."):
+        raise ValueError(f"appUid {app_uid!r} is a dot segment: it cannot be a URL path segment")
+    return app_uid
 
 
 def app_key_env(app_uid: str) -> str:

@@ -356,3 +356,17 @@ def test_a_fixed_key_file_heals(tmp_path: Path) -> None:
     key_file.write_text("good-key\n", encoding="utf-8")
     time.sleep(0.02)  # past the refresh interval
     assert secret().get_secret_value() == "good-key"
+
+
+@pytest.mark.parametrize("app", [".", ".."])
+def test_an_app_uid_that_is_a_dot_segment_is_refused(
+    tmp_path: Path, api_key_env: None, app: str
+) -> None:
+    """``..`` is percent-encoded into the path as it is (``.`` is unreserved) and every
+    URL library then removes the dot segment: POST /api/v1/appuid/../threads went to
+    /api/v1/threads with the app's key. Refused in a route and as an ``api.apps`` name."""
+    message = config_error(write(tmp_path, {"routes": [{**ROUTE, "app_uid": app}]}))
+    assert "routes.0.app_uid" in message and "dot segment" in message
+    data = {"api": {"apps": {app: {"rate_limit_per_s": 5}}}, "routes": [ROUTE]}
+    message = config_error(write(tmp_path, data))
+    assert "api.apps" in message and "dot segment" in message
