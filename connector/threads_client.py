@@ -47,6 +47,7 @@ class ApiThread:
     thread_uid: str
     human_uid: str
     agent_uid: str
+    status: int = 201  # the spec's; another 2xx with a threadUid is a thread created too
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +317,9 @@ def _safe_detail(response: _Response, secret: str = "") -> str:
 
 def _interpret(response: _Response, secret: str = "") -> ApiThread:
     status = response.status
-    if status == 201:
+    if 200 <= status < 300:
+        # a 2xx is a success: the thread exists if its body says so, whatever the code (a
+        # 200 from a gateway or a new API version was dead-lettered, its result lost)
         try:
             data = orjson.loads(response.content)
             thread_uid = data["threadUid"]
@@ -329,9 +332,13 @@ def _interpret(response: _Response, secret: str = "") -> ApiThread:
                 thread_uid=thread_uid,
                 human_uid=human_uid if isinstance(human_uid, str) else "",
                 agent_uid=agent_uid if isinstance(agent_uid, str) else "",
+                status=status,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PermanentApiError("201 without a threadUid in its body", status=201) from exc
+            what = "" if status == 201 else ": the thread may exist"
+            raise PermanentApiError(
+                f"{status} without a threadUid in its body{what}", status=status
+            ) from exc
     detail = _safe_detail(response, secret)
     if status in AUTH_STATUSES:
         raise AuthError(f"HTTP {status}: {detail}", status=status)

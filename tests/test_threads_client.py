@@ -495,3 +495,20 @@ async def test_a_201_with_odd_human_and_agent_uids_keeps_the_thread(odd: str) ->
     body = f'{{"threadUid": "th-1", "humanUid": {odd}, "agentUid": {odd}}}'
     thread = await call(respond(201, content=body.encode()))
     assert thread == ApiThread(thread_uid="th-1", human_uid="", agent_uid="")
+
+
+@pytest.mark.parametrize("status", [200, 203])
+async def test_a_2xx_other_than_201_with_a_thread_uid_keeps_the_thread(status: int) -> None:
+    """The spec answers 201; a 200 with the thread in its body (a gateway, a new API
+    version) is a thread created too. It was dead-lettered (``http_200``): the result of a
+    thread that exists was never published, and a redrive created a second one."""
+    body = {"threadUid": "th-1", "humanUid": "hu-1", "agentUid": "agent-orders"}
+    thread = await call(respond(status, json=body))
+    assert (thread.thread_uid, thread.human_uid, thread.status) == ("th-1", "hu-1", status)
+
+
+@pytest.mark.parametrize("status", [200, 202, 204])
+async def test_a_2xx_without_a_thread_uid_says_the_thread_may_exist(status: int) -> None:
+    exc = await api_error(respond(status, content=b"" if status == 204 else b"{}"))
+    assert isinstance(exc, PermanentApiError) and exc.status == status
+    assert "may exist" in str(exc)
