@@ -38,14 +38,21 @@ class ConfigError(ConnectorError):
     """The configuration is invalid; the message names each offending field."""
 
 
+REASON_MAX = 1000  # characters of a rejection's reason (it may quote the event's values)
+
+
 class EventRejected(ConnectorError):
     """An event that must go to the dead-letter topic.
 
     ``reason`` is for people (it may name fields); ``code`` is a short, bounded label
     (``invalid_json``, ``no_route``, ``http_422`` …) safe to use as a metric label.
+    ``reason`` is cut at ``REASON_MAX`` characters, saying its size: it quotes event
+    values (an event type, a rendered agentUid) and is the dead-letter log line.
     """
 
     def __init__(self, stage: Stage, reason: str, *, code: str, status: int | None = None) -> None:
+        if len(reason) > REASON_MAX:
+            reason = f"{reason[:REASON_MAX]}… ({len(reason)} characters)"
         super().__init__(f"{stage.value}: {reason}")
         self.stage = stage
         self.reason = reason
