@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -213,3 +214,61 @@ async def test_values_substituted_into_the_deep_link_are_percent_encoded(
         "https://app.example/agent?thread=..%2F..%2Fadmin%3Fx%3D1%23top%0D%0ASet-Cookie%3A%20a"
         "&shop=javascript%3Aalert%281%29%26admin%3Dtrue%20%C3%A9&u=h%2F1"
     )
+
+
+# -- a key file rotated to bytes that are not UTF-8 ----------------------------------------
+
+
+async def test_a_key_file_rotated_to_bytes_that_are_not_utf8_pauses_calls_then_heals(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Defect: the key file is re-read as UTF-8 and only OSError was translated, so a
+    secret rotated to bytes that are not UTF-8 (a binary or Latin-1 value, a wrong Secret
+    key) raised UnicodeDecodeError out of the call: the replica stopped, and at start-up
+    it stopped with a traceback quoting the byte, not the file. Now it is an unusable key
+    like an embedded newline: calls pause (readiness names the file), and a fixed file
+    heals it; nothing is dead-lettered."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("demo-key")
+
+    async def answer(body: dict[str, Any]) -> web.StreamResponse:
+        return web.json_response({"threadUid": f"th-{len(calls)}"}, status=201)
+
+    names = Names.fresh("keybytes")
+    async with fake_api(answer) as (base_url, calls):
+        settings = make_settings(
+            kafka_bootstrap,
+            base_url,
+            names,
+            api={
+                "api_key": None,
+                "api_key_file": key_file,
+                "secret_refresh_s": 0.1,
+                "auth_probe_interval_s": 0.3,
+            },
+        )
+        async with running(settings) as connector:
+            await produce(kafka_bootstrap, names.input, [(b"k", event("before"))])
+
+            async def published(n: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    return len(await results(kafka_bootstrap, names.results)) == n
+
+                return check
+
+            await until(await published(1))
+            key_file.write_bytes(b"caf\xe9-key")  # Latin-1: not UTF-8
+            await asyncio.sleep(0.3)  # past secret_refresh_s: the next call re-reads it
+            await produce(kafka_bootstrap, names.input, [(b"k", event("during"))])
+
+            async def paused() -> bool:
+                reason = connector.apps.pause_reason() or ""
+                return "api-key" in reason and "cannot be sent" in reason
+
+            await until(paused)
+            assert "\\xe9" not in (connector.apps.pause_reason() or "")
+            key_file.write_text("demo-key")  # fixed
+            await until(await published(2))
+            assert connector.apps.pause_reason() is None
+        assert await read_all(kafka_bootstrap, names.dead) == []
+    assert len(calls) == 2
