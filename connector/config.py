@@ -268,6 +268,9 @@ class ApiSettings(_Frozen):
             )
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if "?" in value or "#" in value:
+            # the API's path is appended to it: a query or fragment would swallow it
+            raise ValueError("must not have a query (?) or a fragment (#)")
         return value.rstrip("/")
 
 

@@ -113,7 +113,7 @@ class ThreadsClient:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         ca_file: Path | None = None,
     ) -> None:
-        self._base_url = base_url
+        self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -133,7 +133,8 @@ class ThreadsClient:
                 ssl=self._ssl if self._ssl is not None else True,
             )
             self._session = aiohttp.ClientSession(
-                self._base_url,
+                # no base_url: aiohttp's refuses a path without a trailing slash and drops
+                # one with it; the request's URL is the base URL's text + the API's path
                 connector=connector,
                 # the total deadline is ours (asyncio.timeout around the whole attempt)
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
@@ -168,7 +169,8 @@ class ThreadsClient:
         self, request: ThreadRequest, *, event_id: str, correlation_id: str
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
-        url = f"/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
+        # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
+        url = f"{self._base_url}/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()

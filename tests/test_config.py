@@ -408,3 +408,13 @@ def test_a_kafka_password_file_that_is_not_utf8_is_a_config_error(tmp_path: Path
         settings.sasl_password()
     assert "kafka.sasl_password_file" in str(info.value) and "not UTF-8" in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("url", ["https://gw.example/mindset?x=1", "https://gw.example/#a"])
+def test_a_base_url_with_a_query_or_fragment_is_refused(
+    tmp_path: Path, api_key_env: None, url: str
+) -> None:
+    """The API's path is appended to the base URL: after a query or a fragment it would
+    be part of them (every call to the gateway's root)."""
+    message = config_error(write(tmp_path, {"api": {"base_url": url}, "routes": [ROUTE]}))
+    assert "api.base_url" in message and "query" in message

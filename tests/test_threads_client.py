@@ -512,3 +512,22 @@ async def test_a_2xx_without_a_thread_uid_says_the_thread_may_exist(status: int)
     exc = await api_error(respond(status, content=b"" if status == 204 else b"{}"))
     assert isinstance(exc, PermanentApiError) and exc.status == status
     assert "may exist" in str(exc)
+
+
+@pytest.mark.parametrize("prefix", ["/mindset", "/gw/mindset"])
+async def test_a_base_url_with_a_path_keeps_its_path(prefix: str) -> None:
+    """An API behind a gateway path (``https://gw.example/mindset``): the URL was joined
+    by aiohttp's ``base_url``, which refuses a path without a trailing slash (the settings
+    strip it), so every call failed as "request could not be sent" and every event was
+    dead-lettered; with the slash the path was dropped. Now the path is kept."""
+    paths: list[str] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        paths.append(request.raw_path)
+        await request.read()
+        return web.Response(status=201, body=b'{"threadUid": "th-1"}')
+
+    async with serving(handler) as base_url, client(base_url + prefix) as c:
+        thread = await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    assert thread.thread_uid == "th-1"
+    assert paths == [f"{prefix}/api/v1/appuid/demo%20app%2F1/threads"]
