@@ -34,7 +34,8 @@ from connector.routing import ThreadRequest
 
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
+# 408 and 425: not processed, a retry is safe (RFC 9110 §15.5.9, RFC 8470 §5.2)
+RETRIABLE_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 _CHUNK_BYTES = 64 * 1024

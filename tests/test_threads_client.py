@@ -531,3 +531,14 @@ async def test_a_base_url_with_a_path_keeps_its_path(prefix: str) -> None:
         thread = await c.create_thread(REQUEST, event_id="e", correlation_id="c")
     assert thread.thread_uid == "th-1"
     assert paths == [f"{prefix}/api/v1/appuid/demo%20app%2F1/threads"]
+
+
+@pytest.mark.parametrize("status", [408, 425])
+async def test_a_request_the_server_did_not_process_is_retried(status: int) -> None:
+    """408 (the server, or a gateway before it, timed the request out before processing
+    it) and 425 (Too Early: refused unprocessed) say a retry is safe; they were dead
+    letters the API never saw, needing a redrive."""
+    exc = await api_error(respond(status, headers={"retry-after": "2"}))
+    assert isinstance(exc, RetriableApiError)
+    assert (exc.status, exc.retry_after_s, exc.outcome_unknown) == (status, 2.0, False)
+    assert not exc.transport_failure  # an answer: the API is up, no circuit breaker
