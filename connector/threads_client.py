@@ -342,6 +342,15 @@ def _interpret(response: _Response, secret: str = "") -> ApiThread:
             raise PermanentApiError(
                 f"{status} without a threadUid in its body{what}", status=status
             ) from exc
+    if 300 <= status < 400:
+        # not followed: a redirect says nothing of the event but that the base URL is not
+        # where the API answers (http:// to https://, a moved host): the API host's
+        # failure, for the circuit breaker, not a dead letter for every event
+        raise RetriableApiError(
+            f"HTTP {status}: redirected, not followed (is api.base_url right?)",
+            status=status,
+            kind="redirect",
+        )
     detail = _safe_detail(response, secret)
     if status in AUTH_STATUSES:
         raise AuthError(f"HTTP {status}: {detail}", status=status)

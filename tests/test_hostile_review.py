@@ -272,3 +272,48 @@ async def test_a_key_file_rotated_to_bytes_that_are_not_utf8_pauses_calls_then_h
             assert connector.apps.pause_reason() is None
         assert await read_all(kafka_bootstrap, names.dead) == []
     assert len(calls) == 2
+
+
+# -- an API that redirects every call ------------------------------------------------------
+
+
+async def test_a_redirecting_api_opens_the_breaker_instead_of_dead_lettering_every_event(
+    kafka_bootstrap: str,
+) -> None:
+    """Defect: a redirect (not followed) was a permanent error, so a base URL the API
+    redirects (http:// to https://, a moved host or gateway) dead-lettered every event
+    while /readyz stayed green. It says nothing about the event: it is the API host's
+    (or the configuration's) failure, like a 5xx storm. Now the circuit breaker opens,
+    readiness names the redirect, no event is dead-lettered, and calls resume once the
+    API answers."""
+    redirecting = True
+
+    async def answer(body: dict[str, Any]) -> web.StreamResponse:
+        if redirecting:
+            return web.Response(status=301, headers={"Location": "https://api.example/"})
+        return web.json_response({"threadUid": f"th-{len(calls)}"}, status=201)
+
+    names = Names.fresh("redirect")
+    async with fake_api(answer) as (base_url, calls):
+        settings = make_settings(
+            kafka_bootstrap,
+            base_url,
+            names,
+            api={"breaker_failure_threshold": 2, "breaker_probe_interval_s": 0.3},
+        )
+        async with running(settings) as connector:
+            await produce(kafka_bootstrap, names.input, [(b"k", event(f"r-{i}")) for i in range(3)])
+
+            async def paused() -> bool:
+                return "HTTP 301" in (connector.apps.pause_reason() or "")
+
+            await until(paused)
+            assert await read_all(kafka_bootstrap, names.dead) == []
+            redirecting = False
+
+            async def all_published() -> bool:
+                return len(await results(kafka_bootstrap, names.results)) == 3
+
+            await until(all_published)
+            assert connector.apps.pause_reason() is None
+        assert await read_all(kafka_bootstrap, names.dead) == []

@@ -375,10 +375,13 @@ async def test_an_error_status_keeps_its_meaning_with_an_oversized_body() -> Non
     assert exc.status == 422
 
 
-async def test_redirects_are_not_followed() -> None:
-    exc = await api_error(respond(302, headers={"Location": "https://elsewhere.example/"}))
-    assert type(exc) is PermanentApiError
-    assert exc.status == 302
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_redirects_are_not_followed_and_are_the_hosts_failure(status: int) -> None:
+    """Not followed; not the event's fault either (it was dead-lettered, every event
+    alike): a transport failure for the circuit breaker, known not to have landed."""
+    exc = await api_error(respond(status, headers={"Location": "https://elsewhere.example/"}))
+    assert type(exc) is RetriableApiError
+    assert exc.status == status and exc.transport_failure and not exc.outcome_unknown
 
 
 @pytest.fixture(scope="module")
