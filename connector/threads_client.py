@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -268,6 +269,15 @@ def _inflater(encoding: str | None) -> Inflater | None:
     return inflate
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _json(content: bytes) -> Any:
+    """The body's JSON, a UTF-8 byte order mark ignored (RFC 8259 §8.1 allows it; orjson
+    refuses it, and a 201 that created a thread would have been dead-lettered)."""
+    return orjson.loads(content.removeprefix(_BOM))
+
+
 _DETAIL_FIELDS_MAX = 10  # field names an error keeps; the rest are counted
 _REDACTED = "[redacted]"
 
@@ -297,7 +307,7 @@ def _safe_detail(response: _Response, secret: str = "") -> str:
         return text[:limit]
 
     try:
-        data = orjson.loads(response.content)
+        data = _json(response.content)
     except orjson.JSONDecodeError:
         return "(no JSON body)"
     if not isinstance(data, dict):
@@ -324,7 +334,7 @@ def _interpret(response: _Response, secret: str = "") -> ApiThread:
         # a 2xx is a success: the thread exists if its body says so, whatever the code (a
         # 200 from a gateway or a new API version was dead-lettered, its result lost)
         try:
-            data = orjson.loads(response.content)
+            data = _json(response.content)
             thread_uid = data["threadUid"]
             # the spec's string: str() would publish null as "None" and call it a success
             if not isinstance(thread_uid, str) or not thread_uid:

@@ -545,3 +545,14 @@ async def test_a_request_the_server_did_not_process_is_retried(status: int) -> N
     assert isinstance(exc, RetriableApiError)
     assert (exc.status, exc.retry_after_s, exc.outcome_unknown) == (status, 2.0, False)
     assert not exc.transport_failure  # an answer: the API is up, no circuit breaker
+
+
+async def test_a_201_body_with_a_byte_order_mark_keeps_the_thread() -> None:
+    """RFC 8259 §8.1: a parser MAY ignore a BOM (some server stacks send one); orjson
+    refuses it, so the thread created was dead-lettered ("201 without a threadUid") and a
+    redrive created another."""
+    body = b'\xef\xbb\xbf{"threadUid": "th-1", "humanUid": "hu-1"}'
+    thread = await call(respond(201, content=body))
+    assert (thread.thread_uid, thread.human_uid) == ("th-1", "hu-1")
+    exc = await api_error(respond(422, content=b'\xef\xbb\xbf{"error": "Validation error"}'))
+    assert str(exc) == "HTTP 422: Validation error"
