@@ -105,6 +105,7 @@ class Connector:
         self._fetch_paused = False  # the buffer is full: an assignment must not resume
         self._store: DedupStore = MemoryDedupStore(self.window)
         self._fatal: BaseException | None = None  # raised by a rebalance hook, ends the session
+        self._generation = 0  # one more at each revocation and assignment
         self._fences = 0
         # the last commit cycle succeeded: a session after a failed one starts with calls
         # stopped until its first cycle succeeds (``Exposure``)
@@ -252,6 +253,14 @@ class Connector:
         self.window.clear()  # a new session restores what it is assigned
         self._dedup_held = set()
         self._marker_checked = {}
+        # records held for a restore of the last session (one ended by a fence or a failed
+        # restore) are the new consumer's to fetch again from the committed offsets: kept,
+        # they were submitted twice (the tracker refused the second: the replica crashed)
+        self._held = {}
+        self._restoring = set()
+        self._assigned = []
+        self._fatal = None  # a hook's failure as the last session left the group was its own
+        self._generation += 1
         exposure = Exposure(
             s.delivery.max_uncommitted_threads,
             s.delivery.commit_stall_s,
@@ -361,6 +370,8 @@ class Connector:
             else:
                 self.metrics.partitions_paused.set(source.paused())
                 records = await source.fetch(FETCH_TIMEOUT_MS, max_records=limit - busy)
+            if self._fatal is not None:
+                continue  # a rebalance hook failed during the fetch: the loop's top ends it
             for record in records:
                 if record.tp in self._restoring:
                     self._held.setdefault(record.tp, []).append(record)
@@ -411,7 +422,10 @@ class Connector:
         ``NoProgress`` alert) until the next record. An idle partition's position is moved
         up to the consumer's, past such markers, and the next cycle commits it."""
         tracker = pipeline.tracker
+        generation = self._generation
         for tp in source.assignment():
+            if generation != self._generation:
+                return  # a rebalance during an await: the next round sees the new one
             if tp in self._restoring or tp in self._held or tracker.pending(tp):
                 continue
             high, known = source.highwater(tp), tracker.committed_position(tp)
@@ -425,7 +439,10 @@ class Connector:
                     continue
                 self._marker_checked[tp] = position
                 known = await source.committed(tp)
-            # re-checked after the awaits: records fetched meanwhile move it themselves
+            # re-checked after the awaits: records fetched meanwhile move it themselves, and
+            # a position read before a rebalance belongs to the assignment before it
+            if generation != self._generation:
+                return
             if tp not in self._held and not tracker.pending(tp):
                 tracker.skip_to(tp, position, known)
 
@@ -454,9 +471,14 @@ class Connector:
         if pipeline is None or sink is None:
             return
         self.apps.stop_calls()  # no new calls until the new assignment sets our share
-        await pipeline.abandon(revoked, self.settings.delivery.revoke_timeout_s)
-        await pipeline.commit(sink)
-        pipeline.forget(revoked)
+        self._generation += 1
+        try:
+            await pipeline.abandon(revoked, self.settings.delivery.revoke_timeout_s)
+            await pipeline.commit(sink)
+        finally:
+            # forgotten even when the commit failed (the session then ends): the partitions'
+            # new positions come from the committed offsets, whoever owns them next
+            pipeline.forget(revoked)
         gone = set(revoked)
         self._restoring -= gone
         for tp in gone:
@@ -470,6 +492,7 @@ class Connector:
 
     async def _assign(self, assigned: list[TopicPartitionKey]) -> None:
         self.metrics.rebalances.labels("assign").inc()
+        self._generation += 1
         self._assigned = list(assigned)
         self._restoring |= set(assigned)
         if self._source is not None:

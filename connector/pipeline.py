@@ -37,7 +37,7 @@ from connector.exposure import Exposure
 from connector.metrics import Metrics
 from connector.offsets import OffsetTracker
 from connector.routing import Router, render_event
-from connector.sink import Sink
+from connector.sink import CommitError, Sink
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class Pipeline:
         self._outcomes: list[Outcome] = []
         self._key_tails: dict[tuple[TopicPartitionKey, bytes | None], asyncio.Future[None]] = {}
         self._commit_lock = asyncio.Lock()
+        self._failed: BaseException | None = None  # a failed commit cycle: no more cycles
         d = settings.delivery
         self.exposure = exposure or Exposure(d.max_uncommitted_threads, d.commit_stall_s)
         self.outcome_ready = asyncio.Event()  # set with each outcome: a commit cycle may start
@@ -334,6 +335,13 @@ class Pipeline:
     async def commit(self, sink: Sink) -> int:
         """One commit cycle; returns the number of outcomes made durable."""
         async with self._commit_lock:
+            if self._failed is not None:
+                # the failed cycle's ``finish`` counted its outcomes done, and they are gone:
+                # a later cycle would commit positions past events with no durable outcome
+                raise CommitError(
+                    f"an earlier commit cycle of this session failed ({self._failed}); "
+                    "the session restarts from the committed offsets"
+                )
             outcomes, self._outcomes = self._outcomes, []
             tracker = self.tracker
             exposure = self.exposure
@@ -354,7 +362,8 @@ class Pipeline:
             exposure.cycle_started()
             try:
                 positions = await sink.commit_cycle(records, finish)
-            except BaseException:
+            except BaseException as exc:
+                self._failed = exc
                 exposure.cycle_failed()
                 self._m.commit_failures.labels(sink.mode).inc()
                 raise

@@ -115,7 +115,12 @@ class Source:
         return len(self._consumer.paused())
 
     def highwater(self, tp: TopicPartitionKey) -> int | None:
-        value = self._consumer.highwater(_tp(tp))
+        """The partition's end offset as last fetched; None when not known, or when the
+        partition was revoked since ``assignment()`` listed it (aiokafka asserts)."""
+        try:
+            value = self._consumer.highwater(_tp(tp))
+        except (AssertionError, IllegalStateError):
+            return None
         return int(value) if value is not None else None
 
     async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:

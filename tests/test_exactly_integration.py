@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from connector.app import Connector
+from connector.events import InputRecord
 from connector.localkafka import LocalKafka
 from connector.simulator import LatencySpec, SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
@@ -227,3 +228,30 @@ async def test_buffer_bound_holds_at_every_moment_across_a_rebalance(
         await sampler
     assert len(sim.store.count_by_event_id()) == n
     assert 0 < peak <= limit, peak
+
+
+async def test_a_new_session_starts_with_nothing_held_from_the_last_one(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    """Records held for a restoring partition when a session ends (a fence, a failed
+    restore: both restart the session) belong to the new consumer, which fetches them
+    again from the committed offsets. Kept over, they were submitted at once and again
+    when fetched: the offset tracker refused the second ('offset 39 is not after 39'),
+    the replica crashed (seen in CI after a fence in the rebalance test)."""
+    names = Names.fresh("held")
+    settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+    await ensure_topics(settings)
+    await produce(kafka_bootstrap, names.input, [(b"k", event(f"h-{i}")) for i in range(5)])
+    connector = Connector(settings)
+    # what a session ended during a restore leaves: the first record, fetched and held
+    stale = InputRecord(names.input, 0, 0, b"k", event("h-0"))
+    connector._held[(names.input, 0)] = [stale]
+    stop = asyncio.Event()
+    task = asyncio.create_task(connector.run(stop))
+    try:
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)  # raises what ended the run
+    out = await results(bootstrap=kafka_bootstrap, topic=names.results)
+    assert Counter(r["eventId"] for r in out) == Counter(f"h-{i}" for i in range(5))

@@ -3,15 +3,25 @@ one outcome its full form, never the commit cycle (issue 9)."""
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import AsyncExitStack
+
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
+from connector.apps import Apps
+from connector.dedup import DedupWindow, MemoryDedupStore
 from connector.errors import EventRejected, FencedError, Stage
 from connector.events import InputRecord, OutRecord, dead_letter_record
 from connector.kafka_common import client_kwargs
-from connector.sink import Sink
+from connector.metrics import Metrics
+from connector.pipeline import Pipeline
+from connector.routing import Router
+from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.sink import CommitError, Sink
 from connector.source import Source
-from tests.harness import Names, make_settings, read_all
+from tests.harness import Names, ensure_topics, event, make_settings, read_all
 from tests.kafka_helpers import create_topics
 
 pytestmark = pytest.mark.integration
@@ -131,3 +141,50 @@ async def test_a_producer_fenced_mid_cycle_ends_the_session_as_a_fence(
     finally:
         await old.stop()
     assert await read_all(kafka_bootstrap, names.results) == []
+
+
+async def test_after_a_failed_commit_cycle_no_later_cycle_commits(kafka_bootstrap: str) -> None:
+    """A failed cycle has already counted its outcomes done (``finish``) and they are
+    gone. A revocation's cycle that failed (the broker down during a rebalance) used to
+    be swallowed by the rebalance hook while the session went on: the next successful
+    cycle committed positions past events that had no result (the chaos benchmark lost
+    thousands of events that way). Now every later cycle of the pipeline refuses."""
+    names = Names.fresh("failed-cycle")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=3)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+        await ensure_topics(settings)
+        metrics = Metrics()
+        apps = Apps(settings, metrics)
+        pipeline = Pipeline(
+            settings,
+            Router(settings.routes),
+            MemoryDedupStore(DedupWindow(60, 1000)),
+            apps,
+            metrics,
+        )
+        source = Source(settings, _nothing, _nothing)
+        fenced = Sink(settings, source, client_kwargs(settings))
+        rival = Sink(settings, source, client_kwargs(settings))
+        healthy = Sink(settings, source, client_kwargs(settings), transactional_suffix="-f1")
+        async with AsyncExitStack() as stack:
+            apps.start(stack)
+            apps.apply_share(1, 1)
+            for sink in (fenced, rival, healthy):  # rival fences ``fenced``
+                await sink.start()
+                stack.push_async_callback(sink.stop)
+            async with asyncio.TaskGroup() as tasks:
+                for offset in range(5):
+                    record = InputRecord(names.input, 0, offset, b"k", event(f"fc-{offset}"))
+                    pipeline.submit(record, tasks)
+            with pytest.raises(FencedError):
+                await pipeline.commit(fenced)
+            with pytest.raises(CommitError):
+                await pipeline.commit(healthy)
+    assert await read_all(kafka_bootstrap, names.results) == []
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(names.group)
+    finally:
+        await admin.close()
+    assert committed == {} or all(o.offset <= 0 for o in committed.values()), committed
