@@ -261,7 +261,7 @@ class ThreadCaller:
                 guard.calling = False
                 self.in_flight -= 1
                 m.calls_in_flight.dec()
-        m.api_responses.labels("2xx", "201").inc()
+        m.api_responses.labels("2xx", str(thread.status)).inc()
         m.api_call_duration.labels("2xx").observe(time.monotonic() - t0)
         self._adaptive_update()
         return thread

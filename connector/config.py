@@ -235,6 +235,7 @@ class ApiSettings(_Frozen):
         for name in apps:
             if not name.strip():
                 raise ValueError("an app name (appUid) must not be empty")
+            check_app_uid(name)
             other = seen.setdefault(name.lower(), name)
             if other != name:
                 raise ValueError(
@@ -267,6 +268,9 @@ class ApiSettings(_Frozen):
             )
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if "?" in value or "#" in value:
+            # the API's path is appended to it: a query or fragment would swallow it
+            raise ValueError("must not have a query (?) or a fragment (#)")
         return value.rstrip("/")
 
 
@@ -308,6 +312,11 @@ class Route(_Frozen):
     @classmethod
     def _template_syntax(cls, value: str) -> str:
         return check_template_syntax(value)
+
+    @field_validator("app_uid")
+    @classmethod
+    def _app_uid(cls, value: str) -> str:
+        return check_app_uid(value)
 
 
 class ResultSettings(_Frozen):
@@ -498,18 +507,40 @@ class CachedSecret:
         self._name = name
         self._refresh_s = refresh_s
         self._source = env_name if value is not None else f"{name} ({path})"
-        self._cached, self._problem = _checked(_secret(value, path, name))
+        self._cached, self._problem = self._load()
         self._read_at = time.monotonic()
+
+    def _load(self) -> tuple[SecretStr, str | None]:
+        """The value and what keeps it from being sent (None: nothing). A file that is
+        not UTF-8 is an unusable key like one with a line break (UnicodeDecodeError, a
+        ValueError, escaped the call and stopped the replica, its message quoting a byte
+        of the key); a file that cannot be read raises ConfigError."""
+        if self._value is not None or self._path is None:
+            return _checked(_secret(self._value, self._path, self._name))
+        try:
+            text = _read_secret(self._path, self._name).decode("utf-8")
+        except UnicodeDecodeError:
+            return SecretStr(""), "it is not UTF-8 text"
+        return _checked(SecretStr(text))
 
     def __call__(self) -> SecretStr:
         if self._value is None and time.monotonic() - self._read_at > self._refresh_s:
             self._read_at = time.monotonic()
             # keep the last value read while the file cannot be read (being replaced)
             with contextlib.suppress(ConfigError):
-                self._cached, self._problem = _checked(_secret(None, self._path, self._name))
+                self._cached, self._problem = self._load()
         if self._problem is not None:
             raise ApiKeyInvalid(f"the API key from {self._source} cannot be sent: {self._problem}")
         return self._cached
+
+
+def check_app_uid(app_uid: str) -> str:
+    """An appUid is one segment of the request path, percent-encoded; ``.`` and ``..``
+    cannot be one: ``.`` is unreserved, so they are sent as they are and every URL library
+    removes them (``/api/v1/appuid/../threads`` is sent to ``/api/v1/threads``)."""
+    if app_uid in (".", ".."):
+        raise ValueError(f"appUid {app_uid!r} is a dot segment: it cannot be a URL path segment")
+    return app_uid
 
 
 def app_key_env(app_uid: str) -> str:
@@ -542,7 +573,15 @@ def _secret(value: SecretStr | None, path: Path | None, name: str) -> SecretStr:
     if path is None:
         raise ConfigError(f"{name}: no secret configured")
     try:
-        return SecretStr(path.read_text(encoding="utf-8").strip())
+        return SecretStr(_read_secret(path, name).decode("utf-8").strip())
+    except UnicodeDecodeError:
+        # from None: the error's text quotes a byte of the secret
+        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
+
+
+def _read_secret(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from exc
 

@@ -6,7 +6,7 @@
     ├── ConfigError            bad configuration: stop at start-up, naming the field
     ├── EventRejected          this event cannot be processed: dead-letter it (stage, reason)
     ├── ApiError               a Threads API call failed
-    │   ├── RetriableApiError  429/502/503/504, timeout, connection error: back off and retry
+    │   ├── RetriableApiError  408/425/429/5xx, 3xx, timeout, connection error: retry
     │   ├── PermanentApiError  400/404/422: dead-letter the event
     │   └── AuthError          401/403: the connector is misconfigured: pause and alert
     │       └── ApiKeyInvalid  the key read cannot be sent as a header: pause, name the source
@@ -38,14 +38,21 @@ class ConfigError(ConnectorError):
     """The configuration is invalid; the message names each offending field."""
 
 
+REASON_MAX = 1000  # characters of a rejection's reason (it may quote the event's values)
+
+
 class EventRejected(ConnectorError):
     """An event that must go to the dead-letter topic.
 
     ``reason`` is for people (it may name fields); ``code`` is a short, bounded label
     (``invalid_json``, ``no_route``, ``http_422`` …) safe to use as a metric label.
+    ``reason`` is cut at ``REASON_MAX`` characters, saying its size: it quotes event
+    values (an event type, a rendered agentUid) and is the dead-letter log line.
     """
 
     def __init__(self, stage: Stage, reason: str, *, code: str, status: int | None = None) -> None:
+        if len(reason) > REASON_MAX:
+            reason = f"{reason[:REASON_MAX]}… ({len(reason)} characters)"
         super().__init__(f"{stage.value}: {reason}")
         self.stage = stage
         self.reason = reason
@@ -67,7 +74,7 @@ class RetriableApiError(ApiError):
     ``outcome_unknown`` is true when the request may have reached the API (a read timeout
     after the body was sent): the thread may exist even though we never saw its id.
     ``kind`` names a failure without a status (``connect_error``, ``tls_error``,
-    ``timeout``, ``protocol_error``, ``body_too_large``): a bounded metric label.
+    ``timeout``, ``protocol_error``, ``body_too_large``), or ``redirect``: a bounded label.
     """
 
     def __init__(
@@ -88,8 +95,11 @@ class RetriableApiError(ApiError):
     def transport_failure(self) -> bool:
         """The API could not be reached or is failing as a whole (the circuit breaker's
         kind): a connection or TLS failure, or a 5xx without ``Retry-After`` (with one,
-        the API is alive and says when to come back: that is the rate limit's pause)."""
+        the API is alive and says when to come back: that is the rate limit's pause), or
+        a redirect (not followed: the base URL is not where the API answers)."""
         if self.status is not None:
+            if 300 <= self.status < 400:
+                return True
             return self.status >= 500 and self.retry_after_s is None
         return self.kind in ("connect_error", "tls_error")
 

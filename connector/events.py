@@ -265,7 +265,9 @@ def result_record(
         "source": {"topic": src.topic, "partition": src.partition, "offset": src.offset},
     }
     headers = (
-        ("event-id", header_text(event.event_id)),
+        # whole: the id is bounded by dedup.max_event_id_length (characters), and 256 of
+        # them can be 1,024 bytes; a cut id correlates the result with another event
+        ("event-id", event.event_id.encode("utf-8", "replace")),
         ("correlation-id", header_text(event.correlation_id)),
     )
     return OutRecord(topic, user_key.encode(), orjson.dumps(value), headers)

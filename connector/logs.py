@@ -47,11 +47,20 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extras = [
-            f"{k}={v}"
+            f"{k}={_one_line(v)}"
             for k, v in vars(record).items()
             if k not in _STANDARD and not k.startswith("_")
         ]
         return f"{base} {' '.join(extras)}" if extras else base
+
+
+def _one_line(value: object) -> str:
+    """An extra's value with control characters escaped: event ids and reasons are the
+    producer's text, and a line break in one forged a log line of its own choosing."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

@@ -27,6 +27,7 @@ from connector.events import (
     Event,
     InputRecord,
     OutRecord,
+    ThreadCreated,
     TopicPartitionKey,
     dead_letter_record,
     parse_event,
@@ -35,7 +36,7 @@ from connector.events import (
 from connector.exposure import Exposure
 from connector.metrics import Metrics
 from connector.offsets import OffsetTracker
-from connector.routing import Router, render
+from connector.routing import Router, render_event
 from connector.sink import CommitError, Sink
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,10 @@ class Pipeline:
         record = job.record
         try:
             route, request = self._router.build(event)
+            # the deep link's event fields are checked before the call: once the thread
+            # exists, its result must be published, and a render failure then stopped the
+            # replica with the thread created (and the replay created another)
+            self._deep_link(event, route.app_uid, None)
         except EventRejected as exc:
             return self._dead(record, exc, event.event_id, event.correlation_id)
         if job.previous is not None:
@@ -211,14 +216,7 @@ class Pipeline:
             if admitted:
                 self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
             raise
-        values = {
-            "threadUid": created.thread_uid,
-            "humanUid": created.human_uid,
-            "agentUid": created.agent_uid,
-            "appUid": route.app_uid,
-            "eventId": event.event_id,
-        }
-        deep_link = render(self._s.results.deep_link_template, event.body, values)
+        deep_link = self._deep_link(event, route.app_uid, created)
         records = [
             result_record(
                 self._s.kafka.results_topic,
@@ -246,6 +244,20 @@ class Pipeline:
                 },
             )
         return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
+
+    def _deep_link(self, event: Event, app_uid: str, created: ThreadCreated | None) -> str:
+        """The result's deep link, each value percent-encoded (a threadUid or an event field
+        with ``/``, ``?``, ``#`` cannot rewrite it); ``created`` None: a check before the
+        call (the API's values are then empty), raising EventRejected if the event cannot
+        render it."""
+        values = {
+            "threadUid": created.thread_uid if created else "",
+            "humanUid": created.human_uid if created else "",
+            "agentUid": created.agent_uid if created else "",
+            "appUid": app_uid,
+            "eventId": event.event_id,
+        }
+        return render_event(self._s.results.deep_link_template, event.body, values, url=True)
 
     async def _enter_gate(self) -> None:
         exposure = self.exposure

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -48,7 +49,11 @@ class _EventView(Mapping[str, str]):
             raise KeyError(path)
         if isinstance(value, str):
             return value
-        return orjson.dumps(value).decode()
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError as exc:  # a TypeError: it would escape the pipeline
+            # orjson writes 255 levels but reads 1,023: an event can hold what cannot render
+            raise ValueError(f"field {path!r} cannot be written as JSON ({exc})") from exc
 
     def __iter__(self) -> Any:
         return iter(self._body)
@@ -62,9 +67,52 @@ def _compiled(template: str) -> _DottedTemplate:
     return _DottedTemplate(template)
 
 
-def render(template: str, body: dict[str, Any], extra: Mapping[str, str] | None = None) -> str:
-    """Render a template against the event; KeyError names the first missing field."""
-    return _compiled(template).substitute(_EventView(body, extra or {}))
+class _UrlView(_EventView):
+    """The values percent-encoded for a URL: only RFC 3986 unreserved characters are kept
+    (RFC 6570's simple expansion), so no value can add a path, a query parameter or a
+    fragment to the link, or a scheme or a line break."""
+
+    def __getitem__(self, path: str) -> str:
+        return quote(super().__getitem__(path), safe="")
+
+
+def render(
+    template: str,
+    body: dict[str, Any],
+    extra: Mapping[str, str] | None = None,
+    *,
+    url: bool = False,
+) -> str:
+    """Render a template against the event; KeyError names the first missing field.
+    ``url``: the template is a URL (the deep link), each value is percent-encoded."""
+    view = (_UrlView if url else _EventView)(body, extra or {})
+    return _compiled(template).substitute(view)
+
+
+def render_event(
+    template: str,
+    body: dict[str, Any],
+    extra: Mapping[str, str] | None = None,
+    *,
+    url: bool = False,
+) -> str:
+    """``render``, with its failures as the event's: EventRejected (stage validate)."""
+    try:
+        return render(template, body, extra, url=url)
+    except KeyError as exc:
+        raise _missing(exc) from exc
+    except ValueError as exc:
+        raise _template_error(exc) from exc
+
+
+def _missing(exc: KeyError) -> EventRejected:
+    return EventRejected(
+        Stage.VALIDATE, f"field {exc.args[0]!r} is missing from the event", code="missing_field"
+    )
+
+
+def _template_error(exc: ValueError) -> EventRejected:
+    return EventRejected(Stage.VALIDATE, f"template error: {exc}", code="template_error")
 
 
 def check_template(template: str) -> None:
@@ -182,15 +230,9 @@ class Router:
             agent_uid = render(route.agent_uid, event.body, extra)
             id_field, raw_user = _identifier(route, event)
         except KeyError as exc:
-            raise EventRejected(
-                Stage.VALIDATE,
-                f"field {exc.args[0]!r} is missing from the event",
-                code="missing_field",
-            ) from exc
+            raise _missing(exc) from exc
         except ValueError as exc:
-            raise EventRejected(
-                Stage.VALIDATE, f"template error: {exc}", code="template_error"
-            ) from exc
+            raise _template_error(exc) from exc
         if isinstance(raw_user, bool) or not isinstance(raw_user, str | int):
             raise EventRejected(
                 Stage.VALIDATE,

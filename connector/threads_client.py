@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -34,7 +35,8 @@ from connector.routing import ThreadRequest
 
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
+# 408 and 425: not processed, a retry is safe (RFC 9110 §15.5.9, RFC 8470 §5.2)
+RETRIABLE_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 _CHUNK_BYTES = 64 * 1024
@@ -47,6 +49,7 @@ class ApiThread:
     thread_uid: str
     human_uid: str
     agent_uid: str
+    status: int = 201  # the spec's; another 2xx with a threadUid is a thread created too
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,7 @@ class ThreadsClient:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         ca_file: Path | None = None,
     ) -> None:
-        self._base_url = base_url
+        self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -132,7 +135,8 @@ class ThreadsClient:
                 ssl=self._ssl if self._ssl is not None else True,
             )
             self._session = aiohttp.ClientSession(
-                self._base_url,
+                # no base_url: aiohttp's refuses a path without a trailing slash and drops
+                # one with it; the request's URL is the base URL's text + the API's path
                 connector=connector,
                 # the total deadline is ours (asyncio.timeout around the whole attempt)
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
@@ -167,7 +171,8 @@ class ThreadsClient:
         self, request: ThreadRequest, *, event_id: str, correlation_id: str
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
-        url = f"/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
+        # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
+        url = f"{self._base_url}/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()
@@ -210,7 +215,7 @@ class ThreadsClient:
         except (ValueError, UnicodeError) as exc:  # we could not even form the request
             # no exception text: it could quote a header value
             raise PermanentApiError(f"request could not be sent: {type(exc).__name__}") from exc
-        return _interpret(response)
+        return _interpret(response, api_key)
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         """The response, its body read up to the limit. An error status keeps its meaning
@@ -264,11 +269,45 @@ def _inflater(encoding: str | None) -> Inflater | None:
     return inflate
 
 
-def _safe_detail(response: _Response) -> str:
+_BOM = b"\xef\xbb\xbf"
+
+
+def _json(content: bytes) -> Any:
+    """The body's JSON, a UTF-8 byte order mark ignored (RFC 8259 §8.1 allows it; orjson
+    refuses it, and a 201 that created a thread would have been dead-lettered)."""
+    return orjson.loads(content.removeprefix(_BOM))
+
+
+_DETAIL_FIELDS_MAX = 10  # field names an error keeps; the rest are counted
+_REDACTED = "[redacted]"
+
+
+def _scalar_text(value: object) -> str | None:
+    """A JSON scalar of the API's as text; None for an array or an object. Never ``str()``
+    of a container: its repr recurses, and 1,000 nested lists (orjson accepts 1,023)
+    raise RecursionError, which escapes the call and stops the replica."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return orjson.dumps(value).decode()
+    return None
+
+
+def _safe_detail(response: _Response, secret: str = "") -> str:
     """What of an error body may go into a dead letter and a log: the ``error`` title and
-    the names of the fields at fault, never free text (it could echo the system message)."""
+    the names of the fields at fault, never free text (it could echo the system message).
+
+    Bounded (a 422 naming 10,000 fields made a log line of 600 KB per dead letter), and
+    ``secret`` (the API key sent) is redacted before anything is cut: an API that echoes
+    the ``x-api-key`` in its error would otherwise put it in ``dlq-reason``."""
+
+    def clean(text: str, limit: int) -> str:
+        if secret:
+            text = text.replace(secret, _REDACTED)
+        return text[:limit]
+
     try:
-        data = orjson.loads(response.content)
+        data = _json(response.content)
     except orjson.JSONDecodeError:
         return "(no JSON body)"
     if not isinstance(data, dict):
@@ -276,34 +315,53 @@ def _safe_detail(response: _Response) -> str:
     parts = []
     title = data.get("error")
     if isinstance(title, str):
-        parts.append(title[:120])
+        parts.append(clean(title, 120))
     detail = data.get("detail")
     if isinstance(detail, list):
-        fields = sorted(
-            {str(d["field"])[:60] for d in detail if isinstance(d, dict) and "field" in d}
-        )
+        names = {_scalar_text(d["field"]) for d in detail if isinstance(d, dict) and "field" in d}
+        fields = sorted({clean(name, 60) for name in names if name is not None})
         if fields:
-            parts.append("fields: " + ", ".join(fields))
+            shown = ", ".join(fields[:_DETAIL_FIELDS_MAX])
+            if len(fields) > _DETAIL_FIELDS_MAX:
+                shown += f" (+{len(fields) - _DETAIL_FIELDS_MAX} more)"
+            parts.append("fields: " + shown)
     return "; ".join(parts) or "(no error title)"
 
 
-def _interpret(response: _Response) -> ApiThread:
+def _interpret(response: _Response, secret: str = "") -> ApiThread:
     status = response.status
-    if status == 201:
+    if 200 <= status < 300:
+        # a 2xx is a success: the thread exists if its body says so, whatever the code (a
+        # 200 from a gateway or a new API version was dead-lettered, its result lost)
         try:
-            data = orjson.loads(response.content)
+            data = _json(response.content)
             thread_uid = data["threadUid"]
             # the spec's string: str() would publish null as "None" and call it a success
             if not isinstance(thread_uid, str) or not thread_uid:
                 raise TypeError("threadUid is not a non-empty string")
+            # the spec's strings too; anything else is not published (not its repr)
+            human_uid, agent_uid = data.get("humanUid"), data.get("agentUid")
             return ApiThread(
                 thread_uid=thread_uid,
-                human_uid=str(data.get("humanUid") or ""),
-                agent_uid=str(data.get("agentUid") or ""),
+                human_uid=human_uid if isinstance(human_uid, str) else "",
+                agent_uid=agent_uid if isinstance(agent_uid, str) else "",
+                status=status,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PermanentApiError("201 without a threadUid in its body", status=201) from exc
-    detail = _safe_detail(response)
+            what = "" if status == 201 else ": the thread may exist"
+            raise PermanentApiError(
+                f"{status} without a threadUid in its body{what}", status=status
+            ) from exc
+    if 300 <= status < 400:
+        # not followed: a redirect says nothing of the event but that the base URL is not
+        # where the API answers (http:// to https://, a moved host): the API host's
+        # failure, for the circuit breaker, not a dead letter for every event
+        raise RetriableApiError(
+            f"HTTP {status}: redirected, not followed (is api.base_url right?)",
+            status=status,
+            kind="redirect",
+        )
+    detail = _safe_detail(response, secret)
     if status in AUTH_STATUSES:
         raise AuthError(f"HTTP {status}: {detail}", status=status)
     if status in RETRIABLE_STATUSES or status >= 500:

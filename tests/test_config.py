@@ -356,3 +356,65 @@ def test_a_fixed_key_file_heals(tmp_path: Path) -> None:
     key_file.write_text("good-key\n", encoding="utf-8")
     time.sleep(0.02)  # past the refresh interval
     assert secret().get_secret_value() == "good-key"
+
+
+@pytest.mark.parametrize("app", [".", ".."])
+def test_an_app_uid_that_is_a_dot_segment_is_refused(
+    tmp_path: Path, api_key_env: None, app: str
+) -> None:
+    """``..`` is percent-encoded into the path as it is (``.`` is unreserved) and every
+    URL library then removes the dot segment: POST /api/v1/appuid/../threads went to
+    /api/v1/threads with the app's key. Refused in a route and as an ``api.apps`` name."""
+    message = config_error(write(tmp_path, {"routes": [{**ROUTE, "app_uid": app}]}))
+    assert "routes.0.app_uid" in message and "dot segment" in message
+    data = {"api": {"apps": {app: {"rate_limit_per_s": 5}}}, "routes": [ROUTE]}
+    message = config_error(write(tmp_path, data))
+    assert "api.apps" in message and "dot segment" in message
+
+
+def test_a_key_file_that_is_not_utf8_is_an_unusable_key_never_quoted(tmp_path: Path) -> None:
+    """Read at start-up or re-read after a rotation, bytes that are not UTF-8 raised
+    UnicodeDecodeError (quoting a byte of the key) instead of pausing calls."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(b"caf\xe9-SECRET")
+    secret = CachedSecret(None, key_file, "api.api_key_file", refresh_s=0.01)
+    with pytest.raises(ApiKeyInvalid) as info:
+        secret()
+    assert str(key_file) in str(info.value) and "not UTF-8" in str(info.value)
+    assert "xe9" not in str(info.value) and "SECRET" not in str(info.value)
+    key_file.write_text("good-key\n", encoding="utf-8")
+    time.sleep(0.02)  # past the refresh interval
+    assert secret().get_secret_value() == "good-key"
+    key_file.write_bytes(b"\xff\xfe-SECRET")  # rotated to a bad value while running
+    time.sleep(0.02)
+    with pytest.raises(ApiKeyInvalid):
+        secret()
+
+
+def test_a_kafka_password_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    password = tmp_path / "sasl-password"
+    password.write_bytes(b"p\xe9-SECRET")
+    settings = ConnectorSettings(
+        api={"api_key": "k"},
+        kafka={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "u",
+            "sasl_password_file": password,
+        },
+        routes=[ROUTE],
+    )
+    with pytest.raises(ConfigError) as info:
+        settings.sasl_password()
+    assert "kafka.sasl_password_file" in str(info.value) and "not UTF-8" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("url", ["https://gw.example/mindset?x=1", "https://gw.example/#a"])
+def test_a_base_url_with_a_query_or_fragment_is_refused(
+    tmp_path: Path, api_key_env: None, url: str
+) -> None:
+    """The API's path is appended to the base URL: after a query or a fragment it would
+    be part of them (every call to the gateway's root)."""
+    message = config_error(write(tmp_path, {"api": {"base_url": url}, "routes": [ROUTE]}))
+    assert "api.base_url" in message and "query" in message

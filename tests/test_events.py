@@ -293,3 +293,14 @@ def test_dead_letter_of_a_tombstone_and_a_long_reason() -> None:
     assert out.key is None
     assert out.value is None
     assert 0 < len(dict(out.headers)["dlq-reason"]) <= 1000
+
+
+def test_a_results_event_id_header_holds_the_whole_id() -> None:
+    """An id within ``dedup.max_event_id_length`` (256 characters) can be 1,024 bytes of
+    UTF-8; the result's ``event-id`` header was cut at 1,000, so a consumer correlating by
+    it got another id (and two ids sharing 1,000 bytes got the same one)."""
+    event_id = "\U0001f600" * 256
+    event = parse(record({"id": event_id, "type": "order.shipped"}))
+    created = ThreadCreated("th-1", "hu-1", "agent-x", attempts=1, latency_ms=1.0)
+    out = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
+    assert dict(out.headers)["event-id"].decode() == event_id

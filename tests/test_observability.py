@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from connector import __version__
 from connector.dedup import changelog_topic
-from connector.logs import JsonFormatter, configure_logging
+from connector.logs import JsonFormatter, TextFormatter, configure_logging
 from connector.metrics import DEAD_LETTER_REASONS, Metrics
 from connector.simulator import (
     AppSpec,
@@ -463,6 +463,16 @@ def test_json_formatter_one_object_a_line() -> None:
     )
     assert entry["event_id"] == "e-1" and entry["correlation_id"] == "c-1"
     assert entry["ts"].endswith("+00:00")
+
+
+def test_text_formatter_keeps_an_event_id_with_line_breaks_on_one_line() -> None:
+    """The event id is the producer's text: with a line break it forged a second log line
+    ("... ERROR connector.app: ...") in the text format. Control characters are escaped."""
+    record = logging.LogRecord("connector.x", logging.WARNING, __file__, 1, "dead %s", ("x",), None)
+    record.event_id = "e-1\n2026-11-28 10:00:00,000 ERROR connector.app: forged\r\x1b[2J"
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert "event_id=e-1\\n2026-11-28" in line and "forged" in line
 
 
 # -- integration: a real Prometheus scraping a connector ------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -119,7 +120,8 @@ async def test_oversize_records_among_valid_events_block_nothing(
     }
     (big,) = [r for r in out if r["eventId"] == "big-result"]
     assert big["threadUid"] in {t.thread_uid for t in sim.store.all()}
-    raw = f"https://x/{link}?t={big['threadUid']}".encode()
+    # each value in the deep link is percent-encoded
+    raw = f"https://x/{quote(link, safe='')}?t={quote(big['threadUid'], safe='')}".encode()
     assert big["truncated"]["deepLink"] == {
         "bytes": len(raw),
         "sha256": hashlib.sha256(raw).hexdigest(),

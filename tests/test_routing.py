@@ -364,3 +364,18 @@ def test_validate_request_rejects(overrides: dict[str, str], mentions: str) -> N
         validate_request(valid_request(**overrides))
     assert (info.value.stage, info.value.code) == (Stage.VALIDATE, "invalid_request")
     assert mentions in info.value.reason
+
+
+def test_a_rejection_quoting_a_huge_event_value_has_a_bounded_reason() -> None:
+    """The reason quotes the event's event type or rendered agentUid; it is the dead-letter
+    log line (one per event), and a 900 KB value made a 900 KB line (container runtimes
+    split lines over 16 KB, breaking the JSON log). The reason is cut, saying its size."""
+    huge = "x" * 900_000
+    no_route = rejection(Router([route()]), event({"type": huge, "user": {"id": "h-1"}}))
+    bad_agent = rejection(
+        Router([route(agent_uid="${data.agent}::")]),
+        event({"type": "custom", "user": {"id": "h-1"}, "data": {"agent": huge}}),
+    )
+    for exc in (no_route, bad_agent):
+        assert len(exc.reason) < 1100 and len(str(exc)) < 1100
+        assert exc.reason.endswith("characters)")

@@ -375,10 +375,13 @@ async def test_an_error_status_keeps_its_meaning_with_an_oversized_body() -> Non
     assert exc.status == 422
 
 
-async def test_redirects_are_not_followed() -> None:
-    exc = await api_error(respond(302, headers={"Location": "https://elsewhere.example/"}))
-    assert type(exc) is PermanentApiError
-    assert exc.status == 302
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_redirects_are_not_followed_and_are_the_hosts_failure(status: int) -> None:
+    """Not followed; not the event's fault either (it was dead-lettered, every event
+    alike): a transport failure for the circuit breaker, known not to have landed."""
+    exc = await api_error(respond(status, headers={"Location": "https://elsewhere.example/"}))
+    assert type(exc) is RetriableApiError
+    assert exc.status == status and exc.transport_failure and not exc.outcome_unknown
 
 
 @pytest.fixture(scope="module")
@@ -448,3 +451,108 @@ async def test_error_body_free_text_never_reaches_the_error() -> None:
     assert "Validation error" in str(exc) and "message" in str(exc)
     plain = await api_error(respond(400, text=f"bad: {secret_text}"))
     assert secret_text not in str(plain)
+
+
+async def test_an_error_body_echoing_the_api_key_does_not_carry_it_onward() -> None:
+    """A 4xx whose error title or field names echo the x-api-key it was sent: the key
+    must not reach the error (it becomes the dlq-reason header and a log line)."""
+    key = "sk-live-0123456789abcdef"
+    body = {
+        "error": f"API key {key} is not valid for this app",
+        "detail": [{"field": f"x-api-key={key}"}, {"field": "x" * 55 + key}],
+    }
+    for status in (400, 401, 422):
+        with pytest.raises(ApiError) as info:
+            await call(respond(status, content=orjson.dumps(body)), key=lambda: SecretStr(key))
+        text = str(info.value)
+        assert key not in text and key[:8] not in text, text
+        assert "[redacted]" in text
+
+
+async def test_an_error_body_with_thousands_of_fields_gives_a_bounded_error() -> None:
+    """A 422 listing 10,000 fields (under the body limit): the error (a log line per dead
+    letter) stays short, saying how many fields were left out."""
+    detail = [{"field": f"f{i:05d}" + "y" * 50} for i in range(10_000)]
+    body = {"error": "Validation error", "detail": detail}
+    exc = await api_error(respond(422, content=orjson.dumps(body)))
+    assert isinstance(exc, PermanentApiError)
+    assert len(str(exc)) < 1000
+    assert "f00000" in str(exc) and "more" in str(exc)
+
+
+DEEP = "[" * 1000 + "]" * 1000  # orjson accepts up to 1,023 levels; repr() does not
+
+
+async def test_a_deeply_nested_field_in_an_error_body_is_a_permanent_error() -> None:
+    """``str()`` of a 1,000-deep field name raised RecursionError out of the client."""
+    body = f'{{"error": "Validation error", "detail": [{{"field": {DEEP}}}, {{"field": 7}}]}}'
+    exc = await api_error(respond(422, content=body.encode()))
+    assert isinstance(exc, PermanentApiError)
+    assert str(exc) == "HTTP 422: Validation error; fields: 7"
+
+
+@pytest.mark.parametrize("odd", [DEEP, '{"a": 1}', "[1]", "42", "true"])
+async def test_a_201_with_odd_human_and_agent_uids_keeps_the_thread(odd: str) -> None:
+    """humanUid/agentUid that are not strings: the thread is kept, the odd values are not
+    published (not as a Python repr, and not by a RecursionError out of the client)."""
+    body = f'{{"threadUid": "th-1", "humanUid": {odd}, "agentUid": {odd}}}'
+    thread = await call(respond(201, content=body.encode()))
+    assert thread == ApiThread(thread_uid="th-1", human_uid="", agent_uid="")
+
+
+@pytest.mark.parametrize("status", [200, 203])
+async def test_a_2xx_other_than_201_with_a_thread_uid_keeps_the_thread(status: int) -> None:
+    """The spec answers 201; a 200 with the thread in its body (a gateway, a new API
+    version) is a thread created too. It was dead-lettered (``http_200``): the result of a
+    thread that exists was never published, and a redrive created a second one."""
+    body = {"threadUid": "th-1", "humanUid": "hu-1", "agentUid": "agent-orders"}
+    thread = await call(respond(status, json=body))
+    assert (thread.thread_uid, thread.human_uid, thread.status) == ("th-1", "hu-1", status)
+
+
+@pytest.mark.parametrize("status", [200, 202, 204])
+async def test_a_2xx_without_a_thread_uid_says_the_thread_may_exist(status: int) -> None:
+    exc = await api_error(respond(status, content=b"" if status == 204 else b"{}"))
+    assert isinstance(exc, PermanentApiError) and exc.status == status
+    assert "may exist" in str(exc)
+
+
+@pytest.mark.parametrize("prefix", ["/mindset", "/gw/mindset"])
+async def test_a_base_url_with_a_path_keeps_its_path(prefix: str) -> None:
+    """An API behind a gateway path (``https://gw.example/mindset``): the URL was joined
+    by aiohttp's ``base_url``, which refuses a path without a trailing slash (the settings
+    strip it), so every call failed as "request could not be sent" and every event was
+    dead-lettered; with the slash the path was dropped. Now the path is kept."""
+    paths: list[str] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        paths.append(request.raw_path)
+        await request.read()
+        return web.Response(status=201, body=b'{"threadUid": "th-1"}')
+
+    async with serving(handler) as base_url, client(base_url + prefix) as c:
+        thread = await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    assert thread.thread_uid == "th-1"
+    assert paths == [f"{prefix}/api/v1/appuid/demo%20app%2F1/threads"]
+
+
+@pytest.mark.parametrize("status", [408, 425])
+async def test_a_request_the_server_did_not_process_is_retried(status: int) -> None:
+    """408 (the server, or a gateway before it, timed the request out before processing
+    it) and 425 (Too Early: refused unprocessed) say a retry is safe; they were dead
+    letters the API never saw, needing a redrive."""
+    exc = await api_error(respond(status, headers={"retry-after": "2"}))
+    assert isinstance(exc, RetriableApiError)
+    assert (exc.status, exc.retry_after_s, exc.outcome_unknown) == (status, 2.0, False)
+    assert not exc.transport_failure  # an answer: the API is up, no circuit breaker
+
+
+async def test_a_201_body_with_a_byte_order_mark_keeps_the_thread() -> None:
+    """RFC 8259 §8.1: a parser MAY ignore a BOM (some server stacks send one); orjson
+    refuses it, so the thread created was dead-lettered ("201 without a threadUid") and a
+    redrive created another."""
+    body = b'\xef\xbb\xbf{"threadUid": "th-1", "humanUid": "hu-1"}'
+    thread = await call(respond(201, content=body))
+    assert (thread.thread_uid, thread.human_uid) == ("th-1", "hu-1")
+    exc = await api_error(respond(422, content=b'\xef\xbb\xbf{"error": "Validation error"}'))
+    assert str(exc) == "HTTP 422: Validation error"
