@@ -139,7 +139,11 @@ def _demo_settings(config: Path, bootstrap: str, base_url: str) -> ConnectorSett
         "API__RATE_LIMIT_PER_S": "50",
         "SERVER__HOST": "127.0.0.1",
         "SERVER__PORT": "0",
+        # the simulator answers in milliseconds: a short drain, and calls bounded below it
+        # (the configuration refuses a drain shorter than a call may take)
+        "API__REQUEST_TIMEOUT_S": "4",
         "DELIVERY__DRAIN_TIMEOUT_S": "5",
+        "DELIVERY__REVOKE_TIMEOUT_S": "5",
     }
     saved = {k: os.environ.get(ENV_PREFIX + k) for k in overrides}
     os.environ.update({ENV_PREFIX + k: v for k, v in overrides.items()})
