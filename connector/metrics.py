@@ -404,6 +404,13 @@ class AppMetrics:
         self.auth_paused: Gauge = metrics.auth_paused.labels(app)
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+        # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
+        self.api_call_duration = metrics.api_call_duration
+        self.api_outcome_unknown = metrics.api_outcome_unknown
+        self.rate_limit_wait = metrics.rate_limit_wait
+        self.calls_waiting = metrics.calls_waiting
+        self.event_attempts = metrics.event_attempts
+        self.api_retries = metrics.api_retries
 
     def __getattr__(self, name: str) -> Any:
         """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""
