@@ -129,7 +129,15 @@ def main() -> int:
                 "max_in_flight": n,
                 "request_timeout_s": args.latency_ms / 1000 + 30,
             },
-            delivery={"max_buffered_events": 2 * n, "drain_timeout_s": 1},
+            # the configuration refuses deadlines shorter than a call may take; the bench
+            # stops the process after 30 s of drain anyway (stop_process)
+            delivery={
+                "max_buffered_events": 2 * n,
+                # the exposure cap (default 1,000) would hold the calls started below n
+                "max_uncommitted_threads": n,
+                "drain_timeout_s": args.latency_ms / 1000 + 31,
+                "revoke_timeout_s": args.latency_ms / 1000 + 31,
+            },
             server={"port": port},
         )
 
