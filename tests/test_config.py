@@ -356,3 +356,23 @@ def test_a_fixed_key_file_heals(tmp_path: Path) -> None:
     key_file.write_text("good-key\n", encoding="utf-8")
     time.sleep(0.02)  # past the refresh interval
     assert secret().get_secret_value() == "good-key"
+
+
+def test_a_binary_key_file_is_a_config_error_never_a_crash(tmp_path: Path) -> None:
+    """A key file of non-UTF-8 bytes (a binary secret, a file half-written while rotated)
+    raised UnicodeDecodeError: a traceback at start-up, and at a re-read it escaped the
+    'keep the last value' guard into the call. Now a ConfigError naming the file."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(b"\xffSECRET\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8 text") as info:
+        CachedSecret(None, key_file, "api.api_key_file", refresh_s=3600)
+    assert "SECRET" not in str(info.value)
+
+
+def test_a_key_file_turned_binary_keeps_the_last_good_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("good-key\n", encoding="utf-8")
+    secret = CachedSecret(None, key_file, "api.api_key_file", refresh_s=0.01)
+    key_file.write_bytes(b"\xff\xfe half written")
+    time.sleep(0.02)  # past the refresh interval
+    assert secret().get_secret_value() == "good-key"
