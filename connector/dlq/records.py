@@ -201,8 +201,11 @@ def parse_when(text: str, now: datetime | None = None) -> int:
     ``2d``); ValueError otherwise. A time without a zone is UTC."""
     text = text.strip()
     if len(text) > 1 and text[-1] in _UNITS and text[:-1].isdigit():
-        ago = timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
-        return int(((now or datetime.now(UTC)) - ago).timestamp() * 1000)
+        try:
+            ago = timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
+            return int(((now or datetime.now(UTC)) - ago).timestamp() * 1000)
+        except OverflowError:  # ``99999999999d``: before year 1, not a traceback
+            raise ValueError(f"{text!r} reaches before the year 1") from None
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
