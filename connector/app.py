@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
+from typing import Any
 
 from connector.apps import Apps
 from connector.config import ConnectorSettings
@@ -210,9 +211,17 @@ class Connector:
         unreachable, refusing the credentials or the certificate, or a topic missing does
         not end the process: it stays up, not ready, and says why."""
         while not stop.is_set():
+            # raced with ``stop``: a broker that accepts connections and never answers (a
+            # paused JVM, a half-open network) held SIGTERM for the whole request timeout,
+            # past a pod's grace period. Nothing is consumed yet, so nothing is lost.
+            attempt = asyncio.ensure_future(self._ensure_topics())
+            await _first_done(attempt, stop)
+            if not attempt.done():
+                with contextlib.suppress(Exception):  # its failure no longer matters
+                    await _cancel(attempt)
+                return False
             try:
-                async with TopicManager(self.settings) as topics:
-                    self.input_partitions = await topics.ensure()
+                self.input_partitions = attempt.result()
             except Exception as exc:  # noqa: BLE001 (classified; unknown ones re-raised)
                 await self._kafka_failed("start-up", exc, stop)
             else:
@@ -220,6 +229,10 @@ class Connector:
                 self.kafka_attempts = 0
                 return True
         return False
+
+    async def _ensure_topics(self) -> dict[str, int]:
+        async with TopicManager(self.settings) as topics:
+            return await topics.ensure()
 
     async def _kafka_failed(self, stage: str, exc: Exception, stop: asyncio.Event) -> None:
         """One log line with the cause, readiness red with it, then a capped exponential
@@ -517,10 +530,19 @@ def _only_fenced(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Future[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _first_done(work: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    """Return when ``work`` is done or ``stop`` is set, whichever comes first."""
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((work, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 async def _first_set(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:

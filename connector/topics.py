@@ -34,7 +34,11 @@ class TopicManager:
         self._admin = AIOKafkaAdminClient(**client_kwargs(settings))
 
     async def __aenter__(self) -> TopicManager:
-        await self._admin.start()
+        try:
+            await self._admin.start()
+        except BaseException:  # refused, or cancelled by a stop: no connection left open
+            await self._admin.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
