@@ -457,6 +457,9 @@ class Connector:
         (a failed restore, say, must not let processing go on without dedup state)."""
         try:
             await work
+        except FencedError as exc:
+            log.warning("partition %s ended the session, which restarts: %s", what, exc)
+            self._fatal = exc
         except Exception as exc:
             log.exception("partition %s failed; the session restarts", what)
             self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
@@ -483,6 +486,18 @@ class Connector:
 
     async def _assign(self, assigned: list[TopicPartitionKey]) -> None:
         self.metrics.rebalances.labels("assign").inc()
+        added = [tp for tp in assigned if tp[1] >= self.input_partitions.get(tp[0], 0)]
+        if added:
+            # partitions were added to an input topic while running: count them (the rate
+            # share) and grow the changelogs; the producer knows only the changelogs' old
+            # partitions (aiokafka asserts "Unrecognized partition" on a send to a new one:
+            # a crash), so a new session with fresh clients takes the assignment
+            self.input_partitions = await self._ensure_topics()
+            if self._reader is not None:
+                raise FencedError(
+                    f"input partitions added ({len(added)} assigned here): rejoining with "
+                    f"the dedup changelogs grown to {self.input_partitions}"
+                )
         self._assigned = list(assigned)
         self._restoring |= set(assigned)
         if self._source is not None:

@@ -97,6 +97,12 @@ class KafkaSettings(_Frozen):
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     fetch_max_records: int = Field(default=500, ge=1)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    metadata_max_age_ms: int = Field(
+        default=300_000,
+        ge=1_000,
+        description="how often the consumer re-reads topic metadata: partitions added to an "
+        "input topic are picked up (and their changelog grown) within this",
+    )
     max_request_size: int = Field(
         default=1_048_576,
         ge=65_536,
