@@ -53,6 +53,7 @@ from connector.topics import TopicManager
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_MS = 200
 GAUGE_INTERVAL_S = 2.0
+CYCLE_WATCH_S = 10.0  # a commit cycle running this long: are its output topics still there?
 LIVENESS_STALE_S = 60.0
 
 
@@ -118,6 +119,9 @@ class Connector:
         # set by the reachability probe while a session runs: aiokafka retries a lost broker
         # quietly for ever, and an idle pipeline's commit cycles need no broker
         self.kafka_unreachable: str | None = None
+        # output topics a stuck commit cycle waits for (deleted with auto-create off): the
+        # producer retries them silently and forever
+        self.outputs_missing: list[str] | None = None
 
     # -- health -------------------------------------------------------------------------
 
@@ -141,6 +145,11 @@ class Connector:
         paused = self.apps.pause_reason()
         if paused is not None:
             return False, paused
+        if self.outputs_missing:
+            return False, (
+                f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
+                f"commit cycles wait for them"
+            )
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
             return False, f"no successful commit cycle for {age:.0f}s"
@@ -395,10 +404,43 @@ class Connector:
             # a cycle that starts after it has seen every outcome and can be the last one
             last = draining.is_set()
             work.clear()  # before the cycle takes the outcomes: a later one sets it again
-            await pipeline.commit(sink)
+            watch = asyncio.create_task(self._watch_cycle())
+            try:
+                await pipeline.commit(sink)
+            finally:
+                await _cancel(watch)
+            if self.outputs_missing:
+                log.info("output topics are back: %s", ", ".join(self.outputs_missing))
+                self.outputs_missing = None
             self._last_commit_ok = time.monotonic()
             if last:
                 return
+
+    async def _watch_cycle(self) -> None:
+        """While a commit cycle runs past CYCLE_WATCH_S, look every CYCLE_WATCH_S for an
+        output topic that is gone: a deleted results, dead-letter or changelog topic held
+        the cycle with no log line, and readiness said only "no successful commit cycle"
+        a minute later. Now readiness names the topics, and one warning says it."""
+        s = self.settings
+        outputs = [s.kafka.results_topic, s.kafka.dead_letter_topic]
+        if s.dedup.store == "changelog":
+            group, suffix = s.kafka.group_id, s.dedup.changelog_suffix
+            outputs += [changelog_topic(group, t, suffix) for t in self.input_partitions]
+        while True:
+            await asyncio.sleep(CYCLE_WATCH_S)
+            try:
+                async with TopicManager(s) as topics:
+                    found = await topics.partitions(outputs)
+            except Exception:  # noqa: BLE001, S112 (Kafka unreachable: the probe says so)
+                continue
+            missing = [t for t in outputs if t not in found] or None
+            if missing and missing != self.outputs_missing:
+                log.warning(
+                    "a commit cycle waits for output topic(s) that do not exist: %s "
+                    "(deleted? kafka.create_topics creates them only at start-up)",
+                    ", ".join(missing),
+                )
+            self.outputs_missing = missing
 
     async def _gauge_loop(self, source: Source, pipeline: Pipeline) -> None:
         m = self.metrics

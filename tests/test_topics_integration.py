@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from connector.dedup import changelog_topic
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
@@ -76,3 +76,40 @@ async def test_partitions_added_to_the_input_while_running(kafka_bootstrap: str)
         assert Counter(r["eventId"] for r in out) == Counter(before + after)
         assert sim.store.count_by_event_id() == Counter(before + after)
         assert (await partition_counts(kafka_bootstrap, [changelog]))[changelog] == 4
+
+
+async def test_a_deleted_results_topic_is_named_on_readiness(kafka_bootstrap: str) -> None:
+    """The results topic deleted under a running connector (auto-create off): the commit
+    cycle waits on the producer, which retries silently; readiness said nothing for a
+    minute, then only "no successful commit cycle". Now it names the topic, and once the
+    topic is back every event is published, once."""
+    names = Names.fresh("gone")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=12)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+        async with running(settings) as connector:
+            await produce_to(kafka_bootstrap, names.input, 0, ["one", "two"])
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.delete_topics([names.results])
+                await asyncio.sleep(1.0)  # the deletion reaches the producer's broker
+                await produce_to(kafka_bootstrap, names.input, 0, ["three", "four"])
+                detail = ""
+                for _ in range(120):  # the watch looks every 10 s
+                    ready, detail = connector._ready()
+                    if not ready and names.results in detail:
+                        break
+                    await asyncio.sleep(0.25)
+            finally:  # back in any case, so the drain at the end does not wait for it
+                await admin.create_topics([NewTopic(names.results, 1, 1)])
+                await admin.close()
+            assert names.results in detail, detail
+            await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=90)
+            for _ in range(40):
+                if connector._ready()[0]:
+                    break
+                await asyncio.sleep(0.25)
+            assert connector._ready()[0], connector._ready()
+        out = await results(kafka_bootstrap, names.results)
+        assert Counter(r["eventId"] for r in out) == Counter(["three", "four"])
