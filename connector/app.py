@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
+from typing import Any
 
 from connector.apps import Apps
 from connector.config import ConnectorSettings
@@ -52,6 +53,7 @@ from connector.topics import TopicManager
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_MS = 200
 GAUGE_INTERVAL_S = 2.0
+CYCLE_WATCH_S = 10.0  # a commit cycle running this long: are its output topics still there?
 LIVENESS_STALE_S = 60.0
 
 
@@ -118,6 +120,9 @@ class Connector:
         # set by the reachability probe while a session runs: aiokafka retries a lost broker
         # quietly for ever, and an idle pipeline's commit cycles need no broker
         self.kafka_unreachable: str | None = None
+        # output topics a stuck commit cycle waits for (deleted with auto-create off): the
+        # producer retries them silently and forever
+        self.outputs_missing: list[str] | None = None
 
     # -- health -------------------------------------------------------------------------
 
@@ -141,6 +146,11 @@ class Connector:
         paused = self.apps.pause_reason()
         if paused is not None:
             return False, paused
+        if self.outputs_missing:
+            return False, (
+                f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
+                f"commit cycles wait for them"
+            )
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
             return False, f"no successful commit cycle for {age:.0f}s"
@@ -211,9 +221,17 @@ class Connector:
         unreachable, refusing the credentials or the certificate, or a topic missing does
         not end the process: it stays up, not ready, and says why."""
         while not stop.is_set():
+            # raced with ``stop``: a broker that accepts connections and never answers (a
+            # paused JVM, a half-open network) held SIGTERM for the whole request timeout,
+            # past a pod's grace period. Nothing is consumed yet, so nothing is lost.
+            attempt = asyncio.ensure_future(self._ensure_topics())
+            await _first_done(attempt, stop)
+            if not attempt.done():
+                with contextlib.suppress(Exception):  # its failure no longer matters
+                    await _cancel(attempt)
+                return False
             try:
-                async with TopicManager(self.settings) as topics:
-                    self.input_partitions = await topics.ensure()
+                self.input_partitions = attempt.result()
             except Exception as exc:  # noqa: BLE001 (classified; unknown ones re-raised)
                 await self._kafka_failed("start-up", exc, stop)
             else:
@@ -221,6 +239,10 @@ class Connector:
                 self.kafka_attempts = 0
                 return True
         return False
+
+    async def _ensure_topics(self) -> dict[str, int]:
+        async with TopicManager(self.settings) as topics:
+            return await topics.ensure()
 
     async def _kafka_failed(self, stage: str, exc: Exception, stop: asyncio.Event) -> None:
         """One log line with the cause, readiness red with it, then a capped exponential
@@ -393,10 +415,43 @@ class Connector:
             # a cycle that starts after it has seen every outcome and can be the last one
             last = draining.is_set()
             work.clear()  # before the cycle takes the outcomes: a later one sets it again
-            await pipeline.commit(sink)
+            watch = asyncio.create_task(self._watch_cycle())
+            try:
+                await pipeline.commit(sink)
+            finally:
+                await _cancel(watch)
+            if self.outputs_missing:
+                log.info("output topics are back: %s", ", ".join(self.outputs_missing))
+                self.outputs_missing = None
             self._last_commit_ok = time.monotonic()
             if last:
                 return
+
+    async def _watch_cycle(self) -> None:
+        """While a commit cycle runs past CYCLE_WATCH_S, look every CYCLE_WATCH_S for an
+        output topic that is gone: a deleted results, dead-letter or changelog topic held
+        the cycle with no log line, and readiness said only "no successful commit cycle"
+        a minute later. Now readiness names the topics, and one warning says it."""
+        s = self.settings
+        outputs = [s.kafka.results_topic, s.kafka.dead_letter_topic]
+        if s.dedup.store == "changelog":
+            group, suffix = s.kafka.group_id, s.dedup.changelog_suffix
+            outputs += [changelog_topic(group, t, suffix) for t in self.input_partitions]
+        while True:
+            await asyncio.sleep(CYCLE_WATCH_S)
+            try:
+                async with TopicManager(s) as topics:
+                    found = await topics.partitions(outputs)
+            except Exception:  # noqa: BLE001, S112 (Kafka unreachable: the probe says so)
+                continue
+            missing = [t for t in outputs if t not in found] or None
+            if missing and missing != self.outputs_missing:
+                log.warning(
+                    "a commit cycle waits for output topic(s) that do not exist: %s "
+                    "(deleted? kafka.create_topics creates them only at start-up)",
+                    ", ".join(missing),
+                )
+            self.outputs_missing = missing
 
     async def _gauge_loop(self, source: Source, pipeline: Pipeline) -> None:
         m = self.metrics
@@ -464,6 +519,9 @@ class Connector:
         (a failed restore, say, must not let processing go on without dedup state)."""
         try:
             await work
+        except FencedError as exc:
+            log.warning("partition %s ended the session, which restarts: %s", what, exc)
+            self._fatal = exc
         except Exception as exc:
             log.exception("partition %s failed; the session restarts", what)
             self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
@@ -496,6 +554,18 @@ class Connector:
     async def _assign(self, assigned: list[TopicPartitionKey]) -> None:
         self.metrics.rebalances.labels("assign").inc()
         self._generation += 1
+        added = [tp for tp in assigned if tp[1] >= self.input_partitions.get(tp[0], 0)]
+        if added:
+            # partitions were added to an input topic while running: count them (the rate
+            # share) and grow the changelogs; the producer knows only the changelogs' old
+            # partitions (aiokafka asserts "Unrecognized partition" on a send to a new one:
+            # a crash), so a new session with fresh clients takes the assignment
+            self.input_partitions = await self._ensure_topics()
+            if self._reader is not None:
+                raise FencedError(
+                    f"input partitions added ({len(added)} assigned here): rejoining with "
+                    f"the dedup changelogs grown to {self.input_partitions}"
+                )
         self._assigned = list(assigned)
         self._restoring |= set(assigned)
         if self._source is not None:
@@ -543,10 +613,19 @@ def _only_fenced(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Future[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _first_done(work: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    """Return when ``work`` is done or ``stop`` is set, whichever comes first."""
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((work, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 async def _first_set(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:

@@ -97,6 +97,12 @@ class KafkaSettings(_Frozen):
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     fetch_max_records: int = Field(default=500, ge=1)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    metadata_max_age_ms: int = Field(
+        default=300_000,
+        ge=1_000,
+        description="how often the consumer re-reads topic metadata: partitions added to an "
+        "input topic are picked up (and their changelog grown) within this",
+    )
     max_request_size: int = Field(
         default=1_048_576,
         ge=65_536,
@@ -613,12 +619,54 @@ class DuplicateKeyError(ValueError):
     """A mapping in the config file gives one key twice."""
 
 
-def _refuse_duplicate_keys(node: yaml.Node | None, where: str = "") -> None:
+MAX_CONFIG_NODES = 100_000
+"""The most values a config file may expand to: its aliases (``*name``) repeat what an
+anchor holds, and ten of them nested ten deep are a billion values to walk and validate,
+a start-up (or check-config) that never ends."""
+
+
+class ExpansionError(ValueError):
+    """The config file's aliases expand to more than MAX_CONFIG_NODES values."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` becomes once its aliases are expanded, each shared node
+    counted once per use but computed once (``sizes``), so the count itself stays fast."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size
+    return size
+
+
+def _check_nodes(node: yaml.Node | None) -> None:
+    """Refuse a file whose aliases expand beyond MAX_CONFIG_NODES, then its duplicate keys."""
+    if node is None:
+        return
+    size = _expanded_size(node, {})
+    if size > MAX_CONFIG_NODES:
+        raise ExpansionError(
+            f"its aliases expand to {size} values (at most {MAX_CONFIG_NODES}): "
+            f"an alias bomb, or a mistake"
+        )
+    _refuse_duplicate_keys(node, "", set())
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, where: str, seen_nodes: set[int]) -> None:
     """PyYAML keeps the last of two equal keys silently (a second ``api:`` block would
-    replace the first, defaults and all): refuse them, naming the dotted path."""
+    replace the first, defaults and all): refuse them, naming the dotted path. A node
+    reached again through an alias was checked the first time (``seen_nodes``)."""
+    if node is None or id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _refuse_duplicate_keys(item, f"{where}{index}.")
+            _refuse_duplicate_keys(item, f"{where}{index}.", seen_nodes)
     if not isinstance(node, yaml.MappingNode):
         return
     seen: dict[str, int] = {}
@@ -631,7 +679,7 @@ def _refuse_duplicate_keys(node: yaml.Node | None, where: str = "") -> None:
                 f"the second would silently replace the first"
             )
         seen[key] = line
-        _refuse_duplicate_keys(value_node, f"{where}{key}.")
+        _refuse_duplicate_keys(value_node, f"{where}{key}.", seen_nodes)
 
 
 def load_settings(path: Path | None) -> ConnectorSettings:
@@ -640,11 +688,19 @@ def load_settings(path: Path | None) -> ConnectorSettings:
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
-            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+            _check_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
             loaded = yaml.safe_load(text)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except DuplicateKeyError as exc:
+        except UnicodeDecodeError as exc:
+            # a binary file, or one saved in another encoding: say where, not a traceback
+            raise ConfigError(
+                f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+            ) from None
+        except RecursionError:
+            # PyYAML composes nested collections recursively: thousands of ``[`` deep
+            raise ConfigError(f"{path}: its values are nested too deeply") from None
+        except (DuplicateKeyError, ExpansionError) as exc:
             raise ConfigError(f"invalid configuration (1 problem(s)):\n  {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc

@@ -70,6 +70,7 @@ class Source:
             max_poll_interval_ms=k.max_poll_interval_ms,
             rebalance_timeout_ms=rebalance_ms,
             max_poll_records=k.fetch_max_records,
+            metadata_max_age_ms=k.metadata_max_age_ms,
         )
         self._listener = _Listener(on_revoked, on_assigned)
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -34,7 +34,11 @@ class TopicManager:
         self._admin = AIOKafkaAdminClient(**client_kwargs(settings))
 
     async def __aenter__(self) -> TopicManager:
-        await self._admin.start()
+        try:
+            await self._admin.start()
+        except BaseException:  # refused, or cancelled by a stop: no connection left open
+            await self._admin.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -105,6 +109,16 @@ class TopicManager:
         }
         await self._create_missing(list(specs.values()), allow=True)
         existing = await self.partitions(list(specs))
+        short = {
+            name: spec.partitions
+            for name, spec in specs.items()
+            if name in existing and existing[name] < spec.partitions
+        }
+        if short:
+            # partitions were added to the input topic: its changelog's records name their
+            # partition (not a key hash), so growing it keeps partition p's state in p
+            await self._grow(short)
+            existing = await self.partitions(list(specs))
         for name, spec in specs.items():
             if existing.get(name) != spec.partitions:
                 raise ConfigError(
@@ -120,6 +134,16 @@ class TopicManager:
                     f"dedup changelog {name} has cleanup.policy={policy}; it must include 'compact'"
                 )
         return list(specs)
+
+    async def _grow(self, counts: dict[str, int]) -> None:
+        response = await self._admin.create_partitions(
+            {name: NewPartitions(count) for name, count in counts.items()}
+        )
+        for name, code, message in response.topic_errors:
+            # 37 INVALID_PARTITIONS: another replica grew it first (re-checked by the caller)
+            if code not in (0, 37):
+                raise ConfigError(f"dedup changelog {name}: cannot add partitions: {message}")
+        log.warning("grew dedup changelogs to their input topics' partitions %s", counts)
 
     async def _create_missing(self, specs: list[TopicSpec], *, allow: bool) -> None:
         existing = await self.partitions([s.name for s in specs])

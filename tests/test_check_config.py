@@ -197,3 +197,61 @@ def test_run_refuses_what_check_config_refuses(
     err = capsys.readouterr().err
     assert "routes.1 duplicates routes.0" in err
     assert "Traceback" not in err
+
+
+# -- files that are no YAML text at all: a message, never a traceback (hostile round 2) -----
+
+
+def check_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str], raw: bytes) -> str:
+    path = tmp_path / "connector.yaml"
+    path.write_bytes(raw)
+    code = main(["check-config", "--config", str(path)])
+    out = capsys.readouterr()
+    both = out.out + out.err
+    assert "Traceback" not in both
+    assert code == EXIT_CONFIG, both
+    return both
+
+
+def test_a_binary_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = check_bytes(tmp_path, capsys, b"\xe2\x28\xa1\x00\xff binary junk")
+    assert "not UTF-8 text" in out
+
+
+def test_a_latin1_file_is_refused_naming_the_byte(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = yaml.safe_dump(config(kafka={"group_id": "caf\u00e9"}), allow_unicode=True)
+    out = check_bytes(tmp_path, capsys, text.encode("latin-1"))
+    assert "not UTF-8 text (byte" in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 5000 + "]" * 5000, "a: " + "{b: " * 3000 + "1" + "}" * 3000],
+    ids=["lists", "mappings"],
+)
+def test_values_nested_thousands_deep_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    assert "nested too deeply" in check_bytes(tmp_path, capsys, text.encode())
+
+
+def test_an_alias_bomb_is_refused_before_it_is_walked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nine levels of ten aliases: a billion values. The duplicate-key walk followed every
+    alias, and check-config (and run) never ended; the expanded size is now counted with
+    each shared node computed once, and refused."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    out = check_bytes(tmp_path, capsys, ("\n".join(lines) + "\n").encode())
+    assert "aliases expand to" in out
+
+
+def test_a_few_aliases_are_still_fine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config(routes=[route(), route(event_type="order.returned")])
+    text = yaml.safe_dump(data)  # the two routes share their user mapping: an anchor
+    assert "&id" in text and "*id" in text
+    code, out = check(tmp_path, capsys, text)
+    assert code == 0, out

@@ -23,7 +23,16 @@ def test_filters_and_rate_parse() -> None:
     assert args.rate == 50.0 and args.dry_run and not args.again
 
 
-@pytest.mark.parametrize("bad", [["--rate", "0"], ["--rate", "fast"], ["--since", "soon"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--rate", "0"],
+        ["--rate", "fast"],
+        ["--since", "soon"],
+        ["--since", "99999999999d"],  # OverflowError: a traceback, not a usage error
+        ["--until", "1000000d"],  # before the year 1: OverflowError too
+    ],
+)
 def test_bad_arguments_refused(bad: list[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["dlq", "redrive", *bad])

@@ -24,6 +24,7 @@ from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
     ROUTES,
     Names,
+    ensure_topics,
     event,
     make_settings,
     running,
@@ -261,3 +262,44 @@ async def test_a_second_redrive_fences_the_first_and_nothing_is_copied_twice(
     )
     assert len(copied_from) == n and set(copied_from.values()) == {1}
     assert (await redrive(settings, RedriveOptions())).copied == 0
+
+
+async def test_hostile_dlq_headers_neither_stop_inspect_nor_redrive(kafka_bootstrap: str) -> None:
+    """Dead letters written by hand or by another tool: a ``dlq-source`` naming a partition
+    the input topic lacks failed aiokafka's assertion ("Unrecognized partition"), and a
+    20-digit ``dlq-source-timestamp-ms`` overflowed the record builder: the redrive crashed
+    at that dead letter, at every rerun, so none after it was ever copied. A 20-digit
+    ``dlq-failed-at-ms`` crashed ``inspect`` (its day) for the whole topic."""
+    names = Names.fresh("hostile-dlq")
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, partitions=1)
+    await ensure_topics(settings)
+    huge = b"99999999999999999999"
+    base = {"dlq-stage": b"api", "dlq-code": b"http_503", "dlq-reason": b"503"}
+    cases: list[tuple[str, dict[str, bytes]]] = [
+        ("good-1", {"dlq-source": f"{names.input}/0/0".encode()}),
+        ("no-partition", {"dlq-source": f"{names.input}/7/0".encode()}),
+        ("huge-source-time", {"dlq-source": f"{names.input}/0/1".encode(),
+                              "dlq-source-timestamp-ms": huge}),
+        ("huge-failed-at", {"dlq-source": f"{names.input}/0/2".encode(),
+                            "dlq-failed-at-ms": huge}),
+        ("good-2", {"dlq-source": f"{names.input}/0/3".encode()}),
+    ]  # fmt: skip
+    for event_id, extra in cases:
+        await produce(
+            kafka_bootstrap,
+            names.dead,
+            [(b"u-1", event(event_id))],
+            headers=list((base | extra).items()),
+        )
+
+    summary = await inspect(settings, Filter(), 5)
+    assert summary.total == 5
+
+    report = await redrive(settings, RedriveOptions())
+    assert report.copied == 4
+    assert report.outcomes["no_such_partition"] == 1
+    copies = await consume_all(kafka_bootstrap, names.input)
+    assert sorted(orjson.loads(m.value)["id"] for m in copies) == [
+        "good-1", "good-2", "huge-failed-at", "huge-source-time"
+    ]  # fmt: skip
+    assert (await redrive(settings, RedriveOptions())).copied == 0  # a rerun copies nothing

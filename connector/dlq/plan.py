@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from connector.dlq.records import (
@@ -29,6 +29,7 @@ FILTERED = "filtered_out"  # left by --code/--stage/--event-type/--since/... : s
 NOT_REDRIVABLE = "not_redrivable"  # code in NOT_REDRIVABLE_BY_DEFAULT, not named by --code
 NO_SOURCE = "no_source"  # no readable dlq-source header
 NOT_AN_INPUT = "not_an_input_topic"  # its source topic is not in kafka.input_topics
+NO_PARTITION = "no_such_partition"  # its source topic (now) lacks that partition, or is gone
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,17 @@ class Copy:
     dead_letter: DeadLetter
 
 
-def decide(dl: DeadLetter, pending: bool, opts: RedriveOptions, inputs: frozenset[str]) -> str:
-    """What the redrive does with this dead letter (one of the outcome constants)."""
+def decide(
+    dl: DeadLetter,
+    pending: bool,
+    opts: RedriveOptions,
+    inputs: frozenset[str],
+    partitions: Mapping[str, int] | None = None,
+) -> str:
+    """What the redrive does with this dead letter (one of the outcome constants).
+    ``partitions``: the input topics' partition counts; a copy to a partition they lack
+    failed aiokafka's assertion ("Unrecognized partition"), a crash at the same dead letter
+    at every rerun, so nothing after it was ever redriven."""
     if not pending and not opts.again:
         return ALREADY
     if not opts.filter.matches(dl):
@@ -65,6 +75,8 @@ def decide(dl: DeadLetter, pending: bool, opts: RedriveOptions, inputs: frozense
         return NO_SOURCE
     if dl.source.topic not in inputs:
         return NOT_AN_INPUT
+    if partitions is not None and dl.source.partition >= partitions.get(dl.source.topic, 0):
+        return NO_PARTITION
     return COPY
 
 

@@ -119,10 +119,20 @@ class DeadLetter:
             event_id=text.get("dlq-event-id"),
             event_type=_event_type(value, type_field),
             source=source,
-            failed_at_ms=_int(text.get("dlq-failed-at-ms")) or timestamp_ms,
-            source_timestamp_ms=_int(text.get("dlq-source-timestamp-ms")),
+            failed_at_ms=_ms(_int(text.get("dlq-failed-at-ms"))) or _ms(timestamp_ms) or 0,
+            source_timestamp_ms=_ms(_int(text.get("dlq-source-timestamp-ms"))),
             redrive_count=_int(text.get(REDRIVE_COUNT_HEADER)) or 0,
         )
+
+
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant datetime shows
+
+
+def _ms(ms: int | None) -> int | None:
+    """A time in epoch ms, or None when it is no time a record can carry or a datetime can
+    show: a header of 20 digits made ``dlq inspect`` crash (OverflowError) on the whole
+    topic, and ``dlq redrive`` crash copying it as the record's timestamp, every rerun."""
+    return ms if ms is not None and 0 <= ms <= MAX_MS else None
 
 
 def _int(text: str | None) -> int | None:
@@ -189,6 +199,7 @@ def _iso(ms: int | None) -> str | None:
 
 
 def iso_ms(ms: int) -> str:
+    ms = min(max(ms, 0), MAX_MS)  # a Kafka timestamp is any int64
     stamp = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
     return stamp.replace("+00:00", "Z")
 
@@ -201,8 +212,11 @@ def parse_when(text: str, now: datetime | None = None) -> int:
     ``2d``); ValueError otherwise. A time without a zone is UTC."""
     text = text.strip()
     if len(text) > 1 and text[-1] in _UNITS and text[:-1].isdigit():
-        ago = timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
-        return int(((now or datetime.now(UTC)) - ago).timestamp() * 1000)
+        try:
+            ago = timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
+            return int(((now or datetime.now(UTC)) - ago).timestamp() * 1000)
+        except OverflowError:  # ``99999999999d``: before year 1, not a traceback
+            raise ValueError(f"{text!r} reaches before the year 1") from None
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)

@@ -39,6 +39,7 @@ from connector.dlq.plan import COPY, NOT_REDRIVABLE, Copy, Pacer, RedriveOptions
 from connector.dlq.reader import DeadLetterReader, DlqError
 from connector.dlq.report import RedriveReport
 from connector.kafka_common import client_kwargs
+from connector.topics import TopicManager
 
 log = logging.getLogger(__name__)
 FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
@@ -124,6 +125,7 @@ async def _run(
     report: RedriveReport,
 ) -> None:
     inputs = frozenset(settings.kafka.input_topics)
+    partitions = await _input_partitions(settings, inputs)
     pacer = Pacer(opts.rate_per_s) if opts.rate_per_s else None
     batch = max(1, min(opts.batch_size, int(opts.rate_per_s or opts.batch_size)))
     starts: dict[int, int | None] = (
@@ -135,7 +137,7 @@ async def _run(
     async for dl in reader.read(starts):
         report.scanned += 1
         ledger = ledgers[dl.partition]
-        outcome = decide(dl, ledger.pending(dl.offset), opts, inputs)
+        outcome = decide(dl, ledger.pending(dl.offset), opts, inputs, partitions)
         report.outcomes[outcome] += 1
         if outcome == NOT_REDRIVABLE:
             report.not_redrivable_codes[dl.code] += 1
@@ -155,6 +157,16 @@ async def _run(
             await txn.commit()
     if producer is not None and report.scanned:
         await txn.commit()
+
+
+async def _input_partitions(settings: ConnectorSettings, inputs: frozenset[str]) -> dict[str, int]:
+    """The input topics' partition counts now (a deleted topic is absent: its dead letters
+    are left, counted, instead of failing the redrive at the first copy)."""
+    try:
+        async with TopicManager(settings) as topics:
+            return await topics.partitions(sorted(inputs))
+    except KafkaError as exc:
+        raise DlqError(f"cannot read the input topics' partitions: {exc}") from exc
 
 
 class _Transaction:

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connector.dlq.ledger import PartitionLedger
-from connector.dlq.plan import ALREADY, COPY, FILTERED, NO_SOURCE, NOT_AN_INPUT, Copy
+from connector.dlq.plan import (
+    ALREADY,
+    COPY,
+    FILTERED,
+    NO_PARTITION,
+    NO_SOURCE,
+    NOT_AN_INPUT,
+    Copy,
+)
 from connector.dlq.records import Filter
 
 
@@ -71,7 +79,7 @@ class RedriveReport:
             f"{self.group}: read {self.scanned} dead letter(s); {verb} {self.copied} ({targets})"
             + ("" if self.dry_run else f" in {self.transactions} transaction(s)")
         )
-        for outcome in (ALREADY, FILTERED, NO_SOURCE, NOT_AN_INPUT):
+        for outcome in (ALREADY, FILTERED, NO_SOURCE, NOT_AN_INPUT, NO_PARTITION):
             if self.outcomes[outcome]:
                 lines.append(f"  {outcome.replace('_', ' ')}: {self.outcomes[outcome]}")
         if self.not_redrivable_codes:
