@@ -51,6 +51,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.common import wait_for_simulator
 from connector.config import ConnectorSettings
 from connector.localkafka import LocalKafka
 from connector.localkafka.ports import free_ports
@@ -81,16 +82,7 @@ class Simulator:
             stdout=self._log,
             stderr=self._log,
         )
-        deadline = time.time() + 30
-        while True:
-            try:
-                httpx.get(f"{self.base_url}/_simulator/health", timeout=1).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if time.time() > deadline or self._proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.2)
+        wait_for_simulator(self.base_url, self._proc, self.stop)
 
     def threads(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = httpx.get(

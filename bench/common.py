@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,23 @@ def _raise_priority() -> None:
         os.nice(-10)
 
 
+def wait_for_simulator(
+    base_url: str, proc: subprocess.Popen[bytes], stop: Callable[[], None]
+) -> None:
+    """Until the simulator at ``base_url`` answers its health check (30 s at most); if it
+    exits or never answers, ``stop`` it and raise."""
+    deadline = time.time() + 30
+    while True:
+        try:
+            httpx.get(f"{base_url}/_simulator/health", timeout=1).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.time() > deadline or proc.poll() is not None:
+                stop()
+                raise RuntimeError("the simulator did not start") from None
+            time.sleep(0.2)
+
+
 class Simulator:
     """The Threads API simulator in its own process, fixed latency, no rate limit."""
 
@@ -68,16 +85,7 @@ class Simulator:
             *("--latency", "fixed", "--latency-ms", str(latency_ms), "--log-level", "WARNING"),
         ]
         self.proc = subprocess.Popen(command, preexec_fn=_raise_priority)
-        deadline = time.time() + 30
-        while True:
-            try:
-                httpx.get(f"{self.base_url}/_simulator/health", timeout=1).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.2)
+        wait_for_simulator(self.base_url, self.proc, self.stop)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
