@@ -108,7 +108,13 @@ class Sink:
             "acks": "all",
             "enable_idempotence": True,
             "transactional_id": self.transactional_id,
-            "linger_ms": 5,
+            # a cycle queues all its records before it waits, so batches fill without a
+            # linger (5 ms on every cycle's latency), and one batch per partition holds a
+            # whole cycle: aiokafka keeps one batch per partition and a full one waits for
+            # the previous to be acknowledged (16 KiB: a round trip per 16 KiB per cycle)
+            "linger_ms": 0,
+            "retry_backoff_ms": k.producer_retry_backoff_ms,
+            "max_batch_size": k.max_request_size,
             "max_request_size": k.max_request_size,
         }
         self._producer = AIOKafkaProducer(**self._producer_kwargs)
@@ -130,8 +136,10 @@ class Sink:
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
         """Publish ``records``, call ``finish`` (marks their events done, returns the
-        positions to commit), and commit those positions, atomically when transactional.
-        Records too large are replaced by their bounded forms first."""
+        positions to commit), and commit those positions, atomically when transactional
+        (``finish`` is then called before the records are acknowledged: the transaction
+        holds both or neither); else once every record is acknowledged. Records too large
+        are replaced by their bounded forms first."""
         records = self.fit(records)
         if self._exactly_once:
             return await self._transactional_cycle(records, finish)
@@ -145,30 +153,30 @@ class Sink:
         producer replaced (same transactional id), and the cycle tried again with the
         refused records in their minimal forms."""
         records = list(records)
+        # the transaction makes the records and the positions durable together or not at
+        # all, so the positions are known before the records are acknowledged and go out
+        # beside them: a cycle waits for AddPartitions, then the produce requests and
+        # AddOffsets + TxnOffsetCommit side by side, then EndTxn (bench/latency.py)
+        positions = finish()
         for _attempt in range(MAX_REFUSAL_RETRIES):
             try:
-                return await self._transaction(records, finish)
+                await self._transaction(records, positions)
+                return positions
             except _Refused as exc:
                 records = self._replace(records, exc.refused)
                 await self._renew_producer()
         raise CommitError(f"records refused {MAX_REFUSAL_RETRIES} times, even in minimal form")
 
-    async def _transaction(
-        self, records: Sequence[OutRecord], finish: Callable[[], Positions]
-    ) -> Positions:
+    async def _transaction(self, records: Sequence[OutRecord], positions: Positions) -> None:
         producer = self._producer
         try:
             await producer.begin_transaction()
             try:
-                refused = await self._publish(records)
+                refused, _ = await asyncio.gather(
+                    self._publish(records), self._send_offsets(producer, positions)
+                )
                 if refused:
                     raise _Refused(refused)
-                positions = finish()
-                if positions:
-                    await producer.send_offsets_to_transaction(
-                        {TopicPartition(t, p): pos for (t, p), pos in positions.items()},
-                        self._source.group_id,
-                    )
                 await producer.commit_transaction()
             except FENCED:
                 raise  # the broker aborted it already; the producer cannot abort any more
@@ -186,7 +194,13 @@ class Sink:
             if isinstance(exc, KafkaError):
                 raise CommitError(f"transaction failed and was aborted: {exc}") from exc
             raise
-        return positions
+
+    async def _send_offsets(self, producer: AIOKafkaProducer, positions: Positions) -> None:
+        if positions:
+            await producer.send_offsets_to_transaction(
+                {TopicPartition(t, p): pos for (t, p), pos in positions.items()},
+                self._source.group_id,
+            )
 
     async def _plain_cycle(
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]

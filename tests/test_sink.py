@@ -188,3 +188,69 @@ async def test_after_a_failed_commit_cycle_no_later_cycle_commits(kafka_bootstra
     finally:
         await admin.close()
     assert committed == {} or all(o.offset <= 0 for o in committed.values()), committed
+
+
+async def test_a_refused_record_costs_a_retry_of_the_transaction_and_its_offsets_commit(
+    kafka_bootstrap: str,
+) -> None:
+    """The positions go out beside the records (``send_offsets_to_transaction`` is not
+    held until every record is acknowledged): ``finish`` marks the cycle's events done
+    once, and after a broker refusal the retried transaction still commits them, with the
+    refused record in its minimal form."""
+    names = Names.fresh("sink-offsets")
+    await create_topics(kafka_bootstrap, {names.input: 2, names.results: 2})
+    await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names)
+    source = Source(settings, _nothing, _nothing)  # type: ignore[arg-type]
+    sink = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    calls = []
+
+    def finish() -> dict[tuple[str, int], int]:
+        calls.append(1)
+        return {(names.input, 0): 8, (names.input, 1): 3}
+
+    records = [
+        OutRecord(names.results, b"u", b'{"n":1}', partition=0),
+        dlq(names.dead, b"\x02" * 300_000, 7),
+        OutRecord(names.results, b"u", b'{"n":2}', partition=1),
+    ]
+    await sink.start()
+    try:
+        positions = await sink.commit_cycle(records, finish)
+    finally:
+        await sink.stop()
+    assert positions == {(names.input, 0): 8, (names.input, 1): 3}
+    assert len(calls) == 1
+    assert sink.bounded == 1
+    assert sorted(m.value for m in await read_all(kafka_bootstrap, names.results)) == [
+        b'{"n":1}',
+        b'{"n":2}',
+    ]
+    (dead,) = await read_all(kafka_bootstrap, names.dead)
+    assert dead.value == b"" and header(dead, "dlq-value-bytes") == b"300000"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(names.group)
+    finally:
+        await admin.close()
+    assert {(tp.topic, tp.partition): o.offset for tp, o in committed.items()} == positions
+
+
+async def test_the_producer_batches_a_whole_cycle_without_lingering() -> None:
+    """A cycle queues every record before it waits: no linger (it was 5 ms on every
+    cycle), one batch per partition up to ``max_request_size`` (aiokafka's 16 KiB meant a
+    round trip per 16 KiB per partition), and retries after
+    ``kafka.producer_retry_backoff_ms`` (aiokafka's 100 ms held ~1 cycle in 70 for 100 ms:
+    a transaction that follows another races the broker's commit markers)."""
+    names = Names.fresh("sink-kwargs")
+    settings = make_settings(
+        "127.0.0.1:9", "http://127.0.0.1:1", names, kafka={"producer_retry_backoff_ms": 35}
+    )
+    source = Source(settings, _nothing, _nothing)  # type: ignore[arg-type]
+    sink = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    producer = sink._producer
+    assert producer._message_accumulator._linger_time == 0
+    assert producer._message_accumulator._batch_size == settings.kafka.max_request_size
+    assert producer._sender._retry_backoff == 0.035
+    assert sink._producer_kwargs["retry_backoff_ms"] == 35
