@@ -16,11 +16,10 @@ re-read on each probe, so a rotated secret file heals the connector without a re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from connector.config import ApiSettings
@@ -223,12 +222,18 @@ class ThreadCaller:
         admit: Admit | None = None,
     ) -> ApiThread:
         m = self._metrics
-        async with self._slot():
+        slots = self._slots
+        if slots.locked():  # a wait: counted in ``calls_waiting``
+            await self._counted(slots.acquire())
+        else:
+            await slots.acquire()
+        try:
             if admit is not None:
                 await admit()
             if guard.abandoned:
                 raise Abandoned(event_id)
-            m.rate_limit_wait.inc(await self._counted(self._bucket.acquire()))
+            if not self._bucket.take_now():
+                m.rate_limit_wait.inc(await self._counted(self._bucket.acquire()))
             if guard.abandoned:
                 raise Abandoned(event_id)
             guard.calling = True
@@ -261,19 +266,12 @@ class ThreadCaller:
                 guard.calling = False
                 self.in_flight -= 1
                 m.calls_in_flight.dec()
+        finally:
+            slots.release()
         m.api_responses.labels("2xx", str(thread.status)).inc()
         m.api_call_duration.labels("2xx").observe(time.monotonic() - t0)
         self._adaptive_update()
         return thread
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """A concurrency slot; the wait for it counts in ``calls_waiting``."""
-        await self._counted(self._slots.acquire())
-        try:
-            yield
-        finally:
-            self._slots.release()
 
     async def _counted(self, wait: Awaitable[T]) -> T:
         """``calls_waiting`` counts a call until its request is handed to the client;

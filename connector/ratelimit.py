@@ -105,6 +105,7 @@ class TokenBucket:
         self._ramp_from = float("-inf")
         self._ramp_s = 0.0
         self._lock = asyncio.Lock()
+        self._queued = 0  # callers inside ``acquire``: ``take_now`` never jumps the queue
         self.waited_s = 0.0  # total time callers spent waiting (for metrics)
 
     @property
@@ -181,12 +182,21 @@ class TokenBucket:
         # the call `cap` back must leave the window first
         return sent[-cap] + self._window_s - now
 
+    def take_now(self) -> bool:
+        """Take a token if one is free now and nobody waits for one (the per-event fast
+        path: no lock, no coroutine); else False, and ``acquire`` is the way."""
+        return not self._queued and self.try_acquire() == 0
+
     async def acquire(self) -> float:
         """Wait for a token; return the seconds waited."""
-        async with self._lock:
-            waited = 0.0
-            while (wait := self.try_acquire(waiting=waited > 0)) > 0:
-                await self._sleep(wait)
-                waited += wait
-            self.waited_s += waited
-            return waited
+        self._queued += 1
+        try:
+            async with self._lock:
+                waited = 0.0
+                while (wait := self.try_acquire(waiting=waited > 0)) > 0:
+                    await self._sleep(wait)
+                    waited += wait
+                self.waited_s += waited
+                return waited
+        finally:
+            self._queued -= 1

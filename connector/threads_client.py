@@ -35,6 +35,18 @@ from connector.routing import ThreadRequest
 
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_URL_CACHE_MAX = 1024
+
+
+def _header_text(value: str) -> str:
+    """``value`` percent-encoded to what a header can carry (printable ASCII; ``%`` is
+    encoded so the encoding reads back unambiguously). The common case, nothing to encode,
+    skips ``quote`` (per event, twice)."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return quote(value, safe=_HEADER_SAFE)
+
+
 # 408 and 425: not processed, a retry is safe (RFC 9110 §15.5.9, RFC 8470 §5.2)
 RETRIABLE_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
@@ -124,6 +136,7 @@ class ThreadsClient:
         self._ssl = tls_context(ca_file) if base_url.startswith("https:") else None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._urls: dict[str, str] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -171,8 +184,12 @@ class ThreadsClient:
         self, request: ThreadRequest, *, event_id: str, correlation_id: str
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
-        # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
-        url = f"{self._base_url}/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
+        url = self._urls.get(request.app_uid)
+        if url is None:
+            # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
+            url = f"{self._base_url}/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
+            if len(self._urls) < _URL_CACHE_MAX:  # app uids come from the routes: a few
+                self._urls[request.app_uid] = url
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()
@@ -182,8 +199,8 @@ class ThreadsClient:
             "x-api-key": api_key,
             "content-type": "application/json",
             # event ids are the producer's data: percent-encode what a header cannot carry
-            "x-event-id": quote(event_id, safe=_HEADER_SAFE),
-            "x-correlation-id": quote(correlation_id, safe=_HEADER_SAFE),
+            "x-event-id": _header_text(event_id),
+            "x-correlation-id": _header_text(correlation_id),
         }
         body = orjson.dumps(request.body())
         try:

@@ -289,3 +289,26 @@ def test_group_share(owned: int, total: int, expected: float) -> None:
 def test_shares_of_a_split_assignment_add_up_to_the_global_rate() -> None:
     assignment = [3, 2, 1, 1, 0]  # partitions per replica, 7 in all
     assert sum(group_share(35.0, n, 7) for n in assignment) == pytest.approx(35.0)
+
+
+async def test_take_now_takes_a_free_token_and_never_jumps_a_waiting_caller() -> None:
+    """The per-event fast path (no lock, no coroutine) takes a token only when one is free
+    and nobody is inside ``acquire``: a caller waiting for the next token keeps its turn,
+    and the fast path counts against the same rate and window."""
+    clock = FakeClock()
+    b = bucket(2.0, 1, clock)
+    clock.now += 1  # one token accrued
+    assert b.take_now()  # free and nobody waits
+    assert not b.take_now()  # empty: the caller must acquire
+    waiter = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0)  # inside acquire, sleeping for its token
+    clock.now += 10  # tokens accrue while it sleeps
+    assert not b.take_now()  # ... but they are not the fast path's while it waits
+    assert await waiter > 0
+    assert b.take_now()  # nobody waits any more
+    times = [clock.now]
+    for _ in range(5):  # the fast path and acquire together keep the rate
+        if not b.take_now():
+            await b.acquire()
+        times.append(clock.now)
+    assert busiest(times) <= 2
