@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
+from typing import Any
 
 import orjson
 import pytest
@@ -33,6 +34,15 @@ async def _nothing(_: object) -> None:
 
 def header(record: object, name: str) -> bytes | None:
     return dict(record.headers).get(name)  # type: ignore[attr-defined]
+
+
+async def group_offsets(bootstrap: str, group: str) -> dict[Any, Any]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await admin.list_consumer_group_offsets(group)  # type: ignore[no-any-return]
+    finally:
+        await admin.close()
 
 
 def dlq(topic: str, value: bytes, offset: int) -> OutRecord:
@@ -181,12 +191,7 @@ async def test_after_a_failed_commit_cycle_no_later_cycle_commits(kafka_bootstra
             with pytest.raises(CommitError):
                 await pipeline.commit(healthy)
     assert await read_all(kafka_bootstrap, names.results) == []
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(names.group)
-    finally:
-        await admin.close()
+    committed = await group_offsets(kafka_bootstrap, names.group)
     assert committed == {} or all(o.offset <= 0 for o in committed.values()), committed
 
 
@@ -228,12 +233,7 @@ async def test_a_refused_record_costs_a_retry_of_the_transaction_and_its_offsets
     ]
     (dead,) = await read_all(kafka_bootstrap, names.dead)
     assert dead.value == b"" and header(dead, "dlq-value-bytes") == b"300000"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(names.group)
-    finally:
-        await admin.close()
+    committed = await group_offsets(kafka_bootstrap, names.group)
     assert {(tp.topic, tp.partition): o.offset for tp, o in committed.items()} == positions
 
 
