@@ -556,3 +556,19 @@ async def test_a_201_body_with_a_byte_order_mark_keeps_the_thread() -> None:
     assert (thread.thread_uid, thread.human_uid) == ("th-1", "hu-1")
     exc = await api_error(respond(422, content=b'\xef\xbb\xbf{"error": "Validation error"}'))
     assert str(exc) == "HTTP 422: Validation error"
+
+
+def test_header_values_skip_quote_only_when_quote_would_not_change_them() -> None:
+    """The fast path for event and correlation ids gives what ``quote`` gives, for every
+    kind of character: control, ``%``, space, DEL, non-ASCII, astral."""
+    import random
+    from urllib.parse import quote
+
+    from connector.threads_client import _HEADER_SAFE, _header_text
+
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in range(0, 0x80)] + ["é", "\u2028", "\U0001f600", "\ufeff"]
+    cases = ["", "ord-1", "a b", "50%", "\x7f", "\t", "é", "x\r\ny"]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    for case in cases:
+        assert _header_text(case) == quote(case, safe=_HEADER_SAFE), repr(case)
