@@ -38,6 +38,7 @@ from connector.exposure import Exposure
 from connector.health import HealthServer
 from connector.kafka_common import (
     BootstrapNoise,
+    OutageNoise,
     client_kwargs,
     describe_failure,
     diagnose,
@@ -164,9 +165,11 @@ class Connector:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
             self.apps.start(stack)  # each app's HTTP client and caller
-            quiet = BootstrapNoise()  # our one line per attempt replaces aiokafka's
-            logging.getLogger("aiokafka").addFilter(quiet)
-            stack.callback(logging.getLogger("aiokafka").removeFilter, quiet)
+            aiokafka_log = logging.getLogger("aiokafka")
+            for quiet in (BootstrapNoise(), OutageNoise()):
+                # our one line per attempt replaces aiokafka's; its reconnects are sampled
+                aiokafka_log.addFilter(quiet)
+                stack.callback(aiokafka_log.removeFilter, quiet)
             if not await self._until_topics_ready(stop):
                 return
             self.metrics.init_topics(self.input_partitions)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka.conn import create_conn
@@ -215,3 +217,36 @@ class BootstrapNoise(logging.Filter):
         return not str(record.msg).startswith(
             ('Unable connect to "', "Unable to request metadata from")
         )
+
+
+class OutageNoise(logging.Filter):
+    """For aiokafka's client logger: while a broker is gone, its producer logs every
+    reconnect and metadata attempt (one pair every ``kafka.producer_retry_backoff_ms``:
+    1,455 lines in 10 s at 20 ms). One line of each kind per ``every_s`` gets through,
+    with the number left out since; readiness names the outage (the reachability
+    probe)."""
+
+    PREFIXES = ("Unable connect to node with id", "Unable to update metadata from")
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] | None = None) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._clock = clock or time.monotonic
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = str(record.msg)
+        if not template.startswith(self.PREFIXES):
+            return True
+        now = self._clock()
+        last = self._last.get(template)
+        if last is not None and now - last < self._every_s:
+            self._left_out[template] = self._left_out.get(template, 0) + 1
+            return False
+        self._last[template] = now
+        left_out = self._left_out.pop(template, 0)
+        if left_out and isinstance(record.args, tuple):
+            record.msg = f"{template} (%d more like it in the last %gs)"
+            record.args = (*record.args, left_out, self._every_s)
+        return True
