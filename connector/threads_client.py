@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ssl
 import time
 import zlib
@@ -35,7 +36,11 @@ from connector.routing import ThreadRequest
 
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-_URL_CACHE_MAX = 1024
+
+
+@functools.lru_cache(maxsize=1024)  # app uids come from the routes: a few
+def _threads_path(app_uid: str) -> str:
+    return f"/api/v1/appuid/{quote(app_uid, safe='')}/threads"
 
 
 def _header_text(value: str) -> str:
@@ -136,7 +141,6 @@ class ThreadsClient:
         self._ssl = tls_context(ca_file) if base_url.startswith("https:") else None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
-        self._urls: dict[str, str] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -184,12 +188,8 @@ class ThreadsClient:
         self, request: ThreadRequest, *, event_id: str, correlation_id: str
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
-        url = self._urls.get(request.app_uid)
-        if url is None:
-            # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
-            url = f"{self._base_url}/api/v1/appuid/{quote(request.app_uid, safe='')}/threads"
-            if len(self._urls) < _URL_CACHE_MAX:  # app uids come from the routes: a few
-                self._urls[request.app_uid] = url
+        # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
+        url = self._base_url + _threads_path(request.app_uid)
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()
