@@ -38,16 +38,24 @@ API_KEY = "demo-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# the local broker's pid while ``kafka_bootstrap`` runs one (None with an outside broker)
+broker_pid: int | None = None
+
+
 @contextlib.contextmanager
 def kafka_bootstrap() -> Iterator[str]:
+    global broker_pid
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap:
         yield bootstrap
         return
     kafka = LocalKafka()
     try:
-        yield kafka.start()
+        started = kafka.start()
+        broker_pid = kafka.pid
+        yield started
     finally:
+        broker_pid = None
         kafka.stop()
 
 

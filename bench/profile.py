@@ -81,6 +81,11 @@ def main() -> int:
     parser.add_argument("--mode", default="exactly_once")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--speedscope", help="also write a speedscope profile here")
+    parser.add_argument(
+        "--blocking",
+        action="store_true",
+        help="pause the process for each sample: whole stacks (nonblocking ones can tear)",
+    )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -100,7 +105,9 @@ def main() -> int:
         try:
             time.sleep(8)  # started, joined, busy
             record = [pyspy, "record", "-p", str(proc.pid), "-r", str(args.rate)]
-            record += ["--gil", "--nonblocking"]  # time on the CPU, the process not paused
+            record += ["--gil"]  # time on the CPU
+            if not args.blocking:
+                record += ["--nonblocking"]  # the process not paused (stacks may tear)
             seconds = ["-d", str(int(args.seconds))]
             subprocess.run([*record, *seconds, "-f", "raw", "-o", str(collapsed)], check=True)
             if args.speedscope:

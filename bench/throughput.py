@@ -19,7 +19,10 @@ Contenders:
 - ``--compare NAME=SRC``: the connector (``exactly_once``) from another source tree, e.g.
   an export of an older commit, to measure a change side by side.
 
-The Threads API simulator runs in its own process at 0 ms latency (one per round).
+The Threads API simulator runs in its own process at 0 ms latency (one per round). The
+broker, the simulator and the contender share the machine, so beside the contender's own
+CPU per event the report gives the broker's and the simulator's during its run
+(``broker_ms_per_event``, ``api_ms_per_event``; the broker's only for the local one).
 
     python -m bench.throughput [--events 20000] [--rounds 3] [--only eos,bare]
 """
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.common import (
     Progress,
     Simulator,
@@ -49,6 +53,7 @@ from bench.common import (
     kafka_bootstrap,
     load_average,
     produce,
+    sample_proc,
     start_connector,
     stop_process,
     wait_committed,
@@ -112,10 +117,28 @@ class Run:
     steady_per_s: float
     cpu_ms_per_event: float
     peak_rss_mb: float
+    broker_ms_per_event: float | None = None
+    api_ms_per_event: float | None = None
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    sample = sample_proc(pid) if pid is not None else None
+    return sample.cpu_s if sample is not None else None
+
+
+def _per_event_ms(before: float | None, after: float | None, events: int) -> float | None:
+    if before is None or after is None:
+        return None
+    return round((after - before) * 1000 / events, 3)
 
 
 def run_one(
-    name: str, start: Starter, bootstrap: str, base_url: str, events: int, round_: int
+    name: str,
+    start: Starter,
+    bootstrap: str,
+    sim: Simulator,
+    events: int,
+    round_: int,
 ) -> Run:
     topics = Topics(f"tp-{name}-{uuid.uuid4().hex[:6]}")
 
@@ -124,13 +147,16 @@ def run_one(
         await produce(bootstrap, topics.input, events)
 
     asyncio.run(setup())
+    others = (common.broker_pid, sim.proc.pid)
+    before = [_cpu_s(pid) for pid in others]
     began = time.monotonic()
-    proc = start(bootstrap, base_url, topics)
+    proc = start(bootstrap, sim.base_url, topics)
     try:
         progress = Progress(began, events)
         timeout = max(600.0, events / 20)
         asyncio.run(wait_committed(bootstrap, topics, progress, proc.pid, timeout))
     finally:
+        after = [_cpu_s(pid) for pid in others]
         stop_process(proc)
     sample = progress.last
     return Run(
@@ -140,7 +166,14 @@ def run_one(
         round(progress.steady_rate, 1),
         round(sample.cpu_s * 1000 / events, 3),
         round(sample.peak_rss_mb, 1),
+        _per_event_ms(before[0], after[0], events),
+        _per_event_ms(before[1], after[1], events),
     )
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def summarize(runs: list[Run], baseline: str) -> dict[str, dict[str, Any]]:
@@ -152,6 +185,8 @@ def summarize(runs: list[Run], baseline: str) -> dict[str, dict[str, Any]]:
             "events_per_s": statistics.median(r.events_per_s for r in rs),
             "steady_per_s": statistics.median(r.steady_per_s for r in rs),
             "cpu_ms_per_event": statistics.median(r.cpu_ms_per_event for r in rs),
+            "broker_ms_per_event": _median([r.broker_ms_per_event for r in rs]),
+            "api_ms_per_event": _median([r.api_ms_per_event for r in rs]),
             "peak_rss_mb": max(r.peak_rss_mb for r in rs),
             "rounds": [r.events_per_s for r in rs],
         }
@@ -197,9 +232,7 @@ def main() -> int:
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             with Simulator(0.0) as sim:
                 for name in order:
-                    run = run_one(
-                        name, contenders[name], bootstrap, sim.base_url, args.events, round_
-                    )
+                    run = run_one(name, contenders[name], bootstrap, sim, args.events, round_)
                     runs.append(run)
                     sys.stderr.write(f"round {round_}: {run}\n")
             loads.append(load_average())
@@ -208,12 +241,16 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": [vars(r) for r in runs], **report}))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    header = f"{'':8}{'events/s':>10}{'steady/s':>10}{'CPU ms/ev':>11}{'peak MB':>9}{'x eos':>7}"
+    header = (
+        f"{'':8}{'events/s':>10}{'steady/s':>10}{'CPU ms/ev':>11}{'broker':>8}{'API':>7}"
+        f"{'peak MB':>9}{'x eos':>7}"
+    )
     sys.stdout.write(header + "\n")
     for name, row in summary.items():
         sys.stdout.write(
             f"{name:8}{row['events_per_s']:>10}{row['steady_per_s']:>10}"
-            f"{row['cpu_ms_per_event']:>11}{row['peak_rss_mb']:>9}"
+            f"{row['cpu_ms_per_event']:>11}{row['broker_ms_per_event'] or '-':>8}"
+            f"{row['api_ms_per_event'] or '-':>7}{row['peak_rss_mb']:>9}"
             f"{row.get('throughput_vs_eos', ''):>7}\n"
         )
     return 0

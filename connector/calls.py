@@ -105,7 +105,9 @@ class ThreadCaller:
             settings.breaker_failure_threshold, settings.breaker_probe_interval_s
         )
         self.in_flight = 0
+        # read when scraped, not written on each call (the gauge loop sets the rate too)
         self._metrics.api_paused_seconds.set_function(bucket.pause_remaining_s)
+        self._metrics.calls_in_flight.set_function(lambda: self.in_flight)
 
     def pause_reason(self) -> str | None:
         """Why calls are paused for longer than readiness allows, or None."""
@@ -238,7 +240,6 @@ class ThreadCaller:
                 raise Abandoned(event_id)
             guard.calling = True
             self.in_flight += 1
-            m.calls_in_flight.inc()
             t0 = time.monotonic()
             try:
                 thread = await self._attempt(
@@ -265,12 +266,10 @@ class ThreadCaller:
             finally:
                 guard.calling = False
                 self.in_flight -= 1
-                m.calls_in_flight.dec()
         finally:
             slots.release()
         m.api_responses.labels("2xx", str(thread.status)).inc()
         m.api_call_duration.labels("2xx").observe(time.monotonic() - t0)
-        self._adaptive_update()
         return thread
 
     async def _counted(self, wait: Awaitable[T]) -> T:

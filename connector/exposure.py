@@ -63,7 +63,8 @@ class Exposure:
             # a stall ends only when its cycle ends (which notifies); the timeout only
             # rechecks a gate that was closed by the clock alone
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self.stall_s)
+                async with asyncio.timeout(self.stall_s):  # wait_for: a task per wait
+                    await changed.wait()
         self.held += 1
         if self._observe is not None:
             self._observe(self)

@@ -10,22 +10,32 @@ One commit cycle makes a batch of finished events durable and then commits their
 
 Either way an offset is committed only after the records that finish its event are safe.
 
+The records go out in batches built here, one per partition (split where one is full):
+``create_batch``/``send_batch`` cost a third of aiokafka's ``send`` per record (which makes
+a future and a coroutine each and hashes the key in pure Python), and a cycle queues all
+its records at once anyway. Keyed records get the partition Kafka's default partitioner
+gives them (``connector.partitioning``).
+
 No record can block a cycle (issue 9): every record is measured as Kafka counts it before
 it is sent, and one over ``kafka.max_request_size`` is replaced by its bounded form
-(``connector.bounds``). A record the producer still refuses (``send`` raises
-``MessageSizeTooLargeError`` before anything is queued) or the broker refuses (the error
-comes back on its batch's future: topic limits changed under us) is replaced by its minimal
-form. In a transaction a refused batch leaves a gap in the producer's sequence numbers, so
-the transaction is aborted, the producer replaced, and the cycle tried again. The start-up
-check (``topics``) makes sure every output topic accepts what the producer may send, so
-that path stays the exception.
+(``connector.bounds``). A record the producer would still refuse (over the producer's own
+``max_request_size``, as aiokafka's ``send`` checks before queueing) or the broker refuses
+(the error comes back on its batch's future: topic limits changed under us) is replaced by
+its minimal form. The broker refuses a batch whole: a refused batch of several records is
+sent again one record a batch, and only a record refused on its own is cut. In a
+transaction a refused batch leaves a gap in the producer's sequence numbers, so the
+transaction is aborted, the producer replaced, and the cycle tried again. The start-up check
+(``topics``) makes sure every output topic accepts what the producer may send, so that path
+stays the exception.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -36,6 +46,7 @@ from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     ProducerFenced,
     RecordTooLargeError,
     TransactionalIdAuthorizationFailed,
@@ -46,6 +57,7 @@ from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import OutRecord, TopicPartitionKey
 from connector.metrics import Metrics
+from connector.partitioning import partition_for
 from connector.source import Source
 
 log = logging.getLogger(__name__)
@@ -64,16 +76,35 @@ class CommitError(FencedError):
     """A commit cycle failed: the session restarts from the last committed offsets."""
 
 
-Refusal = tuple[OutRecord, BaseException]
-MAX_REFUSAL_RETRIES = 3
+Refusal = tuple[list[OutRecord], BaseException]  # a batch's records, refused together
 
 
 class _Refused(Exception):
-    """Records the broker refused inside a transaction (which is then aborted)."""
+    """Batches the broker refused inside a transaction (which is then aborted)."""
 
     def __init__(self, refused: list[Refusal]) -> None:
-        super().__init__(f"{len(refused)} record(s) refused")
+        super().__init__(f"{sum(len(records) for records, _ in refused)} record(s) refused")
         self.refused = refused
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One produce batch in the making: aiokafka's ``BatchBuilder`` and what it holds."""
+
+    topic: str
+    partition: int
+    builder: Any  # aiokafka.producer.message_accumulator.BatchBuilder (untyped)
+    records: list[OutRecord] = field(default_factory=list)
+
+    def add(self, record: OutRecord) -> bool:
+        """False when the batch is full (its first record always goes in)."""
+        added = self.builder.append(
+            timestamp=None, key=record.key, value=record.value, headers=list(record.headers)
+        )
+        if added is None:
+            return False
+        self.records.append(record)
+        return True
 
 
 class Sink:
@@ -91,6 +122,7 @@ class Sink:
         self._metrics = metrics
         k = settings.kafka
         self.max_request_size = k.max_request_size
+        self._producer_limit = k.max_request_size  # what aiokafka's ``send`` would accept
         self._oversize_value = k.oversize_value
         self._results_topic = k.results_topic
         self._dead_topic = k.dead_letter_topic
@@ -158,24 +190,27 @@ class Sink:
         # beside them: a cycle waits for AddPartitions, then the produce requests and
         # AddOffsets + TxnOffsetCommit side by side, then EndTxn (bench/latency.py)
         positions = finish()
-        for _attempt in range(MAX_REFUSAL_RETRIES):
+        alone: set[int] = set()  # ids of records to send in a batch of their own
+        replaced: set[int] = set()  # ids of minimal forms
+        while True:  # each try isolates or cuts a record, or fails (``_retry_plan``)
             try:
-                await self._transaction(records, positions)
+                await self._transaction(records, positions, alone)
                 return positions
             except _Refused as exc:
-                records = self._replace(records, exc.refused)
+                records, alone = self._retry_plan(records, exc.refused, alone, replaced)
                 await self._renew_producer()
-        raise CommitError(f"records refused {MAX_REFUSAL_RETRIES} times, even in minimal form")
 
-    async def _transaction(self, records: Sequence[OutRecord], positions: Positions) -> None:
+    async def _transaction(
+        self, records: Sequence[OutRecord], positions: Positions, alone: Collection[int]
+    ) -> None:
         producer = self._producer
         try:
             await producer.begin_transaction()
             try:
-                refused, _ = await asyncio.gather(
-                    self._publish(records), self._send_offsets(producer, positions)
+                (refused, _unsent), _ = await asyncio.gather(
+                    self._publish(records, alone), self._send_offsets(producer, positions)
                 )
-                if refused:
+                if refused:  # the whole transaction goes again
                     raise _Refused(refused)
                 await producer.commit_transaction()
             except FENCED:
@@ -206,7 +241,7 @@ class Sink:
         self, records: Sequence[OutRecord], finish: Callable[[], Positions]
     ) -> Positions:
         try:
-            await self._resend_minimal(await self._publish(records))
+            await self._publish_all(records)
         except KafkaError as exc:
             raise CommitError(f"publishing failed: {exc}") from exc
         positions = finish()
@@ -251,60 +286,135 @@ class Sink:
             out.append(fitted)
         return out
 
-    async def _send(self, record: OutRecord) -> asyncio.Future[object] | None:
-        """Queue one record. One the producer refuses on its own (nothing was queued, so
-        no batch or transaction is harmed) is replaced by its minimal form."""
-        try:
-            return await self._queue(record)
-        except MessageSizeTooLargeError as exc:
-            replacement = self._minimal(record, str(exc))
-            log.warning(
-                "the producer refused a record for %s (%s): %s",
-                record.topic,
-                exc,
-                "writing its minimal form" if replacement else "left out",
-            )
-            if replacement is None:
-                self._count(record, "left_out")
-                return None
-            self._count(record, "bounded")
-            return await self._queue(replacement)
+    def _sendable(self, record: OutRecord) -> OutRecord | None:
+        """The record, or its minimal form (None: left out) when it is over the
+        producer's ``max_request_size``: aiokafka's ``send`` refuses such a record before
+        queueing it, and batches built here are held to the same limit."""
+        if self.max_request_size <= self._producer_limit:
+            return record  # ``fit`` held it to a limit no larger
+        size = out_size(record)
+        if size <= self._producer_limit:
+            return record
+        exc = MessageSizeTooLargeError(
+            f"The message is {size} bytes when serialized which is larger than the "
+            "maximum request size you have configured with the max_request_size "
+            "configuration"
+        )
+        replacement = self._minimal(record, str(exc))
+        log.warning(
+            "the producer refused a record for %s (%s): %s",
+            record.topic,
+            exc,
+            "writing its minimal form" if replacement else "left out",
+        )
+        self._count(record, "left_out" if replacement is None else "bounded")
+        return replacement
 
-    async def _publish(self, records: Sequence[OutRecord]) -> list[Refusal]:
-        """Send every record and wait for every acknowledgement; return the records the
-        broker refused on their own (any other error propagates). Unawaited, a refused
-        batch's future failed silently and the transaction committed without its record."""
-        sent: list[tuple[OutRecord, asyncio.Future[object]]] = []
+    async def _batches(self, records: Sequence[OutRecord], alone: Collection[int]) -> list[_Batch]:
+        """The records in produce batches, one per partition in the order given, split
+        where a batch is full; a record whose id is in ``alone`` gets a batch of its own
+        (the records after it on its partition go in a later batch: the order holds)."""
+        producer = self._producer
+        partitions: dict[str, list[int]] = {}
+        current: dict[tuple[str, int], _Batch] = {}
+        batches: list[_Batch] = []
+        for original in records:
+            record = self._sendable(original)
+            if record is None:
+                continue
+            partition = record.partition
+            if partition is None:
+                known = partitions.get(record.topic)
+                if known is None:
+                    known = partitions[record.topic] = sorted(
+                        await producer.partitions_for(record.topic)
+                    )
+                partition = partition_for(record.key, known)
+            where = (record.topic, partition)
+            batch = current.get(where)
+            single = id(original) in alone
+            if single or batch is None or not batch.add(record):
+                batch = _Batch(record.topic, partition, producer.create_batch())
+                batch.add(record)
+                batches.append(batch)
+                if single:
+                    current.pop(where, None)
+                else:
+                    current[where] = batch
+        return batches
+
+    async def _publish(
+        self, records: Sequence[OutRecord], alone: Collection[int] = ()
+    ) -> tuple[list[Refusal], list[OutRecord]]:
+        """Send every record and wait for every acknowledgement. Returns the batches the
+        broker refused and the records of later batches on their partitions, which fail
+        ``OutOfOrderSequenceNumber`` (the refusal left a gap in the idempotent producer's
+        sequence numbers) and are not written either; any other error propagates.
+        Unawaited, a refused batch's future failed silently and the transaction committed
+        without its records."""
+        producer = self._producer
+        sent: list[tuple[_Batch, asyncio.Future[object]]] = []
         try:
-            for record in records:
-                if (future := await self._send(record)) is not None:
-                    sent.append((record, future))
+            for batch in await self._batches(records, alone):
+                future = await producer.send_batch(
+                    batch.builder, batch.topic, partition=batch.partition
+                )
+                sent.append((batch, future))
         except BaseException:
             for _, future in sent:  # their failures are this one's; retrieved, not logged
                 future.add_done_callback(_retrieve)
             raise
         answers = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         refused: list[Refusal] = []
-        for (record, _), answer in zip(sent, answers, strict=True):
+        unsent: list[OutRecord] = []
+        gaps: set[tuple[str, int]] = set()
+        for (batch, _), answer in zip(sent, answers, strict=True):
             if isinstance(answer, RECORD_ERRORS):
-                refused.append((record, answer))
+                refused.append((batch.records, answer))
+                gaps.add((batch.topic, batch.partition))
+            elif isinstance(answer, OutOfOrderSequenceNumber) and (
+                (batch.topic, batch.partition) in gaps
+            ):
+                unsent.extend(batch.records)
             elif isinstance(answer, BaseException):
                 raise answer
-        return refused
+        return refused, unsent
 
-    def _replace(self, records: list[OutRecord], refused: list[Refusal]) -> list[OutRecord]:
-        reasons = {id(record): exc for record, exc in refused}
+    def _retry_plan(
+        self,
+        records: list[OutRecord],
+        refused: list[Refusal],
+        alone: set[int],
+        replaced: set[int],
+    ) -> tuple[list[OutRecord], set[int]]:
+        """The records for the next try, and the ids of those to send alone. The broker
+        refuses a batch whole for the one record it cannot take: a refused batch of several
+        records goes again one record a batch; a record refused alone is replaced by its
+        minimal form (its id joins ``replaced``); a minimal form refused alone ends the
+        cycle. So every try isolates or cuts at least one record: the tries end."""
+        alone = set(alone)
+        reasons: dict[int, BaseException] = {}
+        for batch_records, exc in refused:
+            if len(batch_records) > 1:
+                alone.update(id(record) for record in batch_records)
+            elif id(batch_records[0]) in replaced:
+                raise CommitError(
+                    f"a record for {batch_records[0].topic} refused even in its minimal "
+                    f"form: {type(exc).__name__}: {exc}"
+                )
+            else:
+                reasons[id(batch_records[0])] = exc
         out = []
         for record in records:
-            exc = reasons.get(id(record))
-            if exc is None:
+            reason = reasons.get(id(record))
+            if reason is None:
                 out.append(record)
                 continue
-            replacement = self._minimal(record, f"{type(exc).__name__}: {exc}")
+            replacement = self._minimal(record, f"{type(reason).__name__}: {reason}")
             log.warning(
-                "the broker refused a record for %s (%s): %s; the cycle is tried again",
+                "the broker refused a record for %s (%s): %s",
                 record.topic,
-                exc,
+                reason,
                 "writing its minimal form" if replacement else "left out",
             )
             if replacement is None:
@@ -312,30 +422,32 @@ class Sink:
             else:
                 self._count(record, "bounded")
                 out.append(replacement)
-        return out
+                alone.add(id(replacement))
+                replaced.add(id(replacement))
+        return out, alone
 
     async def _renew_producer(self) -> None:
         await self._producer.stop()
         self._producer = AIOKafkaProducer(**self._producer_kwargs)
         await self.start()
 
-    async def _resend_minimal(self, refused: list[Refusal]) -> None:
-        """Records the broker refused: their minimal forms instead."""
-        futures = []
-        for record, exc in refused:
-            replacement = self._minimal(record, f"{type(exc).__name__}: {exc}")
-            log.warning(
-                "the broker refused a record for %s (%s): %s",
-                record.topic,
-                exc,
-                "writing its minimal form" if replacement else "left out",
-            )
-            if replacement is None:
-                self._count(record, "left_out")
-                continue
-            self._count(record, "bounded")
-            futures.append(await self._queue(replacement))
-        await asyncio.gather(*futures)
+    async def _publish_all(self, records: Sequence[OutRecord]) -> None:
+        """Without a transaction: what a refusal kept from being written (the refused
+        batches, and the later batches on their partitions) goes again on a new producer,
+        isolated or cut as ``_retry_plan`` says, until all of it is written."""
+        pending = list(records)
+        alone: set[int] = set()
+        replaced: set[int] = set()
+        while True:
+            refused, unsent = await self._publish(pending, alone)
+            if not refused:
+                return
+            # the refusal left a gap in the idempotent producer's sequence numbers for its
+            # partition (every later batch there fails): a new producer
+            await self._renew_producer()
+            again = {id(r) for batch, _ in refused for r in batch} | {id(r) for r in unsent}
+            pending = [record for record in pending if id(record) in again]
+            pending, alone = self._retry_plan(pending, refused, alone, replaced)
 
     def _count(self, record: OutRecord, form: str) -> None:
         """An outcome record that could not be written as it was: ``bounded`` (cut or
@@ -363,16 +475,6 @@ class Sink:
                 body = {}
             return minimal_result(record, body if isinstance(body, dict) else {})
         return None
-
-    async def _queue(self, record: OutRecord) -> asyncio.Future[object]:
-        future: asyncio.Future[object] = await self._producer.send(
-            record.topic,
-            value=record.value,
-            key=record.key,
-            partition=record.partition,
-            headers=list(record.headers),
-        )
-        return future
 
 
 def _retrieve(future: asyncio.Future[object]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 
 from connector.apps import Apps
 from connector.dedup import DedupWindow, MemoryDedupStore
@@ -254,3 +255,67 @@ async def test_the_producer_batches_a_whole_cycle_without_lingering() -> None:
     assert producer._message_accumulator._batch_size == settings.kafka.max_request_size
     assert producer._sender._retry_backoff == 0.035
     assert sink._producer_kwargs["retry_backoff_ms"] == 35
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_a_refused_batch_costs_only_the_record_the_broker_cannot_take(
+    kafka_bootstrap: str, mode: str
+) -> None:
+    """The broker refuses a batch whole. A cycle's records for one partition share a
+    batch, so the records beside the one too large for the topic go again one a batch and
+    keep their full form; only the one refused on its own is cut."""
+    names = Names.fresh(f"sink-batch-{mode[:5]}")
+    await create_topics(kafka_bootstrap, {names.results: 1})
+    await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
+    records = [
+        dlq(names.dead, b"a" * 1_000, 1),
+        dlq(names.dead, b"\x02" * 300_000, 2),
+        dlq(names.dead, b"b" * 1_000, 3),
+    ]
+    sink = await cycle(settings, records)
+    assert sink.bounded == 1
+    dead = {header(m, "dlq-source"): m for m in await read_all(kafka_bootstrap, names.dead)}
+    assert dead.keys() == {b"in/0/1", b"in/0/2", b"in/0/3"}
+    assert dead[b"in/0/1"].value == b"a" * 1_000
+    assert dead[b"in/0/3"].value == b"b" * 1_000
+    assert dead[b"in/0/2"].value == b"" and header(dead[b"in/0/2"], "dlq-value-bytes") == b"300000"
+    if mode == "exactly_once":  # the retried transaction keeps the cycle's order
+        assert [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)] == [
+            b"in/0/1",
+            b"in/0/2",
+            b"in/0/3",
+        ]
+
+
+async def test_keyed_records_land_where_kafkas_partitioner_puts_them_in_order(
+    kafka_bootstrap: str,
+) -> None:
+    """The sink picks partitions itself: a user's results go where any Kafka client would
+    put that key, in the cycle's order, also when a partition's records fill several
+    batches (3 MB of records against a 1 MiB batch)."""
+    names = Names.fresh("sink-keys")
+    await create_topics(kafka_bootstrap, {names.results: 6, names.dead: 1})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names)
+    pad = "x" * 30_000
+    records = [
+        OutRecord(names.results, f"user-{i % 40}".encode(), orjson.dumps({"n": i, "pad": pad}))
+        for i in range(100)
+    ]
+    await cycle(settings, records)
+    got = await read_all(kafka_bootstrap, names.results)
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(got) < 100 and asyncio.get_running_loop().time() < deadline:
+        # the broker writes the commit markers after it answers EndTxn: until then a
+        # read_committed reader's end (the last stable offset) is behind on a partition
+        await asyncio.sleep(0.2)
+        got = await read_all(kafka_bootstrap, names.results)
+    assert len(got) == 100
+    default = DefaultPartitioner()
+    partitions = list(range(6))
+    for message in got:
+        assert message.partition == default(message.key, partitions, partitions)
+    for partition in partitions:
+        numbers = [orjson.loads(m.value)["n"] for m in got if m.partition == partition]
+        assert numbers == sorted(numbers)
+    assert len({m.partition for m in got}) > 1
