@@ -134,12 +134,18 @@ class Topics:
         return f"{self.tag}-group"
 
 
-async def create_topics(bootstrap: str, topics: Topics) -> None:
+async def create_topics(
+    bootstrap: str, topics: Topics, *, input_config: dict[str, str] | None = None
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics(
-            [NewTopic(name, PARTITIONS, 1) for name in (topics.input, topics.results, topics.dlq)]
+            [
+                NewTopic(topics.input, PARTITIONS, 1, topic_configs=input_config or {}),
+                NewTopic(topics.results, PARTITIONS, 1),
+                NewTopic(topics.dlq, PARTITIONS, 1),
+            ]
         )
     finally:
         await admin.close()
@@ -150,10 +156,18 @@ def event_value(i: int) -> bytes:
 
 
 async def produce(
-    bootstrap: str, topic: str, count: int, *, start: int = 0, rate: float | None = None
+    bootstrap: str,
+    topic: str,
+    count: int,
+    *,
+    start: int = 0,
+    rate: float | None = None,
+    appended: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Events ``b-{start}`` .. round-robin over the partitions; paced at ``rate`` per second
-    if given. Returns event id -> the record's timestamp (ms, CreateTime)."""
+    if given. Returns event id -> the timestamp the producer gave the record (ms);
+    ``appended`` gets event id -> the record's timestamp as the broker acknowledged it (the
+    broker's append time on a ``LogAppendTime`` topic, else the same)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0 if rate else 20)
     await producer.start()
     stamps: dict[str, int] = {}
@@ -176,7 +190,10 @@ async def produce(
                     timestamp_ms=ts,
                 )
             )
-        await asyncio.gather(*futures)
+        acks = await asyncio.gather(*futures)
+        if appended is not None:
+            for event_id, ack in zip(stamps, acks, strict=True):
+                appended[event_id] = ack.timestamp
     finally:
         await producer.stop()
     return stamps

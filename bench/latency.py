@@ -14,6 +14,15 @@ the load, on topics made for the run; reported apart as ``ramp_*``), then ``--se
 measured as the steady state (``added_*``). ``all_p99_ms`` covers both. Target: steady
 p99 <= 100 ms.
 
+The input topic stamps records with the broker's append time, so ``in_kafka_*`` is the
+added latency from the moment the event was in Kafka; ``added_*`` counts from the load
+generator's own stamp, and ``to_broker_p99_ms`` is the way between the two.
+
+``--warmup-rounds`` (default 1) run first and are reported apart (``warmup_runs``): the
+local broker's JVM starts with the bench, and in its first minutes (the JIT still
+compiling its hot paths) every first round was the slowest of its run, its p99 falling
+second by second over 20 s (``--dump``); a production broker has run for days.
+
 ``--compare NAME=SRC`` runs the connector from another source tree too (e.g. an export of
 the commit before a change), in alternating rounds, against the same load.
 
@@ -90,13 +99,17 @@ async def collect(
 
 async def paced_run(
     bootstrap: str, topics: Topics, rate: float, seconds: float
-) -> tuple[dict[str, int], dict[str, tuple[int, float, float]]]:
+) -> tuple[dict[str, int], dict[str, int], dict[str, tuple[int, float, float]]]:
+    """(producer stamps, broker append times, results seen) by event id."""
     count = int(rate * seconds)
     ids = {f"b-{i}" for i in range(WARMUP, WARMUP + count)}
     reader = asyncio.create_task(collect(bootstrap, topics.results, ids, seconds + 120))
     await asyncio.sleep(1)  # the reader joins before the first event
-    stamps = await produce(bootstrap, topics.input, count, start=WARMUP, rate=rate)
-    return stamps, await reader
+    appended: dict[str, int] = {}
+    stamps = await produce(
+        bootstrap, topics.input, count, start=WARMUP, rate=rate, appended=appended
+    )
+    return stamps, appended, await reader
 
 
 def commit_cycles(port: int) -> tuple[float, float]:
@@ -133,7 +146,12 @@ def one_run(
     The first ``ramp_s`` seconds (the step from idle to the load, on topics made for the
     run) are reported apart as ``ramp_*``; ``added_*`` is the steady state after them."""
     topics = Topics(f"lat-{name}-{uuid.uuid4().hex[:6]}")
-    asyncio.run(create_topics(bootstrap, topics))
+    # the input's timestamps are the broker's append times (the record the connector reads
+    # carries them; the producer's own stamps are kept apart): ``in_kafka_*`` leaves out the
+    # load generator's way to the broker, which shares its event loop with the reader
+    asyncio.run(
+        create_topics(bootstrap, topics, input_config={"message.timestamp.type": "LogAppendTime"})
+    )
     port = free_ports(1)[0]
     data = connector_config(bootstrap, base_url, topics, "exactly_once", server={"port": port})
     proc = start_connector(data, src)
@@ -145,7 +163,7 @@ def one_run(
         before = progress.last.cpu_s
         cycles_before, spent_before = commit_cycles(port)
         began = time.monotonic()
-        stamps, seen = asyncio.run(paced_run(bootstrap, topics, rate, ramp_s + seconds))
+        stamps, appended, seen = asyncio.run(paced_run(bootstrap, topics, rate, ramp_s + seconds))
         progress = Progress(time.monotonic(), WARMUP + len(stamps))
         asyncio.run(wait_committed(bootstrap, topics, progress, proc.pid, 120))
         cpu_s = progress.last.cpu_s - before
@@ -162,10 +180,18 @@ def one_run(
     steady = [v for e, v in added.items() if e not in ramp_ids]
     ramp = [v for e, v in added.items() if e in ramp_ids]
     steady_visible = [v for e, v in visible.items() if e not in ramp_ids]
-    if dump:  # event timestamp, added, visible (ms): to see when the tail happens
+    in_kafka = [
+        seen[e][0] - appended[e] - seen[e][2]
+        for e in stamps
+        if e in seen and e in appended and e not in ramp_ids
+    ]
+    to_broker = [
+        appended[e] - ts for e, ts in stamps.items() if e in appended and e not in ramp_ids
+    ]
+    if dump:  # stamp, added, visible (ms), append time: to see when the tail happens
         with open(dump, "w") as out:
             for e in added:
-                out.write(f"{stamps[e]} {added[e]:.1f} {visible[e]:.1f}\n")
+                out.write(f"{stamps[e]} {added[e]:.1f} {visible[e]:.1f} {appended.get(e, 0)}\n")
     return {
         "name": name,
         "events": len(stamps),
@@ -173,6 +199,8 @@ def one_run(
         **stats("added_", steady),
         "visible_p50_ms": round(percentile(steady_visible, 0.50), 1),
         "visible_p99_ms": round(percentile(steady_visible, 0.99), 1),
+        **stats("in_kafka_", in_kafka),
+        "to_broker_p99_ms": round(percentile(to_broker, 0.99), 1),
         **stats("ramp_", ramp),
         "all_p99_ms": round(percentile(list(added.values()), 0.99), 1),
         "cpu_ms_per_event": round(cpu_s * 1000 / max(1, len(stamps)), 3),
@@ -197,6 +225,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=SRC")
     parser.add_argument("--dump", help="write each event's latencies to DUMP.<name>.<round>")
+    parser.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="rounds run first and reported apart (the broker's JVM is minutes old)",
+    )
     args = parser.parse_args()
     trees: list[tuple[str, str | None]] = [("current", None)]
     trees += [(spec.split("=", 1)[0], spec.split("=", 1)[1]) for spec in args.compare]
@@ -206,23 +240,26 @@ def main() -> int:
         rate = args.rate
         if rate is None:
             start = connector_starter("exactly_once")
-            best = run_one("max", start, bootstrap, sim.base_url, args.max_events, 0)
+            best = run_one("max", start, bootstrap, sim, args.max_events, 0)
             out["max_steady_per_s"] = best.steady_per_s
             out["max_per_s"] = best.events_per_s
             # a small backlog may pass 10 % and 90 % committed in one poll: no steady rate
             top = best.steady_per_s if math.isfinite(best.steady_per_s) else best.events_per_s
             rate = round(top / 2, 1)
         out["rate_per_s"] = rate
-        for round_ in range(args.rounds):
+        warmups: list[dict[str, Any]] = []
+        for round_ in range(-args.warmup_rounds, args.rounds):
             order = trees if round_ % 2 == 0 else trees[::-1]
             for name, src in order:
                 dump = f"{args.dump}.{name}.{round_}" if args.dump else None
                 run = one_run(
                     name, src, bootstrap, sim.base_url, rate, args.seconds, args.ramp_seconds, dump
                 )
-                runs.append(run)
-                sys.stderr.write(f"round {round_}: {run}\n")
+                (warmups if round_ < 0 else runs).append(run)
+                what = "warm-up" if round_ < 0 else f"round {round_}"
+                sys.stderr.write(f"{what}: {run}\n")
             out["load_average"].append(load_average())
+    out["warmup_runs"] = warmups
     out["runs"] = runs
     for name, _ in trees:
         mine = [r for r in runs if r["name"] == name]

@@ -85,6 +85,11 @@ class Connector:
             metrics_cache_s=settings.server.metrics_cache_s,
         )
         self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
+        # the session's gate on calls: its gauges are read when scraped (the gate also
+        # closes by the clock alone, a stalled cycle, and a call needs no gauge write)
+        self._exposure = self._new_exposure(healthy=True)
+        self.metrics.uncommitted_threads.set_function(lambda: self._exposure.held)
+        self.metrics.calls_gate_closed.set_function(lambda: 0 if self._exposure.is_open else 1)
         self.input_partitions: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
         self._assigned: list[TopicPartitionKey] = []
@@ -286,13 +291,7 @@ class Connector:
         self._assigned = []
         self._fatal = None  # a hook's failure as the last session left the group was its own
         self._generation += 1
-        exposure = Exposure(
-            s.delivery.max_uncommitted_threads,
-            s.delivery.commit_stall_s,
-            healthy=self._commit_healthy,
-            observe=self._observe_exposure,
-        )
-        self._observe_exposure(exposure)
+        exposure = self._exposure = self._new_exposure(healthy=self._commit_healthy)
         pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure)
         self.pipeline = pipeline
         source = Source(s, self._on_revoked, self._on_assigned)
@@ -330,7 +329,7 @@ class Connector:
                 self.window.clear()
                 self._dedup_held = set()
                 self._commit_healthy = False  # and what was not committed is lost
-                self.metrics.uncommitted_threads.set(0)
+                self._exposure = self._new_exposure(healthy=False)
                 fenced = _only_fenced(exc)
                 if fenced is exc:
                     raise
@@ -339,9 +338,9 @@ class Connector:
             log.info("drained", extra={"cut_short": cut, **vars(pipeline.stats)})
             self._joined = False
 
-    def _observe_exposure(self, exposure: Exposure) -> None:
-        self.metrics.uncommitted_threads.set(exposure.held)
-        self.metrics.calls_gate_closed.set(0 if exposure.is_open else 1)
+    def _new_exposure(self, *, healthy: bool) -> Exposure:
+        d = self.settings.delivery
+        return Exposure(d.max_uncommitted_threads, d.commit_stall_s, healthy=healthy)
 
     def buffered(self) -> int:
         """Events fetched and not finished, with those held for restoring partitions:

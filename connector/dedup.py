@@ -137,16 +137,20 @@ class InFlight:
     """Collapses copies of an event that are in flight at once into one call."""
 
     def __init__(self) -> None:
-        self._calls: dict[tuple[TopicPartitionKey, str], asyncio.Future[None]] = {}
+        # a call's future is made when a second copy comes to wait for it (rarely)
+        self._calls: dict[tuple[TopicPartitionKey, str], asyncio.Future[None] | None] = {}
 
     def claim(self, tp: TopicPartitionKey, event_id: str) -> asyncio.Future[None] | None:
         """None: the caller owns the call. A future: wait for the owner to finish."""
         key = (tp, event_id)
-        existing = self._calls.get(key)
-        if existing is not None:
-            return existing
-        self._calls[key] = asyncio.get_running_loop().create_future()
-        return None
+        calls = self._calls
+        if key not in calls:
+            calls[key] = None
+            return None
+        existing = calls[key]
+        if existing is None:
+            existing = calls[key] = asyncio.get_running_loop().create_future()
+        return existing
 
     def release(self, tp: TopicPartitionKey, event_id: str) -> None:
         future = self._calls.pop((tp, event_id), None)

@@ -34,9 +34,7 @@ class Exposure:
         *,
         healthy: bool = True,
         clock: Callable[[], float] = time.monotonic,
-        observe: Callable[[Exposure], None] | None = None,
     ) -> None:
-        """``observe`` is called after each change (the connector's gauges)."""
         self.cap = cap
         self.stall_s = stall_s
         self.healthy = healthy  # the last commit cycle succeeded
@@ -44,7 +42,6 @@ class Exposure:
         self._clock = clock
         self._cycle_started: float | None = None
         self._changed = asyncio.Event()
-        self._observe = observe
 
     @property
     def stalled(self) -> bool:
@@ -66,8 +63,6 @@ class Exposure:
                 async with asyncio.timeout(self.stall_s):  # wait_for: a task per wait
                     await changed.wait()
         self.held += 1
-        if self._observe is not None:
-            self._observe(self)
 
     def leave(self) -> None:
         """The call ended without a thread to commit: give its unit back."""
@@ -76,8 +71,6 @@ class Exposure:
 
     def cycle_started(self) -> None:
         self._cycle_started = self._clock()
-        if self._observe is not None:
-            self._observe(self)
 
     def cycle_succeeded(self, results: int) -> None:
         """A commit cycle made ``results`` results durable: their units come back."""
@@ -94,5 +87,3 @@ class Exposure:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-        if self._observe is not None:
-            self._observe(self)

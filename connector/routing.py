@@ -62,9 +62,47 @@ class _EventView(Mapping[str, str]):
         return len(self._body)
 
 
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A template split once into literal text and placeholder names: ``parts`` is
+    literal, name, literal, ..., literal. Rendering joins them with the looked-up values,
+    as ``string.Template.substitute`` would (same values, same KeyError), without its
+    regular expression and callback per call. ``parts`` is None for a template with an
+    invalid placeholder: ``substitute`` then raises its own ValueError."""
+
+    template: _DottedTemplate
+    parts: tuple[str, ...] | None
+
+    def substitute(self, view: Mapping[str, str]) -> str:
+        parts = self.parts
+        if parts is None:
+            return self.template.substitute(view)
+        out = [parts[0]]
+        for i in range(1, len(parts), 2):
+            out.append(view[parts[i]])
+            out.append(parts[i + 1])
+        return "".join(out)
+
+
 @functools.lru_cache(maxsize=1024)
-def _compiled(template: str) -> _DottedTemplate:
-    return _DottedTemplate(template)
+def _compiled(template: str) -> _Compiled:
+    compiled = _DottedTemplate(template)
+    parts: list[str] = []
+    literal: list[str] = []
+    position = 0
+    for match in compiled.pattern.finditer(template):
+        literal.append(template[position : match.start()])
+        position = match.end()
+        if match.group("invalid") is not None:
+            return _Compiled(compiled, None)
+        if match.group("escaped") is not None:
+            literal.append(compiled.delimiter)
+            continue
+        parts += ["".join(literal), match.group("named") or match.group("braced")]
+        literal = []
+    literal.append(template[position:])
+    parts.append("".join(literal))
+    return _Compiled(compiled, tuple(parts))
 
 
 class _UrlView(_EventView):

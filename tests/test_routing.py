@@ -379,3 +379,42 @@ def test_a_rejection_quoting_a_huge_event_value_has_a_bounded_reason() -> None:
     for exc in (no_route, bad_agent):
         assert len(exc.reason) < 1100 and len(str(exc)) < 1100
         assert exc.reason.endswith("characters)")
+
+
+def test_the_compiled_template_renders_what_string_template_renders() -> None:
+    """``render`` splits a template once; it must give what ``substitute`` gives: the same
+    text, the same KeyError for a missing field, the same ValueError for a bad template."""
+    from connector.routing import _compiled, _DottedTemplate
+
+    values = {"a": "1", "b.c": "x$y", "id": "", "d-e.f": "{z}"}
+    templates = [
+        "",
+        "plain",
+        "$a",
+        "${a}",
+        "$a$a",
+        "pre ${b.c} mid $a post",
+        "$$a is not ${a}",
+        "$$$a",
+        "${id}${id}",
+        "$d-e.f and ${d-e.f}.",
+        "$a.",
+        "${a}b",
+        "$missing here",
+        "${b.missing}",
+        "$",
+        "cost: 5$",
+        "${unclosed",
+        "$1",
+        "tail $$",
+    ]
+    for template in templates:
+        try:
+            expected: object = _DottedTemplate(template).substitute(values)
+        except (KeyError, ValueError) as exc:
+            expected = (type(exc), exc.args)
+        try:
+            got: object = _compiled(template).substitute(values)
+        except (KeyError, ValueError) as exc:
+            got = (type(exc), exc.args)
+        assert got == expected, template
