@@ -41,9 +41,12 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
-def partition_for(key: bytes | None, partitions: Sequence[int]) -> int:
+def partition_for(
+    key: bytes | None, partitions: Sequence[int], available: Sequence[int] = ()
+) -> int:
     """The partition of a record with ``key`` among ``partitions`` (sorted); a record
-    without a key goes to one at random, as aiokafka's default partitioner sends it."""
+    without a key goes to one at random among ``available`` (those with a leader) if any,
+    as aiokafka's default partitioner sends it."""
     if key is None:
-        return random.choice(partitions)
+        return random.choice(available or partitions)
     return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]

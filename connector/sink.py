@@ -172,7 +172,7 @@ class Sink:
         (``finish`` is then called before the records are acknowledged: the transaction
         holds both or neither); else once every record is acknowledged. Records too large
         are replaced by their bounded forms first."""
-        records = self.fit(records)
+        records = [r for r in map(self._sendable, self.fit(records)) if r is not None]
         if self._exactly_once:
             return await self._transactional_cycle(records, finish)
         return await self._plain_cycle(records, finish)
@@ -316,12 +316,10 @@ class Sink:
         (the records after it on its partition go in a later batch: the order holds)."""
         producer = self._producer
         partitions: dict[str, list[int]] = {}
+        available: dict[str, list[int]] = {}  # with a leader: where keyless records go
         current: dict[tuple[str, int], _Batch] = {}
         batches: list[_Batch] = []
-        for original in records:
-            record = self._sendable(original)
-            if record is None:
-                continue
+        for record in records:
             partition = record.partition
             if partition is None:
                 known = partitions.get(record.topic)
@@ -329,10 +327,12 @@ class Sink:
                     known = partitions[record.topic] = sorted(
                         await producer.partitions_for(record.topic)
                     )
-                partition = partition_for(record.key, known)
+                    led = producer.client.cluster.available_partitions_for_topic(record.topic)
+                    available[record.topic] = sorted(led or ()) or known
+                partition = partition_for(record.key, known, available[record.topic])
             where = (record.topic, partition)
             batch = current.get(where)
-            single = id(original) in alone
+            single = id(record) in alone
             if single or batch is None or not batch.add(record):
                 batch = _Batch(record.topic, partition, producer.create_batch())
                 batch.add(record)
@@ -342,6 +342,39 @@ class Sink:
                 else:
                     current[where] = batch
         return batches
+
+    async def _publish_in_order(
+        self, records: Sequence[OutRecord], alone: Collection[int] = ()
+    ) -> tuple[list[Refusal], list[OutRecord]]:
+        """Without a transaction: each partition's batches one after another, the next
+        only once the last is acknowledged (partitions side by side), and none after a
+        refusal. A batch queued behind a refused one is not reliably refused too (a
+        producer id the partition has not seen yet is accepted at any sequence number), and
+        written it would put its records before the refused ones (the review's finding).
+        Returns the refused batches and the records not sent."""
+        producer = self._producer
+        lanes: dict[tuple[str, int], list[_Batch]] = {}
+        for batch in await self._batches(records, alone):
+            lanes.setdefault((batch.topic, batch.partition), []).append(batch)
+
+        async def lane(batches: list[_Batch]) -> tuple[list[Refusal], list[OutRecord]]:
+            for n, batch in enumerate(batches):
+                future = await producer.send_batch(
+                    batch.builder, batch.topic, partition=batch.partition
+                )
+                try:
+                    await future
+                except RECORD_ERRORS as exc:
+                    rest = [r for later in batches[n + 1 :] for r in later.records]
+                    return [(batch.records, exc)], rest
+            return [], []
+
+        refused: list[Refusal] = []
+        unsent: list[OutRecord] = []
+        for lane_refused, lane_unsent in await asyncio.gather(*map(lane, lanes.values())):
+            refused += lane_refused
+            unsent += lane_unsent
+        return refused, unsent
 
     async def _publish(
         self, records: Sequence[OutRecord], alone: Collection[int] = ()
@@ -439,7 +472,7 @@ class Sink:
         alone: set[int] = set()
         replaced: set[int] = set()
         while True:
-            refused, unsent = await self._publish(pending, alone)
+            refused, unsent = await self._publish_in_order(pending, alone)
             if not refused:
                 return
             # the refusal left a gap in the idempotent producer's sequence numbers for its

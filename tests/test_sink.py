@@ -319,3 +319,62 @@ async def test_keyed_records_land_where_kafkas_partitioner_puts_them_in_order(
         numbers = [orjson.loads(m.value)["n"] for m in got if m.partition == partition]
         assert numbers == sorted(numbers)
     assert len({m.partition for m in got}) > 1
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_a_refused_full_batch_keeps_the_partitions_order(
+    kafka_bootstrap: str, mode: str
+) -> None:
+    """One user's 40 results on one partition: the first batch (~1 MiB) is over the
+    topic's max.message.bytes (500 kB), the second (~180 kB) is not. Without a transaction
+    the second was written before the first's records went again (a hostile review)."""
+    names = Names.fresh(f"rv-order-{mode[:5]}")
+    await create_topics(kafka_bootstrap, {names.dead: 1})
+    await create_topics(kafka_bootstrap, {names.results: 1}, config={"max.message.bytes": "500000"})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
+    pad = "x" * 30_000
+    records = [
+        OutRecord(names.results, b"user-1", orjson.dumps({"n": i, "pad": pad})) for i in range(40)
+    ]
+    sink = await cycle(settings, records)
+    got = [orjson.loads(m.value)["n"] for m in await read_all(kafka_bootstrap, names.results)]
+    assert sink.bounded == 0
+    assert got == list(range(40))
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_a_refused_first_record_keeps_the_partitions_order(
+    kafka_bootstrap: str, mode: str
+) -> None:
+    names = Names.fresh(f"rv-first-{mode[:5]}")
+    await create_topics(kafka_bootstrap, {names.results: 1})
+    await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
+    records = [
+        dlq(names.dead, b"\x02" * 300_000, 1),
+        dlq(names.dead, b"a" * 1_000, 2),
+        dlq(names.dead, b"b" * 1_000, 3),
+    ]
+    sink = await cycle(settings, records)
+    order = [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)]
+    assert sink.bounded == 1
+    assert order == [b"in/0/1", b"in/0/2", b"in/0/3"]
+
+
+@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
+async def test_a_record_over_the_producers_limit_is_neither_lost_nor_moved(
+    kafka_bootstrap: str, mode: str
+) -> None:
+    names = Names.fresh(f"rv-sendable-{mode[:5]}")
+    await create_topics(kafka_bootstrap, {names.results: 1})
+    await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
+    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
+    records = [
+        dlq(names.dead, b"a" * 60_000, 1),
+        dlq(names.dead, b"\x02" * 2_000_000, 2),
+        dlq(names.dead, b"b" * 60_000, 3),
+    ]
+    sink = await cycle(settings, records, limit=10_000_000)
+    order = [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)]
+    assert sink.bounded == 1
+    assert order == [b"in/0/1", b"in/0/2", b"in/0/3"]
