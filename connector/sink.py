@@ -172,7 +172,9 @@ class Sink:
         (``finish`` is then called before the records are acknowledged: the transaction
         holds both or neither); else once every record is acknowledged. Records too large
         are replaced by their bounded forms first."""
-        records = [r for r in map(self._sendable, self.fit(records)) if r is not None]
+        records = self.fit(records)
+        if self.max_request_size > self._producer_limit:  # ``fit`` held none to the producer's
+            records = [r for r in map(self._sendable, records) if r is not None]
         if self._exactly_once:
             return await self._transactional_cycle(records, finish)
         return await self._plain_cycle(records, finish)
@@ -207,7 +209,7 @@ class Sink:
         try:
             await producer.begin_transaction()
             try:
-                (refused, _unsent), _ = await asyncio.gather(
+                refused, _ = await asyncio.gather(
                     self._publish(records, alone), self._send_offsets(producer, positions)
                 )
                 if refused:  # the whole transaction goes again
@@ -290,8 +292,6 @@ class Sink:
         """The record, or its minimal form (None: left out) when it is over the
         producer's ``max_request_size``: aiokafka's ``send`` refuses such a record before
         queueing it, and batches built here are held to the same limit."""
-        if self.max_request_size <= self._producer_limit:
-            return record  # ``fit`` held it to a limit no larger
         size = out_size(record)
         if size <= self._producer_limit:
             return record
@@ -378,13 +378,13 @@ class Sink:
 
     async def _publish(
         self, records: Sequence[OutRecord], alone: Collection[int] = ()
-    ) -> tuple[list[Refusal], list[OutRecord]]:
-        """Send every record and wait for every acknowledgement. Returns the batches the
-        broker refused and the records of later batches on their partitions, which fail
-        ``OutOfOrderSequenceNumber`` (the refusal left a gap in the idempotent producer's
-        sequence numbers) and are not written either; any other error propagates.
-        Unawaited, a refused batch's future failed silently and the transaction committed
-        without its records."""
+    ) -> list[Refusal]:
+        """In a transaction: send every record and wait for every acknowledgement; return
+        the batches the broker refused. A later batch on a refused one's partition fails
+        ``OutOfOrderSequenceNumber`` (the refusal left a gap in the producer's sequence
+        numbers): not an error of its own, as the whole transaction goes again. Any other
+        error propagates. Unawaited, a refused batch's future failed silently and the
+        transaction committed without its records."""
         producer = self._producer
         sent: list[tuple[_Batch, asyncio.Future[object]]] = []
         try:
@@ -399,7 +399,6 @@ class Sink:
             raise
         answers = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         refused: list[Refusal] = []
-        unsent: list[OutRecord] = []
         gaps: set[tuple[str, int]] = set()
         for (batch, _), answer in zip(sent, answers, strict=True):
             if isinstance(answer, RECORD_ERRORS):
@@ -408,10 +407,10 @@ class Sink:
             elif isinstance(answer, OutOfOrderSequenceNumber) and (
                 (batch.topic, batch.partition) in gaps
             ):
-                unsent.extend(batch.records)
+                continue
             elif isinstance(answer, BaseException):
                 raise answer
-        return refused, unsent
+        return refused
 
     def _retry_plan(
         self,
@@ -466,8 +465,8 @@ class Sink:
 
     async def _publish_all(self, records: Sequence[OutRecord]) -> None:
         """Without a transaction: what a refusal kept from being written (the refused
-        batches, and the later batches on their partitions) goes again on a new producer,
-        isolated or cut as ``_retry_plan`` says, until all of it is written."""
+        batches, and the batches not sent after them on their partitions) goes again on a
+        new producer, isolated or cut as ``_retry_plan`` says, until all of it is written."""
         pending = list(records)
         alone: set[int] = set()
         replaced: set[int] = set()
@@ -476,7 +475,7 @@ class Sink:
             if not refused:
                 return
             # the refusal left a gap in the idempotent producer's sequence numbers for its
-            # partition (every later batch there fails): a new producer
+            # partition: a new producer
             await self._renew_producer()
             again = {id(r) for batch, _ in refused for r in batch} | {id(r) for r in unsent}
             pending = [record for record in pending if id(record) in again]

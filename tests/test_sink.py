@@ -343,38 +343,27 @@ async def test_a_refused_full_batch_keeps_the_partitions_order(
 
 
 @pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
-async def test_a_refused_first_record_keeps_the_partitions_order(
-    kafka_bootstrap: str, mode: str
+@pytest.mark.parametrize(
+    ("case", "sizes", "limit"),
+    [
+        # the broker refuses the partition's first record: the others must not pass it
+        ("first-refused", (300_000, 1_000, 1_000), None),
+        # over the producer's own limit: replaced once, never lost (it was without a
+        # transaction) nor tried for ever (a refused replacement looped in one)
+        ("over-producer-limit", (60_000, 2_000_000, 60_000), 10_000_000),
+    ],
+)
+async def test_a_cut_record_keeps_its_place_in_the_partition(
+    kafka_bootstrap: str, mode: str, case: str, sizes: tuple[int, int, int], limit: int | None
 ) -> None:
-    names = Names.fresh(f"rv-first-{mode[:5]}")
+    """Cases of a hostile review: the big record is cut to its minimal form, and the
+    partition's records stay in the cycle's order."""
+    names = Names.fresh(f"rv-{case[:5]}-{mode[:5]}")
     await create_topics(kafka_bootstrap, {names.results: 1})
     await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
     settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
-    records = [
-        dlq(names.dead, b"\x02" * 300_000, 1),
-        dlq(names.dead, b"a" * 1_000, 2),
-        dlq(names.dead, b"b" * 1_000, 3),
-    ]
-    sink = await cycle(settings, records)
-    order = [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)]
-    assert sink.bounded == 1
-    assert order == [b"in/0/1", b"in/0/2", b"in/0/3"]
-
-
-@pytest.mark.parametrize("mode", ["exactly_once", "at_least_once"])
-async def test_a_record_over_the_producers_limit_is_neither_lost_nor_moved(
-    kafka_bootstrap: str, mode: str
-) -> None:
-    names = Names.fresh(f"rv-sendable-{mode[:5]}")
-    await create_topics(kafka_bootstrap, {names.results: 1})
-    await create_topics(kafka_bootstrap, {names.dead: 1}, config={"max.message.bytes": "100000"})
-    settings = make_settings(kafka_bootstrap, "http://127.0.0.1:1", names, delivery={"mode": mode})
-    records = [
-        dlq(names.dead, b"a" * 60_000, 1),
-        dlq(names.dead, b"\x02" * 2_000_000, 2),
-        dlq(names.dead, b"b" * 60_000, 3),
-    ]
-    sink = await cycle(settings, records, limit=10_000_000)
+    records = [dlq(names.dead, b"\x02" * size, n) for n, size in enumerate(sizes, start=1)]
+    sink = await cycle(settings, records, limit=limit)
     order = [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)]
     assert sink.bounded == 1
     assert order == [b"in/0/1", b"in/0/2", b"in/0/3"]
