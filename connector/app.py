@@ -303,9 +303,6 @@ class Connector:
         self._source = source
         self._store = store
         async with AsyncExitStack() as stack:
-            if self._reader is not None:
-                stack.push_async_callback(self._reader.stop)
-                await self._reader.start()
             await sink.start()
             stack.push_async_callback(sink.stop)
             await source.start()

@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -273,8 +274,10 @@ class MemoryDedupStore:
         return None
 
 
-ChangelogEntry = tuple[bytes | None, bytes | None]  # key, value (None value: tombstone)
-ChangelogReader = Callable[[str, int], AsyncIterator[ChangelogEntry]]
+# changelog partition, key, value (None value: tombstone)
+ChangelogEntry = tuple[TopicPartitionKey, bytes | None, bytes | None]
+# reads the given changelog partitions to their ends; each partition's entries in order
+ChangelogReader = Callable[[Sequence[TopicPartitionKey]], AsyncGenerator[ChangelogEntry, None]]
 
 
 def changelog_topic(group_id: str, input_topic: str, suffix: str) -> str:
@@ -294,31 +297,36 @@ class ChangelogDedupStore(MemoryDedupStore):
         self._tombstones: list[OutRecord] = []
 
     async def restore(self, tps: Iterable[TopicPartitionKey]) -> int:
+        # a changelog partition is its input partition's (co-partitioned)
+        inputs = {(self._topic_for(topic), part): (topic, part) for topic, part in tps}
         restored = 0
-        for topic, partition in tps:
-            tp = (topic, partition)
-            async for key, value in self._reader(self._topic_for(topic), partition):
-                if key is None:
-                    continue
-                if key.startswith(MARK_PREFIX):
-                    offset = int(key[len(MARK_PREFIX) :])
-                    if value is None:
-                        self.marks.discard(tp, offset)
-                    else:
-                        self.marks.add(tp, offset)
-                    continue
-                keys = _restored_keys(key, value)
-                seen = None if value is None else Seen.decode(keys[0], value)
-                if seen is None or not self.window.is_live(seen.seen_at):
-                    # a tombstone, or an entry past the window that compaction has not
-                    # removed yet: neither takes memory
-                    for k in keys:
-                        self.window.discard(tp, k)
-                    continue
-                for k in keys:
-                    self.window.add(tp, Seen(k, seen.seen_at, seen.thread_uid))
-                restored += 1
+        async with aclosing(self._reader(list(inputs))) as entries:
+            async for changelog_tp, key, value in entries:
+                if key is not None:
+                    restored += self._apply(inputs[changelog_tp], key, value)
         return restored
+
+    def _apply(self, tp: TopicPartitionKey, key: bytes, value: bytes | None) -> bool:
+        """One changelog entry into the window or the dead-letter marks; True if it
+        restored a live dedup entry."""
+        if key.startswith(MARK_PREFIX):
+            offset = int(key[len(MARK_PREFIX) :])
+            if value is None:
+                self.marks.discard(tp, offset)
+            else:
+                self.marks.add(tp, offset)
+            return False
+        keys = _restored_keys(key, value)
+        seen = None if value is None else Seen.decode(keys[0], value)
+        if seen is None or not self.window.is_live(seen.seen_at):
+            # a tombstone, or an entry past the window that compaction has not removed
+            # yet: neither takes memory
+            for k in keys:
+                self.window.discard(tp, k)
+            return False
+        for k in keys:
+            self.window.add(tp, Seen(k, seen.seen_at, seen.thread_uid))
+        return True
 
     def remember_dead_letter(self, tp: TopicPartitionKey, offset: int) -> OutRecord | None:
         self.marks.add(tp, offset)

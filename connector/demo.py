@@ -197,12 +197,8 @@ async def _read_outputs(settings: ConnectorSettings) -> tuple[list[InputRecord],
     async with TopicManager(settings) as topics:
         counts = await topics.partitions([k.results_topic, k.dead_letter_topic])
     reader = TopicReader(settings)
-    await reader.start()
-    try:
-        results = await reader.read_topic(k.results_topic, counts[k.results_topic])
-        dead = await reader.read_topic(k.dead_letter_topic, counts[k.dead_letter_topic])
-    finally:
-        await reader.stop()
+    results = await reader.read_topic(k.results_topic, counts[k.results_topic])
+    dead = await reader.read_topic(k.dead_letter_topic, counts[k.dead_letter_topic])
     return results, dead
 
 

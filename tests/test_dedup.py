@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 
 import orjson
 import pytest
 
 from connector.dedup import (
     ChangelogDedupStore,
-    ChangelogEntry,
     DedupWindow,
     InFlight,
     MemoryDedupStore,
@@ -18,6 +17,7 @@ from connector.dedup import (
     changelog_topic,
 )
 
+Entry = tuple[bytes | None, bytes | None]  # key, value in a changelog partition
 TP = ("orders", 0)
 TP2 = ("orders", 1)
 OTHER = ("invoices", 0)
@@ -190,15 +190,23 @@ def test_changelog_topic_name() -> None:
 
 
 def make_store(
-    clock: FakeClock, log: dict[tuple[str, int], list[ChangelogEntry]]
+    clock: FakeClock, log: dict[tuple[str, int], list[Entry]]
 ) -> tuple[ChangelogDedupStore, list[tuple[str, int]]]:
     reads: list[tuple[str, int]] = []
 
-    async def reader(topic: str, partition: int) -> AsyncIterator[ChangelogEntry]:
-        reads.append((topic, partition))
-        for entry in log.get((topic, partition), []):
-            await asyncio.sleep(0)
-            yield entry
+    async def reader(
+        partitions: Sequence[tuple[str, int]],
+    ) -> AsyncGenerator[tuple[tuple[str, int], bytes | None, bytes | None], None]:
+        """Like TopicReader: every partition at once, entries of different partitions
+        interleaved, each partition's in order."""
+        reads.extend(partitions)
+        queues = [(tp, list(log.get(tp, []))) for tp in partitions]
+        while any(entries for _, entries in queues):
+            for tp, entries in queues:
+                if entries:
+                    await asyncio.sleep(0)
+                    key, value = entries.pop(0)
+                    yield tp, key, value
 
     store = ChangelogDedupStore(
         DedupWindow(TTL, 1_000, clock),
@@ -232,7 +240,7 @@ async def test_restore_rebuilds_the_window_from_the_changelog() -> None:
     record_c = writer.remember(TP2, seen("c", clock.now, "th-c"))
     assert record_a and record_b and record_c
     changelog = "grp-orders-dedup-changelog"
-    log: dict[tuple[str, int], list[ChangelogEntry]] = {
+    log: dict[tuple[str, int], list[Entry]] = {
         (changelog, 0): [
             (record_a.key, record_a.value),
             (record_b.key, record_b.value),
@@ -256,7 +264,7 @@ async def test_restore_rebuilds_the_window_from_the_changelog() -> None:
 async def test_restore_counts_entries_and_tombstones_remove_known_ids() -> None:
     clock = FakeClock()
     changelog = "grp-orders-dedup-changelog"
-    log: dict[tuple[str, int], list[ChangelogEntry]] = {
+    log: dict[tuple[str, int], list[Entry]] = {
         (changelog, 0): [(b"x", Seen("x", clock.now, "th-x").encode()), (b"old", None)],
     }
     store, _ = make_store(clock, log)
@@ -298,7 +306,7 @@ async def test_entries_of_the_old_code_are_read_by_their_raw_string_key() -> Non
     changelog = "grp-orders-dedup-changelog"
     old_value = orjson.dumps({"t": clock.now, "threadUid": "th"})
     new = Seen('"n"', clock.now, "th-n").encode()
-    log: dict[tuple[str, int], list[ChangelogEntry]] = {
+    log: dict[tuple[str, int], list[Entry]] = {
         (changelog, 0): [(b"abc", old_value), (b"5", old_value), (b'"n"', new), (b"7", new)],
     }
     store, _ = make_store(clock, log)
@@ -325,7 +333,7 @@ async def test_dead_letter_marks_round_trip_and_are_tombstoned_once_committed() 
     assert writer.take_tombstones() == []
 
     changelog = "grp-orders-dedup-changelog"
-    entries: list[ChangelogEntry] = [(m.key, m.value) for m in marks if m]
+    entries: list[Entry] = [(m.key, m.value) for m in marks if m]
     entries += [(t.key, t.value) for t in tombstones]
     store, _ = make_store(clock, {(changelog, 0): entries})
     await store.restore([TP])
