@@ -524,6 +524,14 @@ class Connector:
         except Exception as exc:
             log.exception("partition %s failed; the session restarts", what)
             self._fatal = exc if isinstance(exc, FencedError) else FencedError(str(exc))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # a real stop
+            # a cancel nobody asked for, raised by a library's own task: a failure (it
+            # ended aiokafka's coordinator task and with it the whole connector)
+            log.exception("partition %s failed; the session restarts", what)
+            self._fatal = FencedError(f"partition {what} failed: a stray cancellation")
 
     async def _revoke(self, revoked: list[TopicPartitionKey]) -> None:
         self.metrics.rebalances.labels("revoke").inc()

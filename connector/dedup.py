@@ -27,6 +27,7 @@ mark's key starts with the byte 0xFF, which no UTF-8 text (an old key) can start
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ import orjson
 
 from connector.events import OutRecord, TopicPartitionKey, dedup_key
 
+log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 CHANGELOG_VERSION = 2  # keys are the id's JSON encoding (version 1: the raw string)
 MARK_PREFIX = b"\xffdl:"  # + the source offset: a dead letter's mark
@@ -299,11 +301,21 @@ class ChangelogDedupStore(MemoryDedupStore):
     async def restore(self, tps: Iterable[TopicPartitionKey]) -> int:
         # a changelog partition is its input partition's (co-partitioned)
         inputs = {(self._topic_for(topic), part): (topic, part) for topic, part in tps}
-        restored = 0
+        restored = unreadable = 0
         async with aclosing(self._reader(list(inputs))) as entries:
             async for changelog_tp, key, value in entries:
-                if key is not None:
+                if key is None:
+                    continue
+                try:
                     restored += self._apply(inputs[changelog_tp], key, value)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    # not an entry of ours (written by hand, by another tool, corrupted):
+                    # skipped, or every restore of the partition failed and the replica
+                    # restarted its session for ever; the entry's event, if any, loses
+                    # only its dedup (a replay of it could create a second thread)
+                    unreadable += 1
+        if unreadable:
+            log.warning("dedup restore skipped %d changelog entries it could not read", unreadable)
         return restored
 
     def _apply(self, tp: TopicPartitionKey, key: bytes, value: bytes | None) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -23,6 +24,7 @@ from connector.kafka_common import client_kwargs
 log = logging.getLogger(__name__)
 PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]
 READER_FETCH_MAX_BYTES = 16 * 1024 * 1024
+READER_BATCH_RECORDS = 2_000
 
 
 class _Listener:
@@ -182,7 +184,7 @@ class TopicReader:
 
     async def read(
         self, partitions: Sequence[TopicPartitionKey], settle_s: float = 5.0
-    ) -> AsyncIterator[InputRecord]:
+    ) -> AsyncGenerator[InputRecord, None]:
         """Yield the partitions' committed records up to their ends, all read at once
         (one at a time, a restore of 6 empty partitions took 0.6 s: a fetch wait each);
         each partition's records in offset order.
@@ -203,10 +205,15 @@ class TopicReader:
             consumer.assign(list(pending))
             await consumer.seek_to_beginning(*pending)
             while pending:
-                batch = await consumer.getmany(*pending, timeout_ms=100)
+                batch = await consumer.getmany(
+                    *pending, timeout_ms=100, max_records=READER_BATCH_RECORDS
+                )
                 for msgs in batch.values():
                     for msg in msgs:
                         yield _record(msg)
+                # getmany does not yield to the loop while records are buffered: one 16 MiB
+                # fetch held the loop (health, metrics, calls under way) for 0.75 s
+                await asyncio.sleep(0)
                 now = time.monotonic()
                 for tp in list(pending):
                     if await _read_to_end(consumer, tp, now, started, at_lso_since, settle_s):
@@ -216,13 +223,14 @@ class TopicReader:
             names = ", ".join(f"{t}/{p}" for t, p in partitions)
             raise RuntimeError(f"cannot read {names}: {exc}") from exc
         finally:
-            await consumer.stop()
+            await _stop(consumer)
 
     async def read_changelog(
         self, partitions: Sequence[TopicPartitionKey]
     ) -> AsyncGenerator[tuple[TopicPartitionKey, bytes | None, bytes | None], None]:
-        async for record in self.read(partitions):
-            yield record.tp, record.key, record.value
+        async with aclosing(self.read(partitions)) as records:  # stopped now, not at GC
+            async for record in records:
+                yield record.tp, record.key, record.value
 
     async def read_topic(self, topic: str, partitions: int) -> list[InputRecord]:
         """Every committed record of every partition, in partition then offset order."""
@@ -248,3 +256,18 @@ async def _read_to_end(
     if await consumer.position(tp) < lso:
         return False
     return lso >= high or now - at_lso_since.setdefault(tp, now) > settle_s
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    """Stop a reader's consumer. aiokafka's fetcher, when stopped, cancels its fetch tasks and
+    awaits them, and a task waiting out a failed fetch's backoff raises that cancel: ``stop``
+    then ends in a ``CancelledError`` nobody asked for, before it closes the client (left
+    running, a connection and a task), and the error stopped the whole connector. Here the
+    client is closed all the same, and only a real cancel of ours goes on."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        await consumer._client.close()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise

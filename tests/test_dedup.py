@@ -341,3 +341,26 @@ async def test_dead_letter_marks_round_trip_and_are_tombstoned_once_committed() 
     assert len(store.window) == 0  # marks are not event ids
     store.forget([TP])
     assert not store.dead_lettered(TP, 12)
+
+
+async def test_entries_it_cannot_read_are_skipped_not_a_failed_restore() -> None:
+    """A changelog entry the connector did not write (by hand, another tool, corrupted)
+    raised out of the restore: every restore of the partition failed and the replica
+    restarted its session for ever. Now it is skipped and the rest is restored."""
+    clock = FakeClock()
+    changelog = "grp-orders-dedup-changelog"
+    good = Seen('"ok"', clock.now, "th-ok").encode()
+    log: dict[tuple[str, int], list[Entry]] = {
+        (changelog, 0): [
+            (b"\xffdl:abc", b"{}"),  # a dead-letter mark whose offset is no number
+            (b'"x"', b"not json"),
+            (b'"y"', b"[1, 2]"),  # JSON, not an object
+            (b'"z"', orjson.dumps({"v": 2})),  # no time, no thread
+            (b'"ok"', good),
+        ],
+    }
+    store, _ = make_store(clock, log)
+
+    assert await store.restore([TP]) == 1
+    assert store.seen(TP, '"ok"') is not None
+    assert len(store.window) == 1

@@ -6,10 +6,14 @@ a record it misses is a thread created twice; one it never finishes is a replica
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import NodeNotReadyError
 
 from connector.source import TopicReader
 from tests.harness import Names, make_settings
@@ -80,3 +84,43 @@ async def test_an_open_transaction_holds_only_its_partition_and_only_for_the_set
         (2, b"committed-2"),
     ]
     assert took >= 1.0  # it waited for the open transaction before giving up on it
+
+
+async def test_a_read_whose_fetches_fail_raises_an_error_and_leaves_no_client(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fetch fails (the broker answers the rest): the read gives up with an error
+    that says so. aiokafka's stop then raised a CancelledError out of a fetch task waiting
+    out its backoff, before it closed the client: a connection and a task left each time,
+    and the stray cancel ended the whole connector."""
+    topic = unique_name("reader-nofetch")
+    await create_topics(kafka_bootstrap, {topic: 3})
+    send = AIOKafkaClient.send
+
+    async def no_fetch(self: AIOKafkaClient, node_id: int, request: Any, **kw: Any) -> Any:
+        if type(request).__name__.startswith("FetchRequest"):
+            raise NodeNotReadyError("fetches refused by the test")
+        return await send(self, node_id, request, **kw)
+
+    monkeypatch.setattr(AIOKafkaClient, "send", no_fetch)
+    consumers: list[AIOKafkaConsumer] = []
+    init = AIOKafkaConsumer.__init__
+
+    def tracked(self: AIOKafkaConsumer, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        consumers.append(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "__init__", tracked)
+    reader = reader_for(kafka_bootstrap)
+    outcomes = []
+    for _ in range(15):  # without the fix the stray cancel came within the first few reads
+        try:
+            [r async for r in reader.read([(topic, p) for p in range(3)], settle_s=0.3)]
+            outcomes.append("returned")
+        except RuntimeError:
+            outcomes.append("error")
+    await asyncio.sleep(0.2)
+
+    assert outcomes == ["error"] * 15
+    assert len(consumers) == 15
+    assert all(c._closed and c._client._sync_task is None for c in consumers)
