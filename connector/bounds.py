@@ -64,8 +64,7 @@ def record_size(
     headers = list(headers)
     size = _field_size(key) + _field_size(value) + varint_size(len(headers))
     for name, data in headers:
-        encoded = name.encode("utf-8")
-        size += varint_size(len(encoded)) + len(encoded) + _field_size(data)
+        size += _header_size(name, data)
     return BATCH_OVERHEAD + RECORD_OVERHEAD + size
 
 
@@ -101,14 +100,8 @@ def bounded_dead_letter(
             ("dlq-key-sha256", sha256_hex(key).encode()),
         ]
         key = None
-    kept = list(original)
-    dropped = 0
-    marker: list[tuple[str, bytes]] = []
-    while kept and record_size(key, b"", [*own, *kept, *marker]) > budget:
-        largest = max(range(len(kept)), key=lambda i: len(kept[i][0]) + len(kept[i][1] or b""))
-        del kept[largest]
-        dropped += 1
-        marker = [("dlq-headers-dropped", str(dropped).encode())]
+    kept, dropped = _drop_largest_headers(original, budget - record_size(key, b"", own), len(own))
+    marker = [("dlq-headers-dropped", str(dropped).encode())] if dropped else []
     headers = (*kept, *own, *marker)
     if mode == "omit" or value is None:
         new_value: bytes | None = b"" if value is not None or key is None else None
@@ -116,6 +109,37 @@ def bounded_dead_letter(
         room = budget - record_size(key, b"", headers) - 5  # the value's own length varint
         new_value = cut_utf8(value, max(0, room))
     return OutRecord(record.topic, key, new_value, headers, record.partition)
+
+
+def _drop_largest_headers(
+    headers: list[tuple[str, bytes]], room: int, others: int
+) -> tuple[list[tuple[str, bytes]], int]:
+    """The headers left, in their order, once the largest are dropped until they (with a
+    ``dlq-headers-dropped`` count) take at most ``room`` bytes beside ``others`` headers;
+    and how many were dropped. Each header is measured once: dropping one at a time and
+    measuring the whole record again took 109 s for 524,000 one-byte headers (a record
+    that fits in 1 MiB), with the event loop held all that time."""
+    sizes = [_header_size(name, data) for name, data in headers]
+    # largest first; ties in their order (what taking the largest one at a time gave)
+    order = sorted(
+        range(len(headers)), key=lambda i: -(len(headers[i][0]) + len(headers[i][1] or b""))
+    )
+    kept_bytes = sum(sizes)
+    gone: set[int] = set()
+    for i in order:
+        count = others + len(headers) - len(gone) + (1 if gone else 0)
+        marker = _header_size("dlq-headers-dropped", str(len(gone)).encode()) if gone else 0
+        # the count's own varint grows with the headers: measured against one header
+        if varint_size(count) - varint_size(others) + kept_bytes + marker <= room:
+            break
+        gone.add(i)
+        kept_bytes -= sizes[i]
+    return [h for i, h in enumerate(headers) if i not in gone], len(gone)
+
+
+def _header_size(name: str, data: bytes | None) -> int:
+    encoded = name.encode("utf-8")
+    return varint_size(len(encoded)) + len(encoded) + _field_size(data)
 
 
 def bounded_result(record: OutRecord, limit: int) -> OutRecord:

@@ -4,12 +4,14 @@ dead letters and results (issue 9)."""
 from __future__ import annotations
 
 import hashlib
+import random
 
 import orjson
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from connector.bounds import (
+    HEADROOM,
     RESULT_FIELD_MAX,
     bound,
     bounded_dead_letter,
@@ -107,6 +109,52 @@ def test_huge_original_headers_are_dropped_largest_first_and_counted() -> None:
     h = headers_of(out)
     assert h["small"] == b"s" and h["big"] == b"b" * 900_000
     assert "bigger" not in h and h["dlq-headers-dropped"] == b"1"
+
+
+def _one_at_a_time(
+    key: bytes | None, headers: list[tuple[str, bytes]], own: list[tuple[str, bytes]], budget: int
+) -> tuple[list[tuple[str, bytes]], int]:
+    """The reference: drop the largest header and measure the whole record again."""
+    kept, dropped, marker = list(headers), 0, []
+    while kept and record_size(key, b"", [*own, *kept, *marker]) > budget:
+        largest = max(range(len(kept)), key=lambda i: len(kept[i][0]) + len(kept[i][1]))
+        del kept[largest]
+        dropped += 1
+        marker = [("dlq-headers-dropped", str(dropped).encode())]
+    return kept, dropped
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_headers_dropped_as_one_at_a_time_would(seed: int) -> None:
+    """Each header measured once, the largest dropped first: the same headers kept as
+    dropping one at a time and measuring again (ties, count varints, the marker)."""
+    rng = random.Random(seed)
+    n = rng.choice([1, 5, 130, 300])
+    headers = [
+        (rng.choice(["h", "x-id", "é" * rng.randint(0, 3)]), b"v" * rng.choice([0, 1, 2, 200]))
+        for _ in range(n)
+    ]
+    dlq = dead_letter(b"{}", headers=headers)
+    total = out_size(dlq)
+    limit = rng.randint(total // 3, total) + HEADROOM
+    out = bounded_dead_letter(dlq, limit, "omit")
+
+    own = [h for h in out.headers if h[0].startswith("dlq-") and h[0] != "dlq-headers-dropped"]
+    kept, dropped = _one_at_a_time(out.key, headers, own, limit - HEADROOM)
+    assert [h for h in out.headers if not h[0].startswith("dlq-")] == kept
+    marker = headers_of(out).get("dlq-headers-dropped")
+    assert marker == (str(dropped).encode() if dropped else None)
+
+
+def test_a_flood_of_tiny_headers_is_cut_to_fit() -> None:
+    """524,000 one-byte headers fit in a 1 MiB record; dropping them one at a time, the
+    whole record measured after each, held the event loop for 109 s."""
+    headers = [("", b"x")] * 524_000
+    dlq = dead_letter(b"not json", headers=headers)
+    out = bounded_dead_letter(dlq, 200_000, "truncate")
+    assert out_size(out) <= 200_000
+    dropped = int(headers_of(out)["dlq-headers-dropped"])
+    assert dropped + sum(1 for h in out.headers if h[0] == "") == 524_000
 
 
 def test_huge_key_is_dropped_with_its_hash() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from connector.simulator import FaultSpec, LatencySpec, SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
@@ -329,3 +330,30 @@ async def test_backpressure_pauses_fetching_and_resumes(
     assert paused_seen >= 1  # fetching paused while the buffer was full
     assert peak <= limit + fetch  # bounded: at most one fetch beyond the limit
     assert len(await results(kafka_bootstrap, names.results)) == n  # and it resumed
+
+
+async def test_events_compressed_by_their_producer_become_results(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    """Producers compress with gzip, snappy, lz4 or zstd (Java's and librdkafka's common
+    choices): without a codec library aiokafka raised UnsupportedCodecError on the fetch,
+    and one lz4 batch stopped every partition of the replica, at every restart."""
+    names = Names.fresh("codecs")
+    settings = make_settings(kafka_bootstrap, sim.base_url, names)
+    await ensure_topics(settings)
+    codecs = ["gzip", "snappy", "lz4", "zstd"]
+    for codec in codecs:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, compression_type=codec)
+        await producer.start()
+        try:
+            for i in range(5):
+                await producer.send(names.input, event(f"{codec}-{i}", user=f"u-{i}"))
+            await producer.flush()
+        finally:
+            await producer.stop()
+    async with running(settings):
+        await wait_until_committed(kafka_bootstrap, names.group, names.input)
+
+    out = await results(kafka_bootstrap, names.results)
+    assert sorted(r["eventId"] for r in out) == sorted(f"{c}-{i}" for c in codecs for i in range(5))
+    assert await read_all(kafka_bootstrap, names.dead) == []
