@@ -306,8 +306,9 @@ class ChangelogDedupStore(MemoryDedupStore):
             async for changelog_tp, key, value in entries:
                 if key is None:
                     continue
+                tp = inputs[changelog_tp]  # outside the try: a wrong mapping is a bug
                 try:
-                    restored += self._apply(inputs[changelog_tp], key, value)
+                    restored += self._apply(tp, key, value)
                 except (ValueError, KeyError, TypeError, AttributeError):
                     # not an entry of ours (written by hand, by another tool, corrupted):
                     # skipped, or every restore of the partition failed and the replica

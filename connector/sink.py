@@ -212,7 +212,7 @@ class Sink:
                 # AddOffsets is being written is refused (the broker cannot verify the
                 # partition is in the transaction: NOT_ENOUGH_REPLICAS to a client without
                 # transactions v2) and retried after ``producer_retry_backoff_ms``: side by
-                # side, one cycle in ten waited 100 ms and logged seven warnings for it
+                # side, about one cycle in ten waited that backoff and logged seven warnings
                 refused = await self._publish(records, alone)
                 if refused:  # the whole transaction goes again
                     raise _Refused(refused)
