@@ -20,6 +20,8 @@ from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.kafka_common import client_kwargs
+from connector.undecodable import UNDECODABLE, FetchGuard
+from connector.undecodable import input_record as _record
 
 log = logging.getLogger(__name__)
 PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]
@@ -75,7 +77,18 @@ class Source:
             max_poll_records=k.fetch_max_records,
             metadata_max_age_ms=k.metadata_max_age_ms,
         )
-        self._listener = _Listener(on_revoked, on_assigned)
+        # the way past records aiokafka cannot decode
+        self._guard = FetchGuard(self._consumer, k.auto_offset_reset)
+
+        async def revoked(tps: list[TopicPartitionKey]) -> None:
+            self._guard.forget(_tp(t) for t in tps)
+            await on_revoked(tps)
+
+        async def assigned(tps: list[TopicPartitionKey]) -> None:
+            self._guard.forget(_tp(t) for t in tps)
+            await on_assigned(tps)
+
+        self._listener = _Listener(revoked, assigned)
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -93,7 +106,11 @@ class Source:
         limit = self._settings.kafka.fetch_max_records
         if max_records is not None:
             limit = max(1, min(limit, max_records))
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
+        try:
+            batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
+        except UNDECODABLE as exc:
+            return await self._guard.recover(exc, limit)
+        self._guard.note(batches)
         return [_record(m) for msgs in batches.values() for m in msgs]
 
     async def keep_alive(self, timeout_ms: int) -> list[InputRecord]:
@@ -103,7 +120,11 @@ class Source:
         if not paused:
             await asyncio.sleep(timeout_ms / 1000)
             return []
-        batches = await self._consumer.getmany(paused[0], timeout_ms=timeout_ms, max_records=1)
+        try:
+            batches = await self._consumer.getmany(paused[0], timeout_ms=timeout_ms, max_records=1)
+        except UNDECODABLE as exc:
+            return await self._guard.recover(exc, 1)
+        self._guard.note(batches)
         return [_record(m) for msgs in batches.values() for m in msgs]
 
     def assignment(self) -> list[TopicPartitionKey]:
@@ -129,7 +150,10 @@ class Source:
 
     async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:
         """The next offset the consumer will hand out (past transaction markers), or None
-        when the partition is not assigned any more or its position is not known yet."""
+        when the partition is not assigned any more or its position is not known yet (or
+        not the connector's: while a fetch finds its way past an undecodable record)."""
+        if self._guard.busy:
+            return None
         try:
             value = await asyncio.wait_for(self._consumer.position(_tp(tp)), timeout_s)
         except (IllegalStateError, TimeoutError):
@@ -148,18 +172,6 @@ class Source:
             await self._consumer.commit({_tp(tp): pos for tp, pos in positions.items()})
         except CommitFailedError as exc:
             raise FencedError(f"offset commit refused, the group moved on: {exc}") from exc
-
-
-def _record(m: Any) -> InputRecord:
-    return InputRecord(
-        topic=m.topic,
-        partition=m.partition,
-        offset=m.offset,
-        key=m.key,
-        value=m.value,
-        headers=tuple((h[0], bytes(h[1] or b"")) for h in (m.headers or ())),
-        timestamp_ms=m.timestamp,
-    )
 
 
 class TopicReader:
