@@ -83,9 +83,8 @@ def raw_input_record(tp: TopicPartition, raw: RawRecord) -> InputRecord:
 class FetchGuard:
     """The connector's own next offset per partition, and the recovery described above."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, auto_offset_reset: str) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
-        self._reset = auto_offset_reset
         self._next: dict[TopicPartition, int] = {}
         self._not_found: dict[TopicPartition, int] = {}
         # while recovering, the consumer's positions are not the connector's (records
@@ -97,6 +96,10 @@ class FetchGuard:
         for tp, msgs in batches.items():
             if msgs:
                 self._next[tp] = msgs[-1].offset + 1
+
+    def moved(self, tp: TopicPartition, offset: int) -> None:
+        """The connector moved the position itself (a reset, a seek)."""
+        self._next[tp] = offset
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Revoked or newly assigned: the position comes from the committed offset."""
@@ -138,16 +141,12 @@ class FetchGuard:
         return out
 
     async def _rewind(self, tp: TopicPartition) -> None:
-        """Back to the offset after the last record handed out: else the committed one;
-        else (a new group) the log start, when that is where it began. With ``latest`` and
-        nothing committed the start is not known: records of that partition drained in the
-        failed call are lost (only before a group's first commit)."""
+        """Back to the offset after the last record handed out, else the committed one
+        (every other position is set by ``connector.resets``, which says ``moved``)."""
         consumer = self._consumer
         target = self._next.get(tp)
         if target is None:
             target = await consumer.committed(tp)
-        if target is None and self._reset == "earliest":
-            target = (await consumer.beginning_offsets([tp]))[tp]
         if target is not None:
             consumer.seek(tp, target)
 
