@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import cramjam
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CorruptRecordException, UnsupportedCodecError, for_code
+from aiokafka.errors import (
+    CorruptRecordException,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    UnsupportedCodecError,
+    for_code,
+)
 from aiokafka.protocol.fetch import FetchRequest
 
 from connector.events import InputRecord
@@ -48,7 +55,9 @@ UNDECODABLE: tuple[type[BaseException], ...] = (
 )
 READ_COMMITTED = 1
 RAW_FETCH_MAX_BYTES = 1_048_576  # the broker sends the first batch whole even if larger
-PARTITION_WAIT_MS = 2_000  # a partition read on its own: its fetch after the seek back
+# the partitions' fetches after the seek back: waited for this long in all (those not in by
+# then are read by the next fetch), and this long for each of the culprit's own records
+WAIT_S = 2.0
 NOT_FOUND_LIMIT = 3  # the error again and again where our reading finds nothing: give up
 
 
@@ -130,14 +139,17 @@ class FetchGuard:
         for tp in fetchable:
             await self._rewind(tp)
         out: list[InputRecord] = []
+        deadline = time.monotonic() + WAIT_S
         for tp in fetchable:
             room = limit - len(out)
             if room <= 0:
                 break  # the next fetch goes on; a culprit not reached yet raises again
             try:
-                out += await self._get(tp, room)
+                out += await self._get(tp, room, deadline - time.monotonic())
             except UNDECODABLE:
                 out += await self._isolate(tp, room)
+            except (NoOffsetForPartitionError, OffsetOutOfRangeError):
+                continue  # raised again by the next fetch, where ``connector.resets`` acts
         return out
 
     async def _rewind(self, tp: TopicPartition) -> None:
@@ -150,14 +162,15 @@ class FetchGuard:
         if target is not None:
             consumer.seek(tp, target)
 
-    async def _get(self, tp: TopicPartition, max_records: int) -> list[InputRecord]:
+    async def _get(self, tp: TopicPartition, max_records: int, wait_s: float) -> list[InputRecord]:
         """``tp``'s fetched records (waiting for its fetch after the seek), unless its
         position is known to be at the end of what can be read."""
         consumer = self._consumer
         lso = consumer.last_stable_offset(tp)
         if lso is not None and await consumer.position(tp) >= lso:
             return []
-        batches = await consumer.getmany(tp, timeout_ms=PARTITION_WAIT_MS, max_records=max_records)
+        timeout_ms = max(0, int(wait_s * 1000))
+        batches = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=max_records)
         self.note(batches)
         return [input_record(m) for msgs in batches.values() for m in msgs]
 
@@ -165,7 +178,7 @@ class FetchGuard:
         out: list[InputRecord] = []
         while len(out) < room:  # aiokafka's own records before the batch it fails on
             try:
-                got = await self._get(tp, 1)
+                got = await self._get(tp, 1, WAIT_S)
             except UNDECODABLE:
                 break
             if not got:
