@@ -95,16 +95,32 @@ def test_a_gzip_batch_that_does_not_decompress() -> None:
     assert found is not None and "cannot decompress" in (found.records[0].problem or "")
 
 
-def test_a_gzip_batch_is_read() -> None:
-    plain = bytearray(batch([rec("a"), rec("b")]))
-    payload = gzip.compress(bytes(plain[61:]))
-    data = bytearray(plain[:61] + payload)
+def gzipped(plain: bytes) -> bytes:
+    """The batch with its records compressed with gzip (header, length and CRC updated)."""
+    data = bytearray(plain[:61] + gzip.compress(plain[61:]))
     struct.pack_into(">i", data, 8, len(data) - 12)
     (attributes,) = struct.unpack_from(">h", data, ATTRIBUTES_AT)
     struct.pack_into(">h", data, ATTRIBUTES_AT, attributes | 1)
     struct.pack_into(">I", data, CRC_OFFSET, calc_crc32c(bytes(data[ATTRIBUTES_AT:])))
-    assert not aiokafka_fails(bytes(data))
-    assert find_bad_batch(bytes(data), 0) is None
+    return bytes(data)
+
+
+def test_a_gzip_batch_is_read() -> None:
+    data = gzipped(batch([rec("a"), rec("b")]))
+    assert not aiokafka_fails(data)
+    assert find_bad_batch(data, 0) is None
+
+
+def test_a_bad_header_name_in_a_gzip_batch_costs_only_its_record() -> None:
+    data = gzipped(batch([rec("a"), rec("bad", [(BAD, b"v")]), rec("c")]))
+    assert aiokafka_fails(data)
+    found = find_bad_batch(data, 0)
+    assert found is not None
+    assert [(r.key, r.problem is None) for r in found.records] == [
+        (b"a", True),
+        (b"bad", False),
+        (b"c", True),
+    ]
 
 
 def test_a_broken_record_structure_covers_the_rest_of_its_batch() -> None:
