@@ -65,15 +65,18 @@ class PartitionProgress:
         self, tp: TopicPartitionKey, position: int | None, lso: int | None, high: int | None
     ) -> float:
         """The consumer's position, last stable offset and high watermark of ``tp`` as last
-        fetched; returns the seconds it has been blocked (0: it is not)."""
+        fetched; returns the seconds it has been blocked (0: it is not). ``position`` None
+        with records beyond the LSO: not known now (figures too old, a recovery under way),
+        so the last verdict holds. A partition paused by backpressure is no sign either
+        way: it must not start the time again, or a backlog elsewhere hides it for ever."""
         now = self._clock()
-        blocked = (
-            position is not None
-            and lso is not None
-            and high is not None
-            and position >= lso
-            and high > lso
-        )
+        if lso is None or high is None or high <= lso:
+            blocked = False
+        elif position is None:
+            seen = self._blocked_since.get(tp)
+            blocked = seen is not None and seen[1] == lso
+        else:
+            blocked = position >= lso
         seconds = 0.0
         if blocked and lso is not None and high is not None:
             since, seen_lso = self._blocked_since.get(tp, (now, lso))

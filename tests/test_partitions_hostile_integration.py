@@ -1,0 +1,143 @@
+"""Hostile cases for undecodable records, skipped offsets and blocked partitions (issue 20
+items 1, 6, 7), on a real broker: the situations the first tests did not meet."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.undecodable import FetchGuard
+from tests.harness import (
+    Names,
+    ensure_topics,
+    event,
+    make_settings,
+    running,
+    wait_until_committed,
+)
+from tests.raw_batches import batch, send_raw
+
+pytestmark = pytest.mark.integration
+
+
+async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+async def test_a_blocked_partition_is_named_while_a_backlog_elsewhere_fills_the_buffer(
+    kafka_bootstrap: str,
+) -> None:
+    """Partition 0 behind an open upstream transaction, partition 1 with a backlog larger
+    than the buffer and a slow API: the buffer fills, every partition is paused now and
+    then, and the blocked partition must still be named after its time."""
+    names = Names.fresh("blocked-busy")
+    spec = SimulatorSettings(seed=3, latency={"distribution": "fixed", "median_ms": 300})
+    async with ThreadsApiSimulator(spec) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=2,
+            kafka={"blocked_partition_after_s": 3},
+            delivery={"max_buffered_events": 20},
+        )
+        await ensure_topics(settings)
+        upstream = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
+        )
+        await upstream.start()
+        try:
+            await upstream.begin_transaction()
+            await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
+            backlog = [(b"k", event(f"p1-{i}")) for i in range(1500)]
+            producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+            await producer.start()
+            try:
+                for _k, v in backlog:
+                    await producer.send(names.input, v, partition=1)
+                await producer.send_and_wait(names.input, event("p0-plain"), partition=0)
+            finally:
+                await producer.stop()
+            async with running(settings) as connector:
+                started = time.monotonic()
+
+                def named() -> bool:
+                    ready, why = connector._ready()
+                    return not ready and f"{names.input}/0" in why and "blocked" in why
+
+                await until(named, 25, "readiness never named the blocked partition")
+                assert time.monotonic() - started >= 3
+                # the backlog was still there: the buffer was full now and then
+                assert sum(sim.store.count_by_event_id().values()) < 1500
+                await upstream.abort_transaction()
+                await until(lambda: connector._ready()[0], 20, "readiness stayed red")
+                # green again while the backlog still fills the buffer
+                assert sum(sim.store.count_by_event_id().values()) < 1500
+        finally:
+            await upstream.stop()
+
+
+BAD_NAME = b"\xff\xfe trace-\xc3(-id"  # not UTF-8
+
+
+async def test_a_rebalance_during_the_recovery_loses_nothing_and_ends_nothing(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance that starts while the connector reads its partitions one by one past an
+    undecodable record: the partitions it read before are another member's afterwards.
+    The window is held open at the guard's first partition read (a real rebalance happens
+    meanwhile); aiokafka itself holds a recovery's fetch until a rebalance has finished."""
+    names = Names.fresh("undecodable-rebalance")
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = FetchGuard._get
+
+    async def held(self: FetchGuard, tp: TopicPartition, n: int, wait_s: float) -> Any:
+        if not entered.is_set():
+            entered.set()
+            await release.wait()
+        return await original(self, tp, n, wait_s)
+
+    monkeypatch.setattr(FetchGuard, "_get", held)
+    async with ThreadsApiSimulator(SimulatorSettings(seed=4)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=4)
+        await ensure_topics(settings)
+        wanted: list[str] = []
+        for p in range(4):
+            records = [(f"p{p}-{i}".encode(), event(f"p{p}-{i}"), []) for i in range(5)]
+            if p == 0:
+                records.insert(2, (b"bad", event("bad"), [(BAD_NAME, b"v")]))
+            wanted += [f"p{p}-{i}" for i in range(5)]
+            await send_raw(kafka_bootstrap, TopicPartition(names.input, p), batch(records))
+        async with running(settings) as connector:
+            await asyncio.wait_for(entered.wait(), 30)
+            assigns = connector.metrics.rebalances.labels("assign")
+            before = assigns._value.get()
+            other = AIOKafkaConsumer(
+                names.input,
+                bootstrap_servers=kafka_bootstrap,
+                group_id=names.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                isolation_level="read_committed",
+            )
+            await other.start()
+            try:
+                await until(lambda: assigns._value.get() > before, 30, "no rebalance")
+                await until(lambda: len(connector._assigned) < 4, 30, "nothing moved")
+                release.set()
+                await asyncio.sleep(1.0)  # the recovery goes on: nothing to wait for
+            finally:
+                await other.stop()  # leaves: the connector takes every partition again
+            await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+            assert connector.sessions == 1
+        assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
