@@ -33,6 +33,7 @@ import cramjam
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
+    IllegalStateError,
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
     UnsupportedCodecError,
@@ -89,6 +90,10 @@ def raw_input_record(tp: TopicPartition, raw: RawRecord) -> InputRecord:
     )
 
 
+class _Rebalanced(Exception):
+    """A rebalance began during the recovery: what it read belongs to the old assignment."""
+
+
 class FetchGuard:
     """The connector's own next offset per partition, and the recovery described above."""
 
@@ -96,6 +101,7 @@ class FetchGuard:
         self._consumer = consumer
         self._next: dict[TopicPartition, int] = {}
         self._not_found: dict[TopicPartition, int] = {}
+        self._epoch = 0  # counts revocations and assignments (``forget``)
         # while recovering, the consumer's positions are not the connector's (records
         # drained in the failed call are not handed out yet): nobody may act on them
         self.busy = False
@@ -112,6 +118,7 @@ class FetchGuard:
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Revoked or newly assigned: the position comes from the committed offset."""
+        self._epoch += 1
         for tp in tps:
             self._next.pop(tp, None)
             self._not_found.pop(tp, None)
@@ -120,13 +127,26 @@ class FetchGuard:
         """After ``getmany`` raised ``error`` (one of UNDECODABLE): at most about ``limit``
         records, the undecodable ones among them marked."""
         self.busy = True
+        epoch = self._epoch
         try:
             return await self._recover(error, limit)
+        except (_Rebalanced, AssertionError, IllegalStateError):
+            if self._epoch == epoch:
+                raise  # not a rebalance's doing
+            # records read so far are of the old assignment, none handed out: each
+            # partition's owner fetches them again from the committed offset
+            log.info("a rebalance during the recovery; its partitions are read again")
+            return []
         finally:
             self.busy = False
 
+    def _same_assignment(self, epoch: int) -> None:
+        if self._epoch != epoch:
+            raise _Rebalanced
+
     async def _recover(self, error: BaseException, limit: int) -> list[InputRecord]:
         consumer = self._consumer
+        epoch = self._epoch
         paused = consumer.paused()
         fetchable = sorted(
             (tp for tp in consumer.assignment() if tp not in paused),
@@ -137,6 +157,7 @@ class FetchGuard:
             type(error).__name__, error, len(fetchable),
         )  # fmt: skip
         for tp in fetchable:
+            self._same_assignment(epoch)
             await self._rewind(tp)
         out: list[InputRecord] = []
         deadline = time.monotonic() + WAIT_S
@@ -144,12 +165,14 @@ class FetchGuard:
             room = limit - len(out)
             if room <= 0:
                 break  # the next fetch goes on; a culprit not reached yet raises again
+            self._same_assignment(epoch)
             try:
                 out += await self._get(tp, room, deadline - time.monotonic())
             except UNDECODABLE:
-                out += await self._isolate(tp, room)
+                out += await self._isolate(tp, room, epoch)
             except (NoOffsetForPartitionError, OffsetOutOfRangeError):
                 continue  # raised again by the next fetch, where ``connector.resets`` acts
+        self._same_assignment(epoch)
         return out
 
     async def _rewind(self, tp: TopicPartition) -> None:
@@ -174,9 +197,10 @@ class FetchGuard:
         self.note(batches)
         return [input_record(m) for msgs in batches.values() for m in msgs]
 
-    async def _isolate(self, tp: TopicPartition, room: int) -> list[InputRecord]:
+    async def _isolate(self, tp: TopicPartition, room: int, epoch: int) -> list[InputRecord]:
         out: list[InputRecord] = []
         while len(out) < room:  # aiokafka's own records before the batch it fails on
+            self._same_assignment(epoch)
             try:
                 got = await self._get(tp, 1, WAIT_S)
             except UNDECODABLE:
@@ -186,8 +210,10 @@ class FetchGuard:
             out += got
         else:
             return out
+        self._same_assignment(epoch)
         position = await self._consumer.position(tp)
         bad = await self._bad_batch(tp, position)
+        self._same_assignment(epoch)
         if bad is None:
             count = self._not_found[tp] = self._not_found.get(tp, 0) + 1
             if count >= NOT_FOUND_LIMIT:

@@ -18,6 +18,7 @@ from tests.harness import (
     ensure_topics,
     event,
     make_settings,
+    read_all,
     running,
     wait_until_committed,
 )
@@ -139,5 +140,7 @@ async def test_a_rebalance_during_the_recovery_loses_nothing_and_ends_nothing(
             finally:
                 await other.stop()  # leaves: the connector takes every partition again
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
-            assert connector.sessions == 1
+            assert connector.sessions == 1  # the session never ended
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
+        (letter,) = await read_all(kafka_bootstrap, names.dead)
+        assert letter.key == b"bad"
