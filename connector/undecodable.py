@@ -14,7 +14,9 @@ last record handed out) and, on such an error:
 4. fetches that batch's bytes itself and reads them record by record
    (``connector.rawrecords``): its good records are handed out as usual, the undecodable
    ones as records marked ``undecodable`` (the pipeline dead-letters them by their
-   coordinates, code ``undecodable_record``), and the partition goes on after the batch.
+   coordinates, code ``undecodable_record``), with the whole batches after it in those
+   bytes as far as the fetch's room goes (a producer that writes bad records writes many:
+   one look for all of them, not one per batch); the partition goes on after the last.
 
 aiokafka decodes a whole batch on each attempt, so a batch with one bad record can only be
 read past, not into: that is why the rest of it is handed out from our own reading.
@@ -212,7 +214,7 @@ class FetchGuard:
             return out
         self._same_assignment(epoch)
         position = await self._consumer.position(tp)
-        bad = await self._bad_batch(tp, position)
+        bad = await self._bad_batch(tp, position, room - len(out))
         self._same_assignment(epoch)
         if bad is None:
             count = self._not_found[tp] = self._not_found.get(tp, 0) + 1
@@ -229,15 +231,17 @@ class FetchGuard:
         self._next[tp] = after
         bad_ones = [r for r in records if r.problem is not None]
         log.warning(
-            "%s/%d: %d record(s) the Kafka client cannot decode at offsets %s, dead-lettered; "
-            "the partition goes on at offset %d",
+            "%s/%d: %d record(s) the Kafka client cannot decode at offsets %s%s, "
+            "dead-lettered; the partition goes on at offset %d",
             tp.topic, tp.partition, len(bad_ones),
-            ", ".join(str(r.offset) for r in bad_ones[:10]), after,
+            ", ".join(str(r.offset) for r in bad_ones[:10]),
+            " …" if len(bad_ones) > 10 else "", after,
         )  # fmt: skip
         return out + [raw_input_record(tp, r) for r in records]
 
-    async def _bad_batch(self, tp: TopicPartition, offset: int) -> BadBatch | None:
-        """Fetch ``tp`` from ``offset`` ourselves and read the bytes (read_committed)."""
+    async def _bad_batch(self, tp: TopicPartition, offset: int, more: int) -> BadBatch | None:
+        """Fetch ``tp`` from ``offset`` ourselves and read the bytes (read_committed): the
+        first bad batch, and up to ``more`` records of the whole batches after it."""
         client = self._consumer._client
         node = client.cluster.leader_for_partition(tp)
         if node is None or node < 0:
@@ -258,5 +262,5 @@ class FetchGuard:
                 if error_code != 0:
                     raise for_code(error_code)(f"raw fetch of {tp.topic}/{tp.partition}")
                 aborted = data[2] if response.API_VERSION >= 11 else data[-2]
-                return find_bad_batch(data[-1] or b"", offset, aborted or ())
+                return find_bad_batch(data[-1] or b"", offset, aborted or (), more)
         return None

@@ -4,12 +4,15 @@ items 1, 6, 7), on a real broker: the situations the first tests did not meet.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.produce import ProduceRequest
 
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from connector.undecodable import FetchGuard
@@ -18,6 +21,7 @@ from tests.harness import (
     ensure_topics,
     event,
     make_settings,
+    produce,
     read_all,
     running,
     wait_until_committed,
@@ -144,3 +148,46 @@ async def test_a_rebalance_during_the_recovery_loses_nothing_and_ends_nothing(
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
         (letter,) = await read_all(kafka_bootstrap, names.dead)
         assert letter.key == b"bad"
+
+
+@pytest.mark.parametrize("pattern", ["consecutive", "interleaved"])
+async def test_a_producer_writing_many_undecodable_records_costs_a_few_recoveries(
+    kafka_bootstrap: str, pattern: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer that writes bad header names writes them on many records (a C or Go
+    client can send any bytes): 150 of them, each its own batch, one after another or
+    between good ones. Each became a recovery of its own (every partition read again,
+    two WARNING lines): 300 lines and about 35 ms each."""
+    names = Names.fresh(f"undecodable-{pattern[:5]}")
+    n = 150
+    async with ThreadsApiSimulator(SimulatorSettings(seed=6)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=2)
+        await ensure_topics(settings)
+        p0 = TopicPartition(names.input, 0)
+        client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
+        await client.bootstrap()
+        wanted: list[str] = []
+        try:
+            await client.force_metadata_update()
+            leader = client.cluster.leader_for_partition(p0)
+            for i in range(n):
+                records = [(f"bad-{i}".encode(), event(f"bad-{i}"), [(BAD_NAME, b"v")])]
+                if pattern == "interleaved":
+                    records = [*records, (f"good-{i}".encode(), event(f"good-{i}"), [])]
+                    wanted.append(f"good-{i}")
+                for one in records:  # each record its own batch, as a producer with linger 0
+                    request = ProduceRequest(None, -1, 30_000, [(p0.topic, [(0, batch([one]))])])
+                    await client.send(leader, request)
+        finally:
+            await client.close()
+        other = [(f"o{i}".encode(), event(f"other-{i}")) for i in range(50)]
+        await produce(kafka_bootstrap, names.input, other)
+        wanted += [f"other-{i}" for i in range(50)]
+        caplog.set_level(logging.INFO, logger="connector")
+        async with running(settings) as connector:
+            await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
+            dead = connector.metrics.dead_letters.labels("parse", "undecodable_record")
+            assert dead._value.get() == n
+        assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
+        lines = [r for r in caplog.records if r.name == "connector.undecodable" and r.levelno >= 30]
+        assert len(lines) <= 10, f"{len(lines)} warnings for {n} undecodable records"
