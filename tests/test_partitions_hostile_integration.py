@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 
+from connector.localkafka import run_tool
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from connector.undecodable import FetchGuard
 from tests.harness import (
@@ -26,7 +27,9 @@ from tests.harness import (
     running,
     wait_until_committed,
 )
+from tests.kafka_helpers import CONSUMER_GROUP_COMMAND
 from tests.raw_batches import batch, send_raw
+from tests.test_partition_progress_integration import committed_then_deleted
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +194,46 @@ async def test_a_producer_writing_many_undecodable_records_costs_a_few_recoverie
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
         lines = [r for r in caplog.records if r.name == "connector.undecodable" and r.levelno >= 30]
         assert len(lines) <= 10, f"{len(lines)} warnings for {n} undecodable records"
+
+
+async def test_a_stopped_partition_goes_on_after_the_documented_operator_reset(
+    kafka_bootstrap: str,
+) -> None:
+    """docs/partitions.md: stop the connector, reset the group's offset with
+    kafka-consumer-groups to the log start readiness named, start again (still ``stop``):
+    the partition goes on from there, nothing counted as skipped by the connector."""
+    names = Names.fresh("skipstop-fix")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=8)) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=1,
+            kafka={"offset_out_of_range": "stop"},
+        )
+        await ensure_topics(settings)
+        await committed_then_deleted(kafka_bootstrap, names, settings)
+        async with running(settings) as connector:
+
+            def stopped() -> bool:
+                ready, why = connector._ready()
+                return not ready and "stopped" in why
+
+            await until(stopped, 30, "readiness never named the stopped partition")
+            why = connector._ready()[1]
+        start = int(why.split("the log holds ")[1].split("-")[0])
+        assert start == 30
+        await asyncio.to_thread(
+            run_tool,
+            CONSUMER_GROUP_COMMAND,
+            "--bootstrap-server", kafka_bootstrap, "--group", names.group,
+            "--topic", f"{names.input}:0", "--reset-offsets", "--to-offset", str(start),
+            "--execute", check=True,
+        )  # fmt: skip
+        async with running(settings) as connector:
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
+            assert connector._ready()[0], connector._ready()[1]
+            skipped = connector.metrics.offsets_skipped.labels(names.input, "0")
+            assert skipped._value.get() == 0
+        wanted = [f"first-{i}" for i in range(10)] + [f"last-{i}" for i in range(5)]
+        assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
