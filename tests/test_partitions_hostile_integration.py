@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import AIOKafkaClient
+from aiokafka.producer import message_accumulator
+from aiokafka.producer import producer as aiokafka_producer
 from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy as _BuilderPy
 
 from connector.localkafka import run_tool
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
@@ -237,3 +240,71 @@ async def test_a_stopped_partition_goes_on_after_the_documented_operator_reset(
             assert skipped._value.get() == 0
         wanted = [f"first-{i}" for i in range(10)] + [f"last-{i}" for i in range(5)]
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
+
+
+class _RawName(str):
+    """A header name that encodes to bytes that are not UTF-8 (aiokafka's Python batch
+    builder calls ``encode``): how a producer in another language can write one."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return BAD_NAME
+
+
+@pytest.mark.parametrize("codec", [None, "gzip", "lz4", "zstd"])
+async def test_undecodable_records_in_upstream_transactions_and_compressed_batches(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, codec: str | None
+) -> None:
+    """An upstream transactional producer (real control records) with compression: a bad
+    record inside a committed transaction is one dead letter and its batch neighbours make
+    their threads; one inside an aborted transaction makes nothing at all."""
+    monkeypatch.setattr(message_accumulator, "DefaultRecordBatchBuilder", _BuilderPy)
+    monkeypatch.setattr(aiokafka_producer, "DefaultRecordBatchBuilder", _BuilderPy)
+    names = Names.fresh(f"undecodable-tx-{codec}")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=9)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1)
+        await ensure_topics(settings)
+        upstream = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap,
+            transactional_id=f"{names.group}-upstream",
+            compression_type=codec,
+            linger_ms=50,
+        )
+        await upstream.start()
+        bad = [(_RawName("trace-id"), b"v")]
+        try:
+            for txn, end in (("t1", "commit"), ("t2", "abort"), ("t3", "commit")):
+                async with upstream.transaction() if end == "commit" else _Aborting(upstream):
+                    sent = [
+                        await upstream.send(names.input, event(f"{txn}-a"), partition=0),
+                        await upstream.send(
+                            names.input, event(f"{txn}-bad"), key=b"bad", partition=0,
+                            headers=bad,  # type: ignore[arg-type]
+                        ),
+                        await upstream.send(names.input, event(f"{txn}-b"), partition=0),
+                    ]  # fmt: skip
+                    await asyncio.gather(*sent)
+        finally:
+            await upstream.stop()
+        monkeypatch.undo()
+        async with running(settings) as connector:
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
+            assert connector.sessions == 1
+        wanted = ["t1-a", "t1-b", "t3-a", "t3-b"]
+        assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
+        letters = await read_all(kafka_bootstrap, names.dead)
+        assert sorted(m.value for m in letters) == sorted([event("t1-bad"), event("t3-bad")])
+        codes = {v for m in letters for k, v in m.headers if k == "dlq-code"}
+        assert codes == {b"undecodable_record"}
+
+
+class _Aborting:
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def __aenter__(self) -> None:
+        await self._producer.begin_transaction()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._producer.abort_transaction()
