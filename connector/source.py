@@ -99,7 +99,12 @@ class Source:
         # the way past records aiokafka cannot decode
         self._guard = FetchGuard(self._consumer)
         self._resets = PositionResets(
-            self._consumer, settings, metrics, self.progress, self._guard.moved
+            self._consumer,
+            settings,
+            metrics,
+            self.progress,
+            self._guard.moved,
+            lambda: self._guard.epoch,
         )
 
         async def revoked(tps: list[TopicPartitionKey]) -> None:

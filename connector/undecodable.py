@@ -114,6 +114,12 @@ class FetchGuard:
             if msgs:
                 self._next[tp] = msgs[-1].offset + 1
 
+    @property
+    def epoch(self) -> int:
+        """Moves at each revocation and assignment: work that awaited across a change of
+        it holds positions of an assignment that is gone."""
+        return self._epoch
+
     def moved(self, tp: TopicPartition, offset: int) -> None:
         """The connector moved the position itself (a reset, a seek)."""
         self._next[tp] = offset

@@ -308,3 +308,47 @@ class _Aborting:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._producer.abort_transaction()
+
+
+async def test_a_rebalance_during_a_position_reset_ends_nothing(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas of a new group starting together: the first one is resetting a partition
+    that has no committed offset (``connector.resets``) when the next one joins and the
+    partition moves. The window is held open right after aiokafka's reset returned (it
+    returns as soon as the assignment is gone); a real member joins meanwhile."""
+    names = Names.fresh("reset-rebalance")
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = AIOKafkaConsumer.seek_to_beginning
+
+    async def held(self: AIOKafkaConsumer, *partitions: TopicPartition) -> bool:
+        done = await original(self, *partitions)
+        if self._group_id == names.group and not entered.is_set():  # not the restore's
+            entered.set()
+            await release.wait()
+        return bool(done)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "seek_to_beginning", held)
+    async with ThreadsApiSimulator(SimulatorSettings(seed=10)) as sim:
+        settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=4)
+        await ensure_topics(settings)
+        await produce(kafka_bootstrap, names.input, [(None, event(f"e-{i}")) for i in range(40)])
+        async with running(settings) as connector:
+            await asyncio.wait_for(entered.wait(), 30)
+            other = AIOKafkaConsumer(
+                names.input,
+                bootstrap_servers=kafka_bootstrap,
+                group_id=names.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await other.start()
+            try:
+                await until(lambda: len(connector._assigned) < 4, 30, "nothing moved")
+                release.set()
+                await asyncio.sleep(1.0)  # the reset goes on: nothing to wait for
+            finally:
+                await other.stop()
+            await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+            assert connector.sessions == 1  # the session never ended
+        assert sim.store.count_by_event_id() == {f"e-{i}": 1 for i in range(40)}
