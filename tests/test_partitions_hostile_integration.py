@@ -352,3 +352,55 @@ async def test_a_rebalance_during_a_position_reset_ends_nothing(
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
             assert connector.sessions == 1  # the session never ended
         assert sim.store.count_by_event_id() == {f"e-{i}": 1 for i in range(40)}
+
+
+async def test_a_blocked_partition_is_named_across_rebalances_that_leave_it_here(
+    kafka_bootstrap: str,
+) -> None:
+    """Rebalances more often than ``blocked_partition_after_s`` (a rolling restart, an
+    autoscaler, a crash-looping member elsewhere in the group) while the partition stays
+    with this replica: still blocked at the same LSO, so still named."""
+    names = Names.fresh("blocked-rebalance")
+    async with ThreadsApiSimulator(SimulatorSettings(seed=11)) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=1,
+            kafka={"blocked_partition_after_s": 4},
+        )
+        await ensure_topics(settings)
+        upstream = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
+        )
+        await upstream.start()
+        try:
+            async with running(settings) as connector:
+                await until(lambda: connector._ready()[0], 30, "never ready")
+                await upstream.begin_transaction()
+                await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
+                await produce(kafka_bootstrap, names.input, [(None, event("later"))])
+                assigns = connector.metrics.rebalances.labels("assign")
+                named = False
+                deadline = time.monotonic() + 20
+                while not named and time.monotonic() < deadline:
+                    # a member of the group on another topic: a rebalance that leaves the
+                    # input partition here
+                    before = assigns._value.get()
+                    other = AIOKafkaConsumer(
+                        names.results, bootstrap_servers=kafka_bootstrap, group_id=names.group
+                    )
+                    await other.start()
+                    await other.stop()
+                    await until(lambda b=before: assigns._value.get() > b, 30, "no rebalance")
+                    for _ in range(20):
+                        ready, why = connector._ready()
+                        named = named or (not ready and "blocked" in why)
+                        await asyncio.sleep(0.1)
+                assert named, "the blocked partition was never named"
+                await upstream.abort_transaction()
+                await until(lambda: connector._ready()[0], 20, "readiness stayed red")
+                await wait_until_committed(kafka_bootstrap, names.group, names.input)
+        finally:
+            await upstream.stop()
+        assert sim.store.count_by_event_id() == {"later": 1}
