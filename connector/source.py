@@ -200,6 +200,7 @@ class Source:
         not (the high watermark only grows). Not known (the request failed): the last
         verdict holds."""
         consumer = self._consumer
+        epoch = self._guard.epoch  # a rebalance during an await: its figures are gone
         now_ms = time.time() * 1000
         figures: dict[TopicPartition, tuple[int | None, int | None]] = {}
         stale: list[TopicPartition] = []
@@ -227,6 +228,8 @@ class Source:
             position = None
             if tp not in unknown and lso is not None and high is not None and high > lso:
                 position = await self.position(key)
+            if self._guard.epoch != epoch:
+                return  # revoked meanwhile: observed, it would be named as ours again
             self.progress.observe(key, position, lso, high)
 
     async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:

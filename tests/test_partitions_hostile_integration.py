@@ -19,6 +19,7 @@ from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy as _Bui
 
 from connector.localkafka import run_tool
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.source import Source
 from connector.undecodable import FetchGuard
 from tests.harness import (
     Names,
@@ -457,3 +458,68 @@ async def test_undecodable_records_amid_a_backlog_elsewhere_lose_and_repeat_noth
         got = [r["eventId"] for r in await results(kafka_bootstrap, names.results)]
         assert sorted(got) == sorted(wanted)  # one result each
         assert len(await read_all(kafka_bootstrap, names.dead)) == 5
+
+
+async def test_a_blocked_partition_revoked_during_a_look_is_not_named_here_after(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gauge loop asks a blocked partition's position (an await) when a rebalance
+    gives the partition to another member: what it saw must not name the partition as
+    this replica's afterwards (readiness red for a partition it does not own)."""
+    names = Names.fresh("blocked-moved")
+    entered, release, armed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    original = Source.position
+
+    async def held(self: Source, tp: Any, timeout_s: float = 2.0) -> int | None:
+        value = await original(self, tp, timeout_s)
+        if armed.is_set() and tp == (names.input, 0):
+            entered.set()
+            await release.wait()
+        return value
+
+    monkeypatch.setattr(Source, "position", held)
+    async with ThreadsApiSimulator(SimulatorSettings(seed=13)) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=2,
+            kafka={"blocked_partition_after_s": 2},
+        )
+        await ensure_topics(settings)
+        upstream = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
+        )
+        await upstream.start()
+        try:
+            async with running(settings) as connector:
+                await until(lambda: connector._ready()[0], 30, "never ready")
+                await upstream.begin_transaction()
+                await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
+                await produce(kafka_bootstrap, names.input, [(b"k", event("later"))])
+
+                def named() -> bool:
+                    ready, why = connector._ready()
+                    return not ready and f"{names.input}/0" in why
+
+                await until(named, 20, "never named")
+                armed.set()
+                await asyncio.wait_for(entered.wait(), 10)
+                other = AIOKafkaConsumer(
+                    names.input,
+                    bootstrap_servers=kafka_bootstrap,
+                    group_id=names.group,
+                    client_id="a-joiner",  # sorts first: round robin gives it partition 0
+                    enable_auto_commit=False,
+                )
+                await other.start()
+                try:
+                    await until(lambda: connector._assigned == [(names.input, 1)], 30, "no move")
+                    release.set()
+                    await asyncio.sleep(3)  # a few gauge rounds
+                    assert not named(), connector._ready()[1]
+                finally:
+                    await other.stop()
+                await upstream.abort_transaction()
+        finally:
+            await upstream.stop()
