@@ -104,6 +104,7 @@ class FetchGuard:
         self._next: dict[TopicPartition, int] = {}
         self._not_found: dict[TopicPartition, int] = {}
         self._epoch = 0  # counts revocations and assignments (``forget``)
+        self._first: TopicPartition | None = None  # where the next recovery starts
         # while recovering, the consumer's positions are not the connector's (records
         # drained in the failed call are not handed out yet): nobody may act on them
         self.busy = False
@@ -160,7 +161,16 @@ class FetchGuard:
             (tp for tp in consumer.assignment() if tp not in paused),
             key=lambda tp: (tp.topic, tp.partition),
         )
-        log.warning(
+        # from where the last recovery ran out of room: with a small room (a buffer nearly
+        # full) and a backlog on the first partitions, starting from the first each time
+        # never reached a culprit further on, and every fetch was a recovery until the
+        # backlog was gone
+        first = self._first
+        if first in fetchable:
+            at = fetchable.index(first)
+            fetchable = fetchable[at:] + fetchable[:at]
+        self._first = None
+        log.info(
             "a fetched record cannot be decoded (%s: %s); reading the %d partitions one by one",
             type(error).__name__, error, len(fetchable),
         )  # fmt: skip
@@ -172,7 +182,8 @@ class FetchGuard:
         for tp in fetchable:
             room = limit - len(out)
             if room <= 0:
-                break  # the next fetch goes on; a culprit not reached yet raises again
+                self._first = tp  # a culprit not reached yet raises again: start here
+                break
             self._same_assignment(epoch)
             try:
                 out += await self._get(tp, room, deadline - time.monotonic())

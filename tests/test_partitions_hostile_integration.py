@@ -523,3 +523,45 @@ async def test_a_blocked_partition_revoked_during_a_look_is_not_named_here_after
                 await upstream.abort_transaction()
         finally:
             await upstream.stop()
+
+
+async def test_an_undecodable_record_behind_others_backlog_with_a_nearly_full_buffer(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A small room in each fetch (a buffer nearly full, a slow API) and a backlog on the
+    partitions read first: a recovery that always started with the first partition spent
+    its room there and never reached the bad record further on, so every fetch was a
+    recovery (every partition sought back) until the backlog was gone: 11 for 1,500
+    events, 31 for 4,500. It now starts where the last one ran out of room."""
+    names = Names.fresh("undecodable-room")
+    spec = SimulatorSettings(seed=14, latency={"distribution": "fixed", "median_ms": 50})
+    async with ThreadsApiSimulator(spec) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=4,
+            delivery={"max_buffered_events": 50},
+        )
+        await ensure_topics(settings)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            for i in range(1500):
+                await producer.send(names.input, event(f"e{i}"), partition=i % 3)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        p3 = TopicPartition(names.input, 3)
+        for i in range(3):
+            records = [(b"g", event(f"g{i}"), []), (b"b", event(f"b{i}"), [(BAD_NAME, b"v")])]
+            await send_raw(kafka_bootstrap, p3, batch(records))
+        caplog.set_level(logging.INFO, logger="connector")
+        async with running(settings) as connector:
+            await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
+            dead = connector.metrics.dead_letters.labels("parse", "undecodable_record")
+            assert dead._value.get() == 3
+        wanted = [f"e{i}" for i in range(1500)] + [f"g{i}" for i in range(3)]
+        assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
+        recoveries = [r for r in caplog.records if "one by one" in r.getMessage()]
+        assert len(recoveries) <= 5, f"{len(recoveries)} recoveries"
