@@ -1,0 +1,325 @@
+"""Schema-registry payloads to the event's JSON-like dict: Avro, Protobuf, JSON Schema.
+
+Pure: a ``Decoder`` is built once per schema id from the registry's schema text (and its
+references), then decodes payloads (the bytes after the wire format's header). Values come
+out as the JSON path gives them, so templates, routes and the event time read them alike:
+
+- Avro (fastavro): timestamps and dates as ISO-8601 text (``...Z`` for UTC), decimals as
+  exact text (``"12.50"``), enums as their symbol, uuids as text, bytes as base64.
+- Protobuf: fields by their .proto names, enums by name, 64-bit integers as numbers,
+  ``Timestamp`` as RFC 3339 text, ``Duration`` as ``"1.5s"``, wrappers as their value,
+  ``Struct``/``Value`` as JSON; a field without presence (proto3 scalar) is always there
+  (its default when unset), an unset message or ``optional`` field is absent.
+- JSON Schema: the JSON value, validated against the schema (jsonschema).
+
+``SchemaMismatch`` (a ValueError) means the payload does not fit its schema (or the schema
+cannot be used): the caller dead-letters the record ``schema_error``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import uuid
+from collections.abc import Callable
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import Any
+
+import fastavro
+import jsonschema
+import orjson
+import referencing
+from google.protobuf import (
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    json_format,
+    message_factory,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from connector.registry import RegisteredSchema
+
+Decoder = Callable[[bytes], Any]
+
+
+class SchemaMismatch(ValueError):
+    """The payload cannot be decoded with its schema, or the schema cannot be used."""
+
+
+def build_decoder(schema: RegisteredSchema) -> Decoder:
+    """The decoder for one registered schema; SchemaMismatch if the schema is unusable."""
+    kind = schema.schema_type
+    try:
+        if kind == "AVRO":
+            return _avro(schema)
+        if kind == "PROTOBUF":
+            return _ProtobufDecoder(schema)
+        if kind == "JSON":
+            return _json_schema(schema)
+    except SchemaMismatch:
+        raise
+    except Exception as exc:  # any library's refusal of the schema text
+        raise SchemaMismatch(f"the {kind} schema cannot be used: {exc}") from exc
+    raise SchemaMismatch(f"schema type {kind!r} is not supported")
+
+
+def jsonable(value: Any) -> Any:
+    """A decoded value as the JSON path would give it (see the module docstring)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+# -- Avro ---------------------------------------------------------------------------------
+
+
+def _avro(schema: RegisteredSchema) -> Decoder:
+    named: dict[str, Any] = {}
+    _avro_references(schema, named)
+    parsed = fastavro.parse_schema(orjson.loads(schema.text), named_schemas=named)
+
+    def decode(payload: bytes) -> Any:
+        stream = io.BytesIO(payload)
+        try:
+            value = fastavro.schemaless_reader(stream, parsed, None)
+        except Exception as exc:  # EOFError, ValueError, IndexError, UnicodeDecodeError...
+            raise SchemaMismatch(f"Avro payload does not fit the schema: {exc!r}") from exc
+        left = len(payload) - stream.tell()
+        if left:
+            raise SchemaMismatch(f"Avro payload has {left} bytes after the record")
+        return jsonable(value)
+
+    return decode
+
+
+def _avro_references(schema: RegisteredSchema, named: dict[str, Any]) -> None:
+    for ref in schema.references:
+        _avro_references(ref.schema, named)
+        fastavro.parse_schema(orjson.loads(ref.schema.text), named_schemas=named)
+
+
+# -- JSON Schema ----------------------------------------------------------------------------
+
+
+def _json_schema(schema: RegisteredSchema) -> Decoder:
+    resources = []
+    pending = list(schema.references)
+    while pending:
+        ref = pending.pop()
+        pending.extend(ref.schema.references)
+        contents = orjson.loads(ref.schema.text)
+        resources.append((ref.name, referencing.Resource.from_contents(contents)))
+    root = orjson.loads(schema.text)
+    registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources)
+    validator_class = jsonschema.validators.validator_for(root)
+    validator_class.check_schema(root)
+    validator = validator_class(root, registry=registry)
+
+    def decode(payload: bytes) -> Any:
+        try:
+            value = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise SchemaMismatch(f"payload is not JSON: {exc}") from exc
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise SchemaMismatch(f"JSON does not match the schema at {where}: {error.message}")
+        return value
+
+    return decode
+
+
+# -- Protobuf -------------------------------------------------------------------------------
+
+_WELL_KNOWN = (
+    any_pb2,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
+_WRAPPERS = {
+    f"google.protobuf.{name}"
+    for name in (
+        "DoubleValue",
+        "FloatValue",
+        "Int64Value",
+        "UInt64Value",
+        "Int32Value",
+        "UInt32Value",
+        "BoolValue",
+        "StringValue",
+        "BytesValue",
+    )
+}
+_AS_JSON = {
+    "google.protobuf.Timestamp",
+    "google.protobuf.Duration",
+    "google.protobuf.Struct",
+    "google.protobuf.Value",
+    "google.protobuf.ListValue",
+    "google.protobuf.FieldMask",
+    "google.protobuf.Empty",
+    "google.protobuf.Any",
+}
+
+
+def _file_proto(text: str, name: str) -> descriptor_pb2.FileDescriptorProto:
+    """The registry serves a .proto schema as a base64 FileDescriptorProto when asked
+    ``format=serialized`` (and stores one so when a client registered it that way)."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+        proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+    except (binascii.Error, ValueError, DecodeError) as exc:
+        raise SchemaMismatch(
+            "the registry served the Protobuf schema as .proto source and not as a serialized "
+            "descriptor (format=serialized): this registry cannot be read for Protobuf"
+        ) from exc
+    if not proto.name:
+        proto.name = name
+    return proto
+
+
+class _ProtobufDecoder:
+    def __init__(self, schema: RegisteredSchema) -> None:
+        self._pool = descriptor_pool.DescriptorPool()
+        for module in _WELL_KNOWN:
+            self._pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+        self._add_references(schema, set())
+        self._file = _file_proto(schema.text, f"schema-{schema.schema_id}.proto")
+        self._pool.Add(self._file)
+        self._classes: dict[tuple[int, ...], type[Message]] = {}
+
+    def _add_references(self, schema: RegisteredSchema, seen: set[str]) -> None:
+        for ref in schema.references:
+            if ref.name in seen or ref.name.startswith("google/protobuf/"):
+                continue
+            seen.add(ref.name)
+            self._add_references(ref.schema, seen)
+            self._pool.Add(_file_proto(ref.schema.text, ref.name))
+
+    def __call__(self, payload: bytes) -> Any:
+        indexes, offset = _message_indexes(payload)
+        cls = self._class(indexes)
+        message = cls()
+        try:
+            message.ParseFromString(payload[offset:])
+        except DecodeError as exc:
+            name = cls.DESCRIPTOR.full_name
+            raise SchemaMismatch(f"Protobuf payload does not fit {name}") from exc
+        return _message_dict(message)
+
+    def _class(self, indexes: tuple[int, ...]) -> type[Message]:
+        cls = self._classes.get(indexes)
+        if cls is not None:
+            return cls
+        types: Any = self._file.message_type
+        name = self._file.package
+        try:
+            for index in indexes:
+                found = types[index]
+                name = f"{name}.{found.name}" if name else found.name
+                types = found.nested_type
+        except IndexError:
+            raise SchemaMismatch(f"message index {list(indexes)} is not in the schema") from None
+        cls = message_factory.GetMessageClass(self._pool.FindMessageTypeByName(name))
+        self._classes[indexes] = cls
+        return cls
+
+
+def _varint(data: bytes, offset: int) -> tuple[int, int]:
+    """A zig-zag varint (the wire format's message indexes) at ``offset``."""
+    shift = result = 0
+    while True:
+        if offset >= len(data) or shift > 63:
+            raise SchemaMismatch("the message indexes after the schema id are cut short")
+        byte = data[offset]
+        offset += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), offset
+        shift += 7
+
+
+def _message_indexes(payload: bytes) -> tuple[tuple[int, ...], int]:
+    count, offset = _varint(payload, 0)
+    if count == 0:
+        return (0,), offset  # the first message of the file
+    if count < 0 or count > 100:
+        raise SchemaMismatch(f"{count} message indexes: not the Protobuf wire format")
+    indexes = []
+    for _ in range(count):
+        index, offset = _varint(payload, offset)
+        if index < 0:
+            raise SchemaMismatch("a negative message index")
+        indexes.append(index)
+    return tuple(indexes), offset
+
+
+def _message_dict(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    field: Any
+    for field in message.DESCRIPTOR.fields:
+        if field.has_presence and not message.HasField(field.name):
+            continue
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            if _is_map(field):
+                value_field = field.message_type.fields_by_name["value"]
+                out[field.name] = {str(k): _value(value_field, v) for k, v in value.items()}
+            else:
+                out[field.name] = [_value(field, v) for v in value]
+        else:
+            out[field.name] = _value(field, value)
+    return out
+
+
+# Descriptors are typed ``Any`` below: the stubs give each a union of the pure-Python and
+# the upb class, whose optional members (``message_type``) are set for the field kinds read.
+
+
+def _is_map(field: Any) -> bool:
+    message_type = field.message_type
+    return message_type is not None and bool(message_type.GetOptions().map_entry)
+
+
+def _value(field: Any, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        full_name = field.message_type.full_name
+        if full_name in _WRAPPERS:
+            return _value(field.message_type.fields_by_name["value"], value.value)
+        if full_name in _AS_JSON:
+            return json_format.MessageToDict(value)
+        return _message_dict(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    return value
