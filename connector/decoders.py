@@ -81,9 +81,12 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, str | int | float | bool) or value is None:
         return value
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    if isinstance(value, date | time):
+    if isinstance(value, datetime | time):
+        # 0, 3 or 6 fraction digits, as the Protobuf JSON mapping writes a Timestamp
+        micros = value.microsecond
+        spec = "seconds" if micros == 0 else "milliseconds" if micros % 1000 == 0 else "auto"
+        return value.isoformat(timespec=spec).replace("+00:00", "Z")
+    if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
         return str(value)
