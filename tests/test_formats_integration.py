@@ -321,3 +321,132 @@ async def test_registry_down_pauses_then_resumes(
         assert sorted(orjson.loads(r.value)["eventId"] for r in results) == ["e-0", "e-1", "e-2"]
         assert await consume_all(kafka_bootstrap, names.dead) == []
         assert sim.store.count_by_event_id() == {"e-0": 1, "e-1": 1, "e-2": 1}
+
+
+def ce_headers(event_id: str, **extra: str) -> list[tuple[str, bytes]]:
+    attributes = {
+        "ce_specversion": "1.0",
+        "ce_id": event_id,
+        "ce_type": "order.shipped",
+        "ce_source": "/shop/orders",
+        "ce_subject": f"order-{event_id}",
+        "ce_time": datetime.now(UTC).isoformat(),
+        **extra,
+    }
+    return [(k, v.encode()) for k, v in attributes.items()]
+
+
+async def test_cloudevents_binary_and_structured_headers_forwarded(
+    kafka_bootstrap: str, apicurio: Apicurio
+) -> None:
+    names = Names.fresh("ce")
+    avro_topic = f"{names.input}-avro"
+    client = SchemaRegistryClient({"url": apicurio.url, "timeout": 30})
+    avro_schema = orjson.dumps(
+        {
+            "type": "record",
+            "name": "Shipped",
+            "fields": [
+                {"name": "orderId", "type": "string"},
+                {"name": "user", "type": {"type": "map", "values": "string"}},
+            ],
+        }
+    ).decode()
+    avro_data = AvroSerializer(client, avro_schema)(
+        {"orderId": "A-7", "user": {"id": "u-avro"}},
+        SerializationContext(avro_topic, MessageField.VALUE),
+    )
+    assert avro_data is not None
+    data = orjson.dumps({"orderId": "A-1", "user": {"id": "u-1"}})
+    two_days_ago = datetime.fromtimestamp(time.time() - 2 * 86_400, UTC).isoformat()
+    structured = orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": "ce-structured",
+            "type": "order.shipped",
+            "source": "/shop/web",
+            "subject": "order-9",
+            "time": datetime.now(UTC).isoformat(),
+            "datacontenttype": "application/json",
+            "data": {"orderId": "A-9", "user": {"id": "u-9"}},
+        }
+    )
+    route = {
+        **ROUTE,
+        "user": {"field": "externalUserId", "path": "data.user.id"},
+        "message_template": "${data.orderId} from ${source} (${subject}).",
+        "max_event_age_s": 3600,  # a CloudEvent's time is its event time
+    }
+    async with ThreadsApiSimulator(SimulatorSettings(seed=6)) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=1,
+            routes=[route],
+            kafka={"input_topics": [names.input, avro_topic]},
+            input={
+                "topics": {
+                    names.input: {"cloudevents": True},
+                    avro_topic: {"format": "avro", "cloudevents": True},
+                },
+                "correlation_id_header": "x-request-id",
+            },
+            results={"forward_headers": ["traceparent", "X-Tenant"]},
+            schema_registry={"url": apicurio.url},
+        )
+        traceparent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        async with running(settings):
+            await produce(
+                kafka_bootstrap,
+                names.input,
+                [(b"k", data)],
+                headers=[
+                    *ce_headers("ce-binary"),
+                    ("content-type", b"application/json"),
+                    ("traceparent", traceparent),
+                    ("x-tenant", b"acme"),
+                    ("x-secret", b"not forwarded"),
+                    ("x-request-id", b"req-42"),
+                ],
+            )
+            await produce(
+                kafka_bootstrap,
+                names.input,
+                [(b"k", structured)],
+                headers=[("content-type", b"application/cloudevents+json; charset=utf-8")],
+            )
+            await produce(kafka_bootstrap, avro_topic, [(b"k", avro_data)], ce_headers("ce-avro"))
+            await produce(  # too old by its ce_time
+                kafka_bootstrap,
+                names.input,
+                [(b"k", data)],
+                ce_headers("ce-old", ce_time=two_days_ago),
+            )
+            await produce(  # no ce_type: not a CloudEvent it can read
+                kafka_bootstrap,
+                names.input,
+                [(b"k", data)],
+                [h for h in ce_headers("ce-broken") if h[0] != "ce_type"],
+            )
+            results = await wait_for(kafka_bootstrap, names.results, 3)
+            dead = await wait_for(kafka_bootstrap, names.dead, 2)
+
+    threads = {t.event_id: t for t in sim.store.all()}
+    assert {k: t.message for k, t in threads.items()} == {
+        "ce-binary": "A-1 from /shop/orders (order-ce-binary).",
+        "ce-structured": "A-9 from /shop/web (order-9).",
+        "ce-avro": "A-7 from /shop/orders (order-ce-avro).",
+    }
+    assert threads["ce-binary"].correlation_id == "req-42"
+    assert threads["ce-structured"].correlation_id not in (None, "req-42")
+    by_id = {orjson.loads(r.value)["eventId"]: r for r in results}
+    binary = by_id["ce-binary"]
+    assert header(binary, "correlation-id") == "req-42"
+    assert header(binary, "traceparent") == traceparent.decode()
+    assert header(binary, "x-tenant") == "acme"
+    assert header(binary, "x-secret") is None
+    assert {(header(d, "dlq-event-id"), header(d, "dlq-code")) for d in dead} == {
+        ("ce-old", "expired"),
+        (None, "invalid_cloudevent"),
+    }
