@@ -23,6 +23,7 @@ Only this module and ``threads_client`` import aiohttp; foreign errors are trans
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 import re
@@ -261,17 +262,16 @@ class SchemaRegistry:
         if self._session is None:
             s = self._s
             headers = {"Accept": ACCEPT}
-            auth = None
             if s.username is not None:
                 password = _secret(s.password, s.password_file, "schema_registry.password_file")
-                auth = aiohttp.BasicAuth(s.username, password.get_secret_value())
+                pair = f"{s.username}:{password.get_secret_value()}".encode()
+                headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
             elif s.bearer_token is not None or s.bearer_token_file is not None:
                 token = _secret(
                     s.bearer_token, s.bearer_token_file, "schema_registry.bearer_token_file"
                 )
                 headers["Authorization"] = f"Bearer {token.get_secret_value()}"
             self._session = aiohttp.ClientSession(
-                auth=auth,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=s.request_timeout_s),
                 connector=aiohttp.TCPConnector(ssl=_ssl_context(s.ca_file), limit=8),
