@@ -121,6 +121,19 @@ def check_config(path: Path) -> int:
             f"  app {app}: {key}, rate {api.rate_limit_per_s}/s for the group,"
             f" {api.max_in_flight} in flight\n"
         )
+    for topic, fmt in settings.input.topics.items():
+        envelope = ", CloudEvents" if fmt.cloudevents else ""
+        sys.stdout.write(f"  input {topic}: {fmt.format}{envelope}\n")
+    registry = settings.schema_registry
+    if registry.url is not None:
+        auth = (
+            "basic auth"
+            if registry.username
+            else "bearer token"
+            if registry.bearer_token or registry.bearer_token_file
+            else "no auth"
+        )
+        sys.stdout.write(f"  schema registry: {registry.url} ({auth})\n")
     return 0
 
 

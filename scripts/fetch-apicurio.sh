@@ -6,7 +6,8 @@
 #
 # 3.3.3 needs Java >= 21 (class file 65): used when such a Java is found (JAVA_HOME, java
 # on PATH, or a JDK under /usr/lib/jvm); else 3.0.9, which runs on Java 17 (its archive is
-# the legacy-jar layout: apicurio-registry-app-3.0.9-runner.jar). Idempotent: ~0.1 s when
+# the legacy-jar layout: apicurio-registry-app-3.0.9-runner.jar); APICURIO_JAVA picks the
+# java. Idempotent: ~0.1 s when
 # cached; cold ~10 s (a 110-160 MB download). The chosen java is written to <dir>/java.
 set -euo pipefail
 
@@ -27,11 +28,12 @@ find_java21() {
   return 1
 }
 
-if JAVA="$(find_java21)"; then
+# APICURIO_JAVA: the java to run it with (the version follows from it)
+JAVA="${APICURIO_JAVA:-$(find_java21 || command -v java || true)}"
+[[ -n "$JAVA" && -x "$JAVA" ]] || { echo "fetch-apicurio: no java found (Java 17+ needed)" >&2; exit 1; }
+if (( $(java_major "$JAVA" || echo 0) >= 21 )); then
   VERSION="${APICURIO_VERSION:-3.3.3}"; JAR=quarkus-run.jar
 else
-  JAVA="$(command -v java || true)"
-  [[ -n "$JAVA" ]] || { echo "fetch-apicurio: no java on PATH (Java 17+ needed)" >&2; exit 1; }
   VERSION="${APICURIO_VERSION:-3.0.9}"; JAR="apicurio-registry-app-${VERSION}-runner.jar"
 fi
 DIR="$CACHE/apicurio-$VERSION"
