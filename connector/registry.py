@@ -131,9 +131,14 @@ class SchemaRegistry:
         if future is None:
             future = asyncio.ensure_future(self._fetch_until_done(schema_id))
             self._fetching[schema_id] = future
-            future.add_done_callback(lambda _f: self._fetching.pop(schema_id, None))
+            future.add_done_callback(lambda done: self._fetched(schema_id, done))
         # shielded: one job cancelled (a revoke) must not cancel the others' fetch
         return await asyncio.shield(future)
+
+    def _fetched(self, schema_id: int, done: asyncio.Future[RegisteredSchema]) -> None:
+        self._fetching.pop(schema_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have been cancelled (a revoke)
 
     async def _fetch_until_done(self, schema_id: int) -> RegisteredSchema:
         delay = self._s.retry_initial_s
