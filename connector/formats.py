@@ -71,7 +71,7 @@ class Parser:
             id_header=d.event_id_header,
             type_field=self._type_field,
             max_id_length=d.max_event_id_length,
-            correlation_id=self._correlation(record),
+            correlation_id=self._correlation(record) if self._correlation_header else None,
         )
 
     async def decode(self, record: InputRecord) -> Event:
