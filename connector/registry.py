@@ -102,6 +102,7 @@ class SchemaRegistry:
         self._fetching: dict[int, asyncio.Future[RegisteredSchema]] = {}
         self.problem: str | None = None  # read by /readyz (another thread: one attribute)
         self._failures = 0
+        self._closed = False
 
     async def __aenter__(self) -> SchemaRegistry:
         return self
@@ -110,11 +111,15 @@ class SchemaRegistry:
         await self.close()
 
     async def close(self) -> None:
+        """Stop the fetches under way, then close the HTTP session (idempotent)."""
+        self._closed = True
+        fetching = list(self._fetching.values())
+        for future in fetching:
+            future.cancel()
+        await asyncio.gather(*fetching, return_exceptions=True)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-        for future in self._fetching.values():
-            future.cancel()
 
     # -- the API ------------------------------------------------------------------------
 
@@ -129,6 +134,8 @@ class SchemaRegistry:
             return found
         future = self._fetching.get(schema_id)
         if future is None:
+            if self._closed:
+                raise RegistryUnavailable("the registry client is closed")
             future = asyncio.ensure_future(self._fetch_until_done(schema_id))
             self._fetching[schema_id] = future
             future.add_done_callback(lambda done: self._fetched(schema_id, done))
@@ -264,6 +271,8 @@ class SchemaRegistry:
         return body
 
     def _client(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RegistryUnavailable("the registry client is closed")
         if self._session is None:
             s = self._s
             headers = {"Accept": ACCEPT}

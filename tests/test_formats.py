@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import fastavro
 import orjson
 import pytest
+import trustme
 from aiohttp import web
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 
@@ -344,20 +348,28 @@ class FakeRegistry:
         return web.json_response(found)
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeRegistry, str]]:
+@contextlib.asynccontextmanager
+async def serving(
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[tuple[FakeRegistry, str]]:
     registry = FakeRegistry()
     app = web.Application()
     app.router.add_get("/schemas/ids/{id}", registry.by_id)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield registry, f"http://127.0.0.1:{port}"
+        yield registry, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeRegistry, str]]:
+    async with serving() as served:
+        yield served
 
 
 async def test_one_fetch_per_id_and_cached(fake: tuple[FakeRegistry, str]) -> None:
@@ -444,3 +456,29 @@ async def test_unauthorised_is_an_outage_not_a_dead_letter(fake: tuple[FakeRegis
             await asyncio.sleep(0.01)
         assert "HTTP 401" in registry.problem and "credentials" in registry.problem
         fetch.cancel()
+
+
+async def test_https_registry_with_a_private_ca_and_a_password_file(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    password_file = tmp_path / "password"
+    password_file.write_text("from-a-file\n")
+    async with serving(server) as (registry, url):
+        cfg = SchemaRegistrySettings(
+            url=url, username="u", password_file=password_file, ca_file=ca_file
+        )
+        async with SchemaRegistry(cfg) as client:
+            assert (await client.schema(1)).schema_type == "AVRO"
+        expected = "Basic " + base64.b64encode(b"u:from-a-file").decode()
+        assert registry.requests[0].headers["Authorization"] == expected
+        # the system's trust store does not know the private CA: a TLS failure, retried
+        untrusted = SchemaRegistrySettings(url=url, retry_initial_s=0.01, retry_max_s=0.01)
+        async with SchemaRegistry(untrusted) as client:
+            fetch = asyncio.ensure_future(client.schema(1))
+            while client.problem is None:
+                await asyncio.sleep(0.01)
+            assert "TLS" in client.problem or "certificate" in client.problem
+            fetch.cancel()
