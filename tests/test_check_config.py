@@ -301,9 +301,7 @@ def test_a_key_file_that_cannot_be_sent_is_refused(
     assert problem in out.err
 
 
-def test_a_missing_ca_bundle_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_missing_ca_bundle_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = config(kafka={"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"})
     out = refused(tmp_path, capsys, data)
     assert "kafka.ssl_cafile: cannot load the CA bundle" in out

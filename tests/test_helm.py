@@ -408,8 +408,16 @@ def test_service_monitor_dashboard_and_rules() -> None:
     assert json.loads(dashboard["data"]["threads-connector.json"]) == json.loads(shipped)
 
     rule = one(docs, "PrometheusRule")
-    groups = yaml.safe_load((CHART / "rules" / "alerts.yaml").read_text())["groups"]
-    assert rule["spec"]["groups"] == groups
+    # the presence alerts select the release's Service (the job) in its namespace
+    job = one(docs, "Service")["metadata"]["name"]
+    text = (CHART / "rules" / "alerts.yaml").read_text()
+    assert 'job="threads-connector"' in text
+    text = text.replace('job="threads-connector"', f'job="{job}", namespace="connectors"')
+    assert rule["spec"]["groups"] == yaml.safe_load(text)["groups"]
+    exprs = {r.get("alert"): r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert (
+        f'absent(up{{job="{job}", namespace="connectors"}} == 1)' in exprs["ThreadsConnectorDown"]
+    )
 
 
 def test_dashboard_label_is_configurable() -> None:
