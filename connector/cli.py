@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["simulate-api"]:
         from connector.simulator.cli import main as simulator_main
 
-        return simulator_main(args_list[1:])
+        return simulator_main(args_list[1:], prog="connector simulate-api")
     args = build_parser().parse_args(args_list)
     if args.command == "check-config":
         from connector.check_config import check_config

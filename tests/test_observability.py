@@ -234,6 +234,10 @@ def test_known_series_start_at_zero() -> None:
     labels = {"status_class": "2xx", "app": "app-b"}
     assert value("threads_connector_api_call_duration_seconds_count", labels) == 0
     assert value("threads_connector_build_info", {"version": __version__}) == 1
+    # the process' own series (CPU, memory, open files): a registry of our own lacked them
+    assert (value("process_cpu_seconds_total") or 0) > 0
+    assert (value("process_resident_memory_bytes") or 0) > 0
+    assert b"python_info{" in generate_latest(m.registry)
     m.init_topics(["orders"])
     assert value("threads_connector_events_consumed_total", {"topic": "orders"}) == 0
     labels = {"topic": "orders", "app": "app-b"}
