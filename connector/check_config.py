@@ -17,23 +17,25 @@ import logging
 import sys
 from pathlib import Path
 
-from connector.config import ConnectorSettings, mask_url
+from connector.config import ConnectorSettings, load_settings, mask_url
 from connector.errors import ConfigError
 from connector.preflight import Check, Status, file_checks, load_checked
 
 EXIT_OK, EXIT_CONFIG, EXIT_ONLINE = 0, 2, 3
 
 
-def check_config(path: Path, *, online: bool = False, as_json: bool = False) -> int:
+def check_config(
+    path: Path, *, online: bool = False, as_json: bool = False, files: bool = True
+) -> int:
     try:
-        settings = load_checked(path)
+        settings = load_checked(path) if files else load_settings(path)
     except ConfigError as exc:
         if as_json:
             _emit_json(path, EXIT_CONFIG, [Check("config", Status.FAIL, str(exc))])
         else:
             sys.stderr.write(f"{path}: {exc}\n")
         return EXIT_CONFIG
-    checks = file_checks(settings)
+    checks = file_checks(settings) if files else []
     code = EXIT_CONFIG if _failed(checks) else EXIT_OK
     if online and code == EXIT_OK:
         from connector.preflight_online import online_checks

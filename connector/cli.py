@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "each app's API path and key (changes nothing)",
     )
     check.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="do not read the secret and certificate files the settings name (a config "
+        "rendered for a pod, checked where those files are not mounted)",
+    )
 
     sub.add_parser(
         "simulate-api",
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         from connector.check_config import check_config
 
-        return check_config(args.config, online=args.online, as_json=args.json)
+        return check_config(
+            args.config, online=args.online, as_json=args.json, files=not args.skip_files
+        )
     if args.command == "run":
         try:
             settings = load_checked(args.config)

@@ -12,7 +12,7 @@ Labelled counters whose label values are known up front are created at 0 (Promet
 "avoid missing metrics"): a series born at 1 is invisible to ``increase()``/``rate()``, so
 without this the first dead letter of a kind, the first 401 or the first failed commit
 would never reach a dashboard or fire an alert. The dashboard and the alerts are in the Helm
-chart (``dashboards/``, ``rules/``); the README's Monitoring section describes them.
+chart (``dashboards/``, ``rules/``); docs/metrics-and-alerts.md describes them.
 """
 
 from __future__ import annotations
