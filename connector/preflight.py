@@ -3,9 +3,12 @@
 ``load_checked`` is the one validation both commands share: the settings (file and
 environment, ``config.load_settings``), then every file the settings name (API keys,
 SASL and key passwords, CA bundles, the client certificate): readable, non-empty, usable.
-``run`` refuses what it cannot start with (a file it cannot read or load); an unusable
-key value (empty, a line break) only pauses that app's calls in ``run``, and
-``check-config`` reports it as a problem too.
+``check-config`` reports every problem; ``run`` refuses to start on the API's files (an
+API key file it cannot read, an ``api.ca_file`` it cannot load) and leaves the others to
+the state they put it in, as a red ``/readyz`` that heals once the file is fixed: an
+unusable key value pauses that app's calls, a Kafka secret or certificate that cannot be
+read is a Kafka failure (retried, named by readiness: a Kafka failure is a state, not an
+exit).
 
 ``--online`` adds ``preflight_online``: the world the settings point at.
 """
@@ -48,7 +51,9 @@ def load_checked(path: Path | None) -> ConnectorSettings:
     """The settings, with every file they name readable and loadable; ConfigError naming
     each problem otherwise (what ``run`` refuses)."""
     settings = load_settings(path)
-    fatal = [c.detail for c in file_checks(settings) if c.status is Status.FAIL and c.name != "key"]
+    fatal = [
+        c.detail for c in file_checks(settings) if c.status is Status.FAIL and c.name == "files"
+    ]
     if fatal:
         raise ConfigError(
             f"invalid configuration ({len(fatal)} problem(s)):\n  " + "\n  ".join(fatal)
@@ -58,18 +63,18 @@ def load_checked(path: Path | None) -> ConnectorSettings:
 
 def file_checks(settings: ConnectorSettings) -> list[Check]:
     """Each secret and certificate file the settings name: ``files`` for what ``run``
-    refuses to start with, ``key`` for a value that cannot be sent (``run`` pauses the
-    app's calls on it until the file is fixed)."""
-    checks: list[Check] = []
-    for app in settings.app_uids():
-        checks.append(_key_check(settings, app))
+    refuses to start with, ``key`` for an API key value that cannot be sent, ``kafka``
+    for Kafka's secrets and certificates (``run`` shows both as a red readiness)."""
+    checks = [_key_check(settings, app) for app in settings.app_uids()]
     k = settings.kafka
+    kafka: list[Check] = []
     if k.sasl_mechanism:
-        checks.append(_secret_check("kafka.sasl_password", settings.sasl_password))
+        kafka.append(_secret_check("kafka.sasl_password", settings.sasl_password))
     if k.ssl_key_password is not None or k.ssl_key_password_file is not None:
-        checks.append(_secret_check("kafka.ssl_key_password", settings.ssl_key_password))
+        kafka.append(_secret_check("kafka.ssl_key_password", settings.ssl_key_password))
     if k.security_protocol.endswith("SSL"):
-        checks.append(_tls_check("kafka TLS", lambda: ssl_context(settings), "kafka.ssl_cafile"))
+        kafka.append(_tls_check("kafka TLS", lambda: ssl_context(settings), "kafka.ssl_cafile"))
+    checks += [Check("kafka", c.status, c.detail) for c in kafka]
     if settings.api.ca_file is not None:
         ca_file = settings.api.ca_file
         checks.append(_tls_check("api TLS", lambda: tls_context(ca_file), "api.ca_file"))

@@ -389,3 +389,20 @@ def test_skip_files_checks_a_config_rendered_for_a_pod(
     assert "cannot read /var/run/secrets/threads-connector/api-key" in capsys.readouterr().err
     assert main(["check-config", "--skip-files", "--config", str(path)]) == 0
     assert ": OK" in capsys.readouterr().out
+
+
+def test_a_missing_kafka_ca_bundle_is_named_where_run_reports_it(tmp_path: Path) -> None:
+    """run keeps a Kafka credential problem a state (readiness red, retried): the missing
+    CA file is named as such, not as 'unreachable: No such file or directory'."""
+    from connector.config import load_settings
+    from connector.errors import ConfigError
+    from connector.kafka_common import client_kwargs, describe_failure
+
+    data = config(kafka={"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"})
+    settings = load_settings(write_config(tmp_path, yaml.safe_dump(data)))
+    with pytest.raises(ConfigError) as caught:
+        client_kwargs(settings)
+    assert describe_failure(caught.value) == (
+        "credentials: kafka.ssl_cafile: cannot load the CA bundle /nonexistent/ca.pem: "
+        "No such file or directory"
+    )
