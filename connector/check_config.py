@@ -5,7 +5,8 @@ Exit codes::
 
     0  everything checked is fine
     2  the configuration is refused (file, environment, or a file it names): run would
-       not start, or an API key it reads cannot be sent
+       not start, or would start not ready (an API key that cannot be sent, a Kafka
+       secret or certificate it cannot read)
     3  the configuration is valid but an online check failed (brokers, topics, ACLs, API)
 """
 
