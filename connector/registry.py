@@ -39,7 +39,7 @@ import aiohttp
 import orjson
 
 from connector.config import SchemaRegistrySettings, _secret
-from connector.errors import ConnectorError
+from connector.errors import ConfigError, ConnectorError
 from connector.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -274,23 +274,33 @@ class SchemaRegistry:
         if self._closed:
             raise RegistryUnavailable("the registry client is closed")
         if self._session is None:
-            s = self._s
-            headers = {"Accept": ACCEPT}
-            if s.username is not None:
-                password = _secret(s.password, s.password_file, "schema_registry.password_file")
-                pair = f"{s.username}:{password.get_secret_value()}".encode()
-                headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
-            elif s.bearer_token is not None or s.bearer_token_file is not None:
-                token = _secret(
-                    s.bearer_token, s.bearer_token_file, "schema_registry.bearer_token_file"
-                )
-                headers["Authorization"] = f"Bearer {token.get_secret_value()}"
-            self._session = aiohttp.ClientSession(
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=s.request_timeout_s),
-                connector=aiohttp.TCPConnector(ssl=_ssl_context(s.ca_file), limit=8),
-            )
+            try:
+                self._session = self._new_session()
+            except ConfigError as exc:  # a secret file that cannot be read: fixable live
+                raise RegistryUnavailable(str(exc)) from exc
+            except (OSError, ssl.SSLError) as exc:
+                raise RegistryUnavailable(
+                    f"schema_registry.ca_file cannot be loaded: {exc}"
+                ) from exc
         return self._session
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        s = self._s
+        headers = {"Accept": ACCEPT}
+        if s.username is not None:
+            password = _secret(s.password, s.password_file, "schema_registry.password_file")
+            pair = f"{s.username}:{password.get_secret_value()}".encode()
+            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
+        elif s.bearer_token is not None or s.bearer_token_file is not None:
+            token = _secret(
+                s.bearer_token, s.bearer_token_file, "schema_registry.bearer_token_file"
+            )
+            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        return aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=s.request_timeout_s),
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(s.ca_file), limit=8),
+        )
 
 
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | bool:

@@ -482,3 +482,19 @@ async def test_https_registry_with_a_private_ca_and_a_password_file(tmp_path: Pa
                 await asyncio.sleep(0.01)
             assert "TLS" in client.problem or "certificate" in client.problem
             fetch.cancel()
+
+
+async def test_an_unreadable_password_file_is_an_outage_naming_it(tmp_path: Path) -> None:
+    cfg = SchemaRegistrySettings(
+        url="http://127.0.0.1:1",
+        username="u",
+        password_file=tmp_path / "missing",
+        retry_initial_s=0.01,
+        retry_max_s=0.01,
+    )
+    async with SchemaRegistry(cfg) as registry:
+        fetch = asyncio.ensure_future(registry.schema(1))
+        while registry.problem is None:
+            await asyncio.sleep(0.01)
+        assert "schema_registry.password_file: cannot read" in registry.problem
+        fetch.cancel()
