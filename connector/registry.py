@@ -187,6 +187,11 @@ class SchemaRegistry:
             )
         self.problem = f"schema registry: {cause} (retrying)"
 
+    async def check(self) -> None:
+        """One request that needs the credentials (``GET /subjects``); RegistryUnavailable
+        if the registry does not answer it (``check-config --online``)."""
+        await self._get("/subjects", "the subject list", expect=list)
+
     # -- fetching -----------------------------------------------------------------------
 
     async def _fetch_id(self, schema_id: int, depth: int) -> RegisteredSchema:
@@ -238,7 +243,7 @@ class SchemaRegistry:
             refs.append(Reference(name, await self._fetch_version(subject, version, depth + 1)))
         return RegisteredSchema(schema_id, schema_type, text, tuple(refs))
 
-    async def _get(self, path: str, what: str) -> dict[str, Any]:
+    async def _get(self, path: str, what: str, expect: type = dict) -> Any:
         session = self._client()
         try:
             async with session.get(self._url + path, allow_redirects=False) as response:
@@ -266,8 +271,8 @@ class SchemaRegistry:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise RegistryUnavailable(f"its answer for {what} is not JSON") from exc
-        if not isinstance(body, dict):
-            raise RegistryUnavailable(f"its answer for {what} is not a JSON object")
+        if not isinstance(body, expect):
+            raise RegistryUnavailable(f"its answer for {what} is not a JSON {expect.__name__}")
         return body
 
     def _client(self) -> aiohttp.ClientSession:

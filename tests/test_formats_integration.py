@@ -462,3 +462,22 @@ async def test_cloudevents_binary_and_structured_headers_forwarded(
         ("ce-old", "expired"),
         (None, "invalid_cloudevent"),
     }
+
+
+async def test_check_config_online_asks_the_registry(apicurio: Apicurio) -> None:
+    from connector.localkafka.ports import free_ports
+    from connector.preflight import Status
+    from connector.preflight_online import registry_checks
+
+    names = Names.fresh("online")
+    good = make_settings(
+        "127.0.0.1:1", "http://127.0.0.1:1", names, schema_registry={"url": apicurio.url}
+    )
+    [found] = await registry_checks(good)
+    assert (found.name, found.status) == ("registry", Status.OK)
+    down = f"http://127.0.0.1:{free_ports(1)[0]}"
+    bad = make_settings("127.0.0.1:1", "http://127.0.0.1:1", names, schema_registry={"url": down})
+    [found] = await registry_checks(bad)
+    assert found.status is Status.FAIL and down in found.detail
+    assert "ClientConnectorError" in found.detail or "Connect" in found.detail
+    assert await registry_checks(make_settings("127.0.0.1:1", "http://127.0.0.1:1", names)) == []
