@@ -47,6 +47,7 @@ from google.protobuf import (
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from connector.protoc import ProtocError, compile_sources
 from connector.registry import RegisteredSchema
 
 Decoder = Callable[[bytes], Any]
@@ -193,20 +194,27 @@ _AS_JSON = {
 }
 
 
-def _file_proto(text: str, name: str) -> descriptor_pb2.FileDescriptorProto:
-    """The registry serves a .proto schema as a base64 FileDescriptorProto when asked
-    ``format=serialized`` (and stores one so when a client registered it that way)."""
+def _descriptor(text: str) -> descriptor_pb2.FileDescriptorProto | None:
+    """A schema served as a serialized descriptor (base64, what ``format=serialized``
+    answers and what Confluent's Python serializer registers), or None for source."""
     try:
-        raw = base64.b64decode(text.strip(), validate=True)
-        proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
-    except (binascii.Error, ValueError, DecodeError) as exc:
-        raise SchemaMismatch(
-            "the registry served the Protobuf schema as .proto source and not as a serialized "
-            "descriptor (format=serialized): this registry cannot be read for Protobuf"
-        ) from exc
-    if not proto.name:
-        proto.name = name
-    return proto
+        return descriptor_pb2.FileDescriptorProto.FromString(
+            base64.b64decode(text.strip(), validate=True)
+        )
+    except (binascii.Error, ValueError, DecodeError):
+        return None
+
+
+def _files(schema: RegisteredSchema, name: str, seen: set[str]) -> list[tuple[str, str]]:
+    """(file name, text) of the schema and its references, dependencies first."""
+    found: list[tuple[str, str]] = []
+    for ref in schema.references:
+        if ref.name in seen or ref.name.startswith("google/protobuf/"):
+            continue
+        seen.add(ref.name)
+        found += _files(ref.schema, ref.name, seen)
+    found.append((name, schema.text))
+    return found
 
 
 class _ProtobufDecoder:
@@ -214,18 +222,27 @@ class _ProtobufDecoder:
         self._pool = descriptor_pool.DescriptorPool()
         for module in _WELL_KNOWN:
             self._pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-        self._add_references(schema, set())
-        self._file = _file_proto(schema.text, f"schema-{schema.schema_id}.proto")
-        self._pool.Add(self._file)
+        main = f"schema-{schema.schema_id}.proto"
+        files = _files(schema, main, set())
+        descriptors = [_descriptor(text) for _, text in files]
+        if all(d is not None for d in descriptors):
+            protos = [d for d in descriptors if d is not None]
+            for (name, _), proto in zip(files, protos, strict=True):
+                proto.name = proto.name or name
+        elif all(d is None for d in descriptors):
+            try:
+                compiled = compile_sources(dict(files), main)
+            except ProtocError as exc:
+                raise SchemaMismatch(str(exc)) from exc
+            protos = [p for p in compiled if not p.name.startswith("google/protobuf/")]
+        else:
+            raise SchemaMismatch(
+                "the schema and its references mix .proto source and serialized descriptors"
+            )
+        for proto in protos:
+            self._pool.Add(proto)
+        self._file = next((p for p in protos if p.name == main), protos[-1])
         self._classes: dict[tuple[int, ...], type[Message]] = {}
-
-    def _add_references(self, schema: RegisteredSchema, seen: set[str]) -> None:
-        for ref in schema.references:
-            if ref.name in seen or ref.name.startswith("google/protobuf/"):
-                continue
-            seen.add(ref.name)
-            self._add_references(ref.schema, seen)
-            self._pool.Add(_file_proto(ref.schema.text, ref.name))
 
     def __call__(self, payload: bytes) -> Any:
         indexes, offset = _message_indexes(payload)

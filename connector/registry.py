@@ -223,7 +223,10 @@ class SchemaRegistry:
             if exc.status is None:
                 raise
             return body
-        return {**body, "schema": again.get("schema", text)}
+        serialized = again.get("schema")
+        if isinstance(serialized, str) and _BASE64.fullmatch(serialized.strip()):
+            return {**body, "schema": serialized}
+        return body  # not base64 (Apicurio's answer): the source, compiled by the decoder
 
     async def _registered(
         self, schema_id: int | None, body: dict[str, Any], depth: int

@@ -214,10 +214,31 @@ def test_protobuf_nested_message_by_index_with_well_known_types() -> None:
         build_decoder(proto_schema())(b"\x00\xff\xff\xff")
 
 
-def test_protobuf_source_text_is_named_not_guessed() -> None:
-    schema = RegisteredSchema(7, "PROTOBUF", 'syntax = "proto3"; message A { string id = 1; }')
-    with pytest.raises(SchemaMismatch, match=r"\.proto source"):
-        build_decoder(schema)
+def test_protobuf_source_with_a_reference_is_compiled() -> None:
+    from connector.registry import Reference
+
+    user = RegisteredSchema(
+        1, "PROTOBUF", 'syntax = "proto3";\npackage people;\nmessage User { string id = 1; }\n'
+    )
+    order = RegisteredSchema(
+        2,
+        "PROTOBUF",
+        'syntax = "proto3";\npackage shop;\nimport "people/user.proto";\n'
+        'import "google/protobuf/timestamp.proto";\n'
+        "message Order { people.User user = 1; google.protobuf.Timestamp at = 2;"
+        " map<string, int64> n = 3; optional string note = 4; }\n",
+        (Reference("people/user.proto", user),),
+    )
+    decode = build_decoder(order)
+    # user {id: "u"} (field 1, 3 bytes), n {"k": 2**40}
+    inner = b"\x0a\x01u"
+    entry = b"\x0a\x01k\x10" + bytes([0x80, 0x80, 0x80, 0x80, 0x80, 0x20])
+    payload = (
+        b"\x00" + b"\x0a" + bytes([len(inner)]) + inner + b"\x1a" + bytes([len(entry)]) + entry
+    )
+    assert decode(payload) == {"user": {"id": "u"}, "n": {"k": 2**40}}
+    with pytest.raises(SchemaMismatch, match="protoc could not compile"):
+        build_decoder(RegisteredSchema(7, "PROTOBUF", "message A { nonsense }"))
 
 
 def test_json_schema_validates() -> None:

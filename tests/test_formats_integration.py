@@ -481,3 +481,66 @@ async def test_check_config_online_asks_the_registry(apicurio: Apicurio) -> None
     assert found.status is Status.FAIL and down in found.detail
     assert "ClientConnectorError" in found.detail or "Connect" in found.detail
     assert await registry_checks(make_settings("127.0.0.1:1", "http://127.0.0.1:1", names)) == []
+
+
+def register(registry_url: str, subject: str, body: dict[str, Any]) -> int:
+    """Register a schema as a Java producer would: the .proto text, over the REST API."""
+    response = httpx.post(
+        f"{registry_url}/subjects/{subject}/versions",
+        json=body,
+        headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return int(response.json()["id"])
+
+
+async def test_protobuf_registered_as_proto_source_with_a_reference(
+    kafka_bootstrap: str, apicurio: Apicurio
+) -> None:
+    names = Names.fresh("protosrc")
+    user_source = 'syntax = "proto3";\npackage people;\nmessage User { string id = 1; }\n'
+    order_source = (
+        'syntax = "proto3";\npackage shop;\nimport "people/user.proto";\n'
+        "message Envelope { message Shipped { string id = 1; string type = 2;"
+        " people.User user = 3; int64 total_cents = 200; } }\n"
+    )
+    register(apicurio.url, f"{names.input}-user", {"schemaType": "PROTOBUF", "schema": user_source})
+    schema_id = register(
+        apicurio.url,
+        f"{names.input}-value",
+        {
+            "schemaType": "PROTOBUF",
+            "schema": order_source,
+            "references": [
+                {"name": "people/user.proto", "subject": f"{names.input}-user", "version": 1}
+            ],
+        },
+    )
+    # Envelope.Shipped: message indexes [0, 0] (zig-zag: count 2 -> 4, then 0, 0)
+    user = b"\x0a\x03u-1"
+    message = (
+        b"\x0a\x04ps-1"
+        + b"\x12\x0dorder.shipped"
+        + b"\x1a"
+        + bytes([len(user)])
+        + user
+        + b"\xc0\x0c\xb9\x60"  # field 200 (varint): 12345
+    )
+    value = wire(schema_id, b"\x04\x00\x00" + message)
+    async with ThreadsApiSimulator(SimulatorSettings(seed=7)) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=1,
+            routes=[{**ROUTE, "message_template": "Order ${id}: ${total_cents} cents."}],
+            input={"topics": {names.input: {"format": "protobuf"}}},
+            schema_registry={"url": apicurio.url},
+        )
+        async with running(settings):
+            await produce(kafka_bootstrap, names.input, [(b"k", value)])
+            results = await wait_for(kafka_bootstrap, names.results, 1)
+        assert [orjson.loads(r.value)["eventId"] for r in results] == ["ps-1"]
+        assert [t.message for t in sim.store.all()] == ["Order ps-1: 12345 cents."]
+        assert await consume_all(kafka_bootstrap, names.dead) == []
