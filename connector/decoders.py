@@ -105,11 +105,17 @@ def _avro(schema: RegisteredSchema) -> Decoder:
     named: dict[str, Any] = {}
     _avro_references(schema, named)
     parsed = fastavro.parse_schema(orjson.loads(schema.text), named_schemas=named)
+    read = fastavro.schemaless_reader
+    if _recursive(parsed, named, ()):
+        # fastavro's C reader recurses on the C stack: a record nesting a recursive type
+        # ten thousand deep (10 KB) crashed the process (a segfault, at every restart).
+        # Its pure-Python reader raises RecursionError instead: the record's schema_error.
+        read = _python_reader()
 
     def decode(payload: bytes) -> Any:
         stream = io.BytesIO(payload)
         try:
-            value = fastavro.schemaless_reader(stream, parsed, None)
+            value = read(stream, parsed, None)
         except Exception as exc:  # EOFError, ValueError, IndexError, UnicodeDecodeError...
             raise SchemaMismatch(f"Avro payload does not fit the schema: {exc!r}") from exc
         left = len(payload) - stream.tell()
@@ -118,6 +124,37 @@ def _avro(schema: RegisteredSchema) -> Decoder:
         return jsonable(value)
 
     return decode
+
+
+def _recursive(node: Any, named: dict[str, Any], path: tuple[str, ...]) -> bool:
+    """The Avro schema has a named type that contains itself (a tree, a linked list)."""
+    if isinstance(node, str):
+        if node in path:
+            return True
+        found = named.get(node)
+        return found is not None and _recursive(found, named, path)
+    if isinstance(node, list):
+        return any(_recursive(branch, named, path) for branch in node)
+    if not isinstance(node, dict):
+        return False
+    name = node.get("name")
+    if node.get("type") in ("record", "error") and isinstance(name, str):
+        if name in path:
+            return True
+        path = (*path, name)
+        return any(_recursive(f.get("type"), named, path) for f in node.get("fields", ()))
+    return any(
+        _recursive(node[key], named, path) for key in ("type", "items", "values") if key in node
+    )
+
+
+def _python_reader() -> Callable[..., Any]:
+    try:
+        from fastavro import _read_py  # fastavro's pure-Python reader (no public name)
+    except ImportError as exc:
+        raise SchemaMismatch("recursive Avro schemas need fastavro's Python reader") from exc
+    reader: Callable[..., Any] = _read_py.schemaless_reader
+    return reader
 
 
 def _avro_references(schema: RegisteredSchema, named: dict[str, Any]) -> None:

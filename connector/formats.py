@@ -163,6 +163,12 @@ class Parser:
             return decoder(value[WIRE_HEADER_BYTES:])
         except SchemaMismatch as exc:
             raise schema_error(f"schema id {schema_id}: {exc}") from exc
+        except Exception as exc:
+            # hostile input: a library's own failure (nesting past the recursion limit, a
+            # type its converter does not know) is this record's, not the session's
+            raise schema_error(
+                f"schema id {schema_id}: decoding failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def _decoder(self, schema_id: int, fmt: str) -> Decoder:
         built = self._decoders.get(schema_id)

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 ACCEPT = "application/vnd.schemaregistry.v1+json, application/json"
 MAX_SCHEMA_BYTES = 4 * 1024 * 1024
 MAX_REFERENCE_DEPTH = 32
+NOT_FOUND_CACHE_S = 60.0  # a 404 is believed this long: a flood of bad ids is not a flood of GETs
 
 
 class SchemaNotFound(ConnectorError):
@@ -99,6 +100,7 @@ class SchemaRegistry:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._schemas: dict[int, RegisteredSchema] = {}
+        self._missing: dict[int, float] = {}  # id -> when the registry said 404
         self._fetching: dict[int, asyncio.Future[RegisteredSchema]] = {}
         self.problem: str | None = None  # read by /readyz (another thread: one attribute)
         self._failures = 0
@@ -132,6 +134,9 @@ class SchemaRegistry:
         found = self._schemas.get(schema_id)
         if found is not None:
             return found
+        missing_at = self._missing.get(schema_id)
+        if missing_at is not None and self._clock() - missing_at < NOT_FOUND_CACHE_S:
+            raise SchemaNotFound(f"schema id {schema_id} not found in the registry")
         future = self._fetching.get(schema_id)
         if future is None:
             if self._closed:
@@ -154,6 +159,9 @@ class SchemaRegistry:
                 schema = await self._fetch_id(schema_id, depth=0)
             except SchemaNotFound:
                 self._healthy()
+                if len(self._missing) >= self._s.max_cached_schemas:
+                    self._missing.pop(next(iter(self._missing)))
+                self._missing[schema_id] = self._clock()
                 raise
             except RegistryUnavailable as exc:
                 self._unhealthy(str(exc))

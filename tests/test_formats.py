@@ -519,3 +519,64 @@ async def test_an_unreadable_password_file_is_an_outage_naming_it(tmp_path: Path
             await asyncio.sleep(0.01)
         assert "schema_registry.password_file: cannot read" in registry.problem
         fetch.cancel()
+
+
+async def test_a_404_is_believed_for_a_while(fake: tuple[FakeRegistry, str]) -> None:
+    server, url = fake
+    now = [0.0]
+    async with SchemaRegistry(SchemaRegistrySettings(url=url), clock=lambda: now[0]) as registry:
+        for _ in range(3):
+            with pytest.raises(SchemaNotFound):
+                await registry.schema(9)
+        assert len(server.requests) == 1  # a flood of records with a bad id: one request
+        now[0] = 61.0
+        server.schemas[9] = server.schemas[1]  # registered since
+        assert (await registry.schema(9)).schema_type == "AVRO"
+
+
+def deep_avro_record() -> tuple[RegisteredSchema, bytes]:
+    """A recursive Avro type (a linked list) nested past Python's recursion limit."""
+    schema = {
+        "type": "record",
+        "name": "Node",
+        "fields": [{"name": "next", "type": ["null", "Node"], "default": None}],
+    }
+    depth = 5_000  # each level: union index 1 (zig-zag 2)
+    return RegisteredSchema(1, "AVRO", orjson.dumps(schema).decode()), b"\x02" * depth + b"\x00"
+
+
+async def test_a_decoder_crash_is_the_records_schema_error(fake: tuple[FakeRegistry, str]) -> None:
+    server, url = fake
+    schema, payload = deep_avro_record()
+    server.schemas[1] = {"schema": schema.text}
+    async with SchemaRegistry(SchemaRegistrySettings(url=url)) as registry:
+        parser = Parser(
+            settings(input={"topics": {"avro": {"format": "avro"}}}, schema_registry={"url": url}),
+            registry,
+        )
+        with pytest.raises(EventRejected, match=r"schema id 1: .*Recursion") as caught:
+            await parser.decode(record(b"\x00\x00\x00\x00\x01" + payload, "avro"))
+    assert caught.value.code == "schema_error"
+
+
+def test_only_recursive_avro_schemas_take_the_python_reader() -> None:
+    from connector.decoders import _recursive
+
+    def parsed(schema: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        named: dict[str, Any] = {}
+        return fastavro.parse_schema(schema, named_schemas=named), named
+
+    assert not _recursive(*parsed(AVRO), ())
+    shared = {"type": "record", "name": "P", "fields": [{"name": "x", "type": "int"}]}
+    twice = {
+        "type": "record",
+        "name": "Two",
+        "fields": [{"name": "a", "type": shared}, {"name": "b", "type": "P"}],
+    }
+    assert not _recursive(*parsed(twice), ())  # a type used twice is not a cycle
+    tree = {
+        "type": "record",
+        "name": "Tree",
+        "fields": [{"name": "kids", "type": {"type": "array", "items": "Tree"}}],
+    }
+    assert _recursive(*parsed(tree), ())
