@@ -28,9 +28,10 @@ tools: tools-kafka tools-registry tools-debian tools-helm tools-image
 tools-kafka: $(BIN)/.installed
 	$(BIN)/python -m connector.localkafka fetch
 
-## tools-registry: Apicurio Registry for the format tests, once per machine (~10 s cold,
-## 0.1 s cached in ~/.cache/threads-connector; 3.3.3 on Java >= 21, else 3.0.9)
-tools-registry:
+## tools-registry: Apicurio Registry for the format tests, once per machine (5-20 s cold,
+## 0.1 s cached in ~/.cache/threads-connector; 3.3.3 on Java >= 21, else 3.0.9). After
+## tools-kafka: two Maven runs at once on a cold ~/.m2 would fetch the same plugins at once.
+tools-registry: tools-kafka
 	bash scripts/fetch-apicurio.sh
 
 tools-debian:
