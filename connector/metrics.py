@@ -245,6 +245,25 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.route_paused = Gauge(
+            f"{p}_route_paused",
+            "1 while a route's calls are paused: its events failed with the same status "
+            "(reason http_<status>) in a row, a configuration fault (api.on_error: pause).",
+            ["route", "reason", "app"],
+            registry=r,
+        )
+        self.calls_held = Gauge(
+            f"{p}_calls_held",
+            "Events answered with a 4xx waiting for a verdict: the app's first success "
+            "(then the failure is the event's) or a pause of their route.",
+            ["app"],
+            registry=r,
+        )
+        self.api_stopped = Gauge(
+            f"{p}_api_stopped",
+            "1 once api.on_error: stop has stopped every call at an API error (until a restart).",
+            registry=r,
+        )
         self.api_key_invalid = Gauge(
             f"{p}_api_key_invalid",
             "1 while the API key as read cannot be sent (empty, control characters, "
@@ -371,6 +390,7 @@ APP_GAUGES = (
     "auth_paused",
     "api_key_invalid",
     "api_paused_seconds",
+    "calls_held",
 )
 
 
@@ -404,6 +424,7 @@ class AppMetrics:
         self.auth_paused: Gauge = metrics.auth_paused.labels(app)
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+        self.calls_held: Gauge = metrics.calls_held.labels(app)
         # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
         self.api_call_duration = metrics.api_call_duration
         self.api_outcome_unknown = metrics.api_outcome_unknown
@@ -411,6 +432,11 @@ class AppMetrics:
         self.calls_waiting = metrics.calls_waiting
         self.event_attempts = metrics.event_attempts
         self.api_retries = metrics.api_retries
+
+    def route_paused(self, route: str, reason: str) -> Gauge:
+        """The app's ``route_paused`` gauge of one route and reason."""
+        gauge: Gauge = self.base.route_paused.labels(route, reason, self.app)
+        return gauge
 
     def __getattr__(self, name: str) -> Any:
         """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""
