@@ -56,7 +56,10 @@ class RouteGate(Gate):
 
     def success(self, was_probe: bool) -> bool:
         """A call of the route went through. True when it was paused until now."""
-        self._runs.clear()
+        if self._runs:
+            self._runs.clear()
+        if not self._closed and not was_probe:
+            return False  # the common case, once per call: nothing to wake
         self.status = None
         return self.succeed(was_probe)
 

@@ -14,7 +14,7 @@ import pytest
 
 from connector.errors import EventRejected, PermanentApiError, RetriableApiError
 from connector.systemic import RouteGate, Systemic, Verdict
-from tests.test_calls import OK, Harness, run_until_done
+from tests.test_calls import OK, Harness
 
 PATH = "/v1/api/v1/appuid/demo-app/threads"
 PAUSE_PROBE_S = 7.0
@@ -35,6 +35,15 @@ def harness(script: list[Any], **api: Any) -> Harness:
         script,
         api={"pause_after_failures": 3, "pause_probe_interval_s": PAUSE_PROBE_S} | api,
     )
+
+
+async def stuck(task: asyncio.Task[Any], spins: int = 200) -> bool:
+    """Give the task event-loop turns (its sleeps are fake): True if it is still waiting."""
+    for _ in range(spins):
+        if task.done():
+            return False
+        await asyncio.sleep(0)
+    return True
 
 
 async def outcomes(h: Harness, *event_ids: str) -> list[Any]:
@@ -87,6 +96,17 @@ async def test_an_events_own_failure_among_successes_is_dead_lettered() -> None:
     assert not isinstance(second, BaseException)
     assert [c.event_id for c in h.calls] == ["e1", "e2", "e1"]
     assert h.caller.pause_reason() is None
+
+
+async def test_a_held_event_is_counted_until_the_apps_first_success() -> None:
+    h = harness([http(422, "Validation error"), OK, OK])
+    held = asyncio.create_task(h.call("e1"))
+    assert await stuck(held)
+    assert h.sample("threads_connector_calls_held") == 1
+    assert h.caller.pause_reason() is None  # one failure is no pause: readiness stays
+    await h.call("e2")
+    assert (await held).thread_uid == OK.thread_uid  # tried once more: it worked
+    assert h.sample("threads_connector_calls_held") == 0
 
 
 async def test_a_run_on_a_proven_app_dead_letters_at_most_the_setting_minus_one() -> None:
@@ -148,13 +168,13 @@ async def test_stop_mode_stops_every_call_at_the_first_error_and_keeps_the_event
     h = harness([OK, http(422, "Validation error"), OK], on_error="stop")
     await h.call("e0")
     stopped = asyncio.create_task(h.call("e1"))
-    assert not await run_until_done(stopped)
+    assert await stuck(stopped)
     reason = h.caller.pause_reason()
     assert reason is not None and reason.startswith("stopped (api.on_error=stop)")
     assert "HTTP 422" in reason and f"POST {PATH}" in reason and "restart" in reason
     assert h.sample("threads_connector_api_stopped") == 1
     later = asyncio.create_task(h.call("e2"))
-    assert not await run_until_done(later)
+    assert await stuck(later)
     assert [c.event_id for c in h.calls] == ["e0", "e1"]  # no call since
     for task in (stopped, later):
         task.cancel()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from connector.config import ConnectorSettings
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
     API_KEY,
@@ -41,6 +42,12 @@ def responses(connector: Any, code: str) -> float:
         {"status_class": code[0] + "xx", "code": code, "app": "demo-app"},
     )
     return value or 0.0
+
+
+def with_base_url(settings: ConnectorSettings, base_url: str) -> ConnectorSettings:
+    """The same settings, ``api.base_url`` fixed (a restart with the corrected config)."""
+    api = settings.api.model_copy(update={"base_url": base_url})
+    return settings.model_copy(update={"api": api})
 
 
 def header(record: Any, name: str) -> str:
@@ -99,7 +106,7 @@ async def test_a_wrong_base_url_pauses_the_route_and_dead_letters_nothing(
     assert await results(kafka_bootstrap, names.results) == []
     assert len(sim.store) == 0
 
-    fixed = wrong.model_copy(update={"api": wrong.api.model_copy(update={"base_url": sim.base_url})})
+    fixed = with_base_url(wrong, sim.base_url)
     async with running(fixed) as connector:
         await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
         assert (await readyz(connector))[0] == 200
@@ -177,3 +184,31 @@ async def test_one_events_own_failure_among_successes_is_dead_lettered(
     assert header(dead, "dlq-event-id") == "o-bad"
     assert f"(POST {THREADS_PATH})" in header(dead, "dlq-reason")
     assert sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results)) == good
+
+
+async def test_stop_mode_stops_at_the_first_api_error_and_keeps_the_events(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator
+) -> None:
+    """``api.on_error: stop`` (Kafka Connect's errors.tolerance=none): the first 404 stops
+    every call; nothing is dead-lettered or committed past it; /readyz says why and to
+    restart; a restart with the fixed configuration makes every thread."""
+    names = Names.fresh("stop")
+    wrong = make_settings(
+        kafka_bootstrap, sim.base_url + "/api/v1", names, partitions=1, api={"on_error": "stop"}
+    )
+    ids = [f"s-{i}" for i in range(5)]
+    async with running(wrong) as connector:
+        await produce(kafka_bootstrap, names.input, [(b"k", event(i)) for i in ids])
+        deadline = time.monotonic() + 30
+        while "stopped" not in (detail := (await readyz(connector))[1]):
+            assert time.monotonic() < deadline, detail
+            await asyncio.sleep(0.05)
+        assert "api.on_error=stop" in detail and "restart" in detail
+        assert f"HTTP 404: Not Found (POST /api/v1{THREADS_PATH})" in detail
+        assert connector.metrics.api_stopped._value.get() == 1
+    assert await read_all(kafka_bootstrap, names.dead) == []
+    fixed = with_base_url(wrong, sim.base_url)
+    async with running(fixed):
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+    assert sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results)) == ids
+    assert await read_all(kafka_bootstrap, names.dead) == []
