@@ -28,7 +28,7 @@ from connector.events import ThreadCreated
 from connector.gates import AuthGate, CircuitBreaker
 from connector.metrics import AppMetrics, Metrics
 from connector.ratelimit import AdaptiveRate, Clock, TokenBucket, group_share
-from connector.routing import ThreadRequest
+from connector.routing import ThreadRequest, route_label
 from connector.systemic import StopGate
 from connector.threads_client import ThreadsClient
 
@@ -90,6 +90,7 @@ class Apps:
         # api.on_error: stop stops every app's calls at the first API error
         self.stop_gate = StopGate() if settings.api.on_error == "stop" else None
         metrics.init_apps(settings.app_uids())
+        metrics.init_routes((route.app_uid, route_label(route)) for route in settings.routes)
         self.policies = {app: self._policy(app) for app in settings.app_uids()}
         self._stack: AsyncExitStack | None = None
         self._owned = 0  # this replica's input partitions, of ``_total``: the rate shares

@@ -364,7 +364,7 @@ class ThreadCaller:
     def _route_ok(self, systemic: Systemic, route: RouteGate, was_probe: bool) -> None:
         status = route.status
         if systemic.success(route, was_probe) and status is not None:
-            self._metrics.route_paused(route.route, f"http_{status}").set(0)
+            self._metrics.route_paused_status(route.route).set(0)
             log.warning(
                 "route %s of app %s answers again: calls resumed",
                 route.route,
@@ -384,7 +384,7 @@ class ThreadCaller:
         status = route.status
         verdict, tripped = systemic.failure(route, event_id, exc, was_probe)
         if status is not None and route.status != status:  # another answer ended the pause
-            self._metrics.route_paused(route.route, f"http_{status}").set(0)
+            self._metrics.route_paused_status(route.route).set(0)
             log.warning(
                 "route %s of app %s no longer answers HTTP %s: calls resumed (now: %s)",
                 route.route,
@@ -394,7 +394,7 @@ class ThreadCaller:
                 extra={"app": self._metrics.app, "route": route.route},
             )
         if tripped:
-            self._metrics.route_paused(route.route, f"http_{exc.status}").set(1)
+            self._metrics.route_paused_status(route.route).set(exc.status or 0)
             log.error(
                 "app %s: %s",
                 self._metrics.app,

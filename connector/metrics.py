@@ -245,11 +245,11 @@ class Metrics:
             ["app"],
             registry=r,
         )
-        self.route_paused = Gauge(
-            f"{p}_route_paused",
-            "1 while a route's calls are paused: its events failed with the same status "
-            "(reason http_<status>) in a row, a configuration fault (api.on_error: pause).",
-            ["route", "reason", "app"],
+        self.route_paused_status = Gauge(
+            f"{p}_route_paused_status",
+            "The HTTP status that paused a route's calls (its events were answered with it "
+            "in a row: a configuration fault, api.on_error: pause); 0 while it is open.",
+            ["app", "route"],
             registry=r,
         )
         self.calls_held = Gauge(
@@ -371,6 +371,11 @@ class Metrics:
                 getattr(self, gauge).labels(app)
             self.rate_limited.labels(app)
 
+    def init_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create each (app, route)'s ``route_paused_status`` at 0."""
+        for app, route in routes:
+            self.route_paused_status.labels(app, route)
+
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
         for topic in topics:
@@ -433,9 +438,9 @@ class AppMetrics:
         self.event_attempts = metrics.event_attempts
         self.api_retries = metrics.api_retries
 
-    def route_paused(self, route: str, reason: str) -> Gauge:
-        """The app's ``route_paused`` gauge of one route and reason."""
-        gauge: Gauge = self.base.route_paused.labels(route, reason, self.app)
+    def route_paused_status(self, route: str) -> Gauge:
+        """The app's ``route_paused_status`` gauge of one route."""
+        gauge: Gauge = self.base.route_paused_status.labels(self.app, route)
         return gauge
 
     def __getattr__(self, name: str) -> Any:

@@ -315,14 +315,14 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
             "interval": "1m",
             "input_series": [
                 {
-                    "series": "threads_connector_route_paused"
-                    f'{{{sel}, app="app-a", route="*/order.shipped", reason="http_404"}}',
-                    "values": "0 0 1x10",
+                    "series": "threads_connector_route_paused_status"
+                    f'{{{sel}, app="app-a", route="*/order.shipped"}}',
+                    "values": "0 0 404x10",
                 },
                 {  # one that paused and resumed within the minute: quiet
-                    "series": "threads_connector_route_paused"
-                    f'{{{sel}, app="app-b", route="*/order.shipped", reason="http_422"}}',
-                    "values": "0 0 1 0x9",
+                    "series": "threads_connector_route_paused_status"
+                    f'{{{sel}, app="app-b", route="*/order.shipped"}}',
+                    "values": "0 0 422 0x9",
                 },
                 {"series": f"threads_connector_ready{{{sel}}}", "values": "1 1 0x10"},
                 {"series": f"threads_connector_api_stopped{{{sel}}}", "values": "0x12"},
@@ -335,8 +335,8 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                     "exp_alerts": [
                         expect(
                             "ThreadsConnectorRoutePaused",
-                            {"app": "app-a", "route": "*/order.shipped", "reason": "http_404"},
-                            "1",
+                            {"app": "app-a", "route": "*/order.shipped"},
+                            "404",
                         )
                     ],
                 },

@@ -51,8 +51,8 @@ async def outcomes(h: Harness, *event_ids: str) -> list[Any]:
     return await asyncio.gather(*calls, return_exceptions=True)
 
 
-def paused(h: Harness, reason: str = "http_404") -> float | None:
-    return h.sample("threads_connector_route_paused", route="", reason=reason)
+def paused(h: Harness) -> float | None:
+    return h.sample("threads_connector_route_paused_status", route="")
 
 
 async def test_a_run_before_any_success_dead_letters_nothing_and_pauses_the_route(
@@ -74,7 +74,7 @@ async def test_a_run_before_any_success_dead_letters_nothing_and_pauses_the_rout
     assert not any(isinstance(d, BaseException) for d in done), done
     assert h.delays == [PAUSE_PROBE_S] * 3  # one probe wait per try of the paused route
     value, reason = seen[0]
-    assert value == 1
+    assert value == 404
     assert reason is not None
     assert "route " in reason and "HTTP 404: Not Found" in reason and f"POST {PATH}" in reason
     assert "3 events in a row" in reason

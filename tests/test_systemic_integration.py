@@ -86,10 +86,8 @@ async def test_a_wrong_base_url_pauses_the_route_and_dead_letters_nothing(
         assert "app demo-app" in detail and "route */order.shipped paused" in detail
         assert f"POST /api/v1{THREADS_PATH}" in detail
         assert API_KEY not in detail and sim.base_url not in detail
-        route_paused = connector.metrics.route_paused.labels(
-            "*/order.shipped", "http_404", "demo-app"
-        )
-        assert route_paused._value.get() == 1
+        paused = connector.metrics.route_paused_status.labels("demo-app", "*/order.shipped")
+        assert paused._value.get() == 404
         # the probe fails again and again: still nothing dead-lettered
         first = responses(connector, "404")
         deadline = time.monotonic() + 30
