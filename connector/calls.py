@@ -178,8 +178,8 @@ class ThreadCaller:
                 except PermanentApiError as exc:
                     self._answered(probe)  # any answer but 401/403: the key was accepted
                     probe = None
-                    was_probe, route_probe = route_probe, False
                     if systemic is not None and route is not None and exc.status is not None:
+                        was_probe, route_probe = route_probe, False  # its answer settles it
                         verdict = self._route_failed(systemic, route, was_probe, event_id, exc)
                         if verdict is Verdict.WAIT:
                             attempts -= 1  # the route's fault, or not decided yet

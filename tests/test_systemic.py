@@ -142,6 +142,18 @@ async def test_a_different_answer_ends_a_pause_and_starts_its_own_run() -> None:
     assert systemic.failure(gate, "e1", http(422), False) == (Verdict.DEAD_LETTER, False)
 
 
+async def test_a_probe_whose_request_could_not_be_sent_lets_another_probe() -> None:
+    """A paused route's probe event that cannot even form its request (no status: the
+    event's own failure, dead-lettered) must not leave the route without a probe."""
+    unsendable = PermanentApiError("request could not be sent: UnicodeEncodeError")
+    h = harness([http(404)] * 3 + [unsendable, OK, OK, OK])
+    calls = [asyncio.create_task(h.call(f"e{i}")) for i in range(3)]
+    done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    codes = [d.code if isinstance(d, EventRejected) else "ok" for d in done]
+    assert sorted(codes) == ["ok", "ok", "request_error"]
+    assert h.caller.pause_reason() is None
+
+
 async def test_distinct_events_make_a_run_not_one_events_retries() -> None:
     gate = RouteGate("r", threshold=2, probe_interval_s=1.0)
     assert not gate.failure("e1", http(404), False)
