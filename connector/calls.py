@@ -10,7 +10,11 @@ transport failures (connection, TLS, 5xx storms) trip the circuit breaker: every
 waits while one probe retries periodically (``connector.gates``), so neither a bad key
 nor an outage burns through the backlog, and waiting spends no retry budget; the key is
 re-read on each probe, so a rotated secret file heals the connector without a restart.
-``Retry-After`` is capped at ``max_retry_after_s``; each new pause is logged once.
+Other 4xx answers go by ``api.on_error`` (``connector.systemic``): an event's own failure
+is dead-lettered, a run of one status on a route pauses that route behind its own gate
+(``pause``); every one is dead-lettered (``dead_letter``); or the first stops every call
+(``stop``). ``Retry-After`` is capped at ``max_retry_after_s``; each new pause is logged
+once.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ class ThreadCaller:
         )
         # api.on_error: pause counts 4xx runs by route; stop closes the stop gate at the first
         self.systemic = (
-            Systemic(settings.pause_after_failures, settings.pause_probe_interval_s)
+            Systemic(settings.pause_after_failures, settings.pause_probe_interval_s, self._metrics)
             if settings.on_error == "pause"
             else None
         )
@@ -180,7 +184,7 @@ class ThreadCaller:
                     probe = None
                     if systemic is not None and route is not None and exc.status is not None:
                         was_probe, route_probe = route_probe, False  # its answer settles it
-                        verdict = self._route_failed(systemic, route, was_probe, event_id, exc)
+                        verdict = systemic.failure(route, event_id, exc, was_probe)
                         if verdict is Verdict.WAIT:
                             attempts -= 1  # the route's fault, or not decided yet
                             waited_from = time.monotonic()
@@ -229,7 +233,7 @@ class ThreadCaller:
                 self._answered(probe)
                 probe = None
                 if systemic is not None and route is not None:
-                    self._route_ok(systemic, route, route_probe)
+                    systemic.success(route, route_probe)
                     route_probe = False
                 self._metrics.event_attempts.observe(attempts)
                 return ThreadCreated(
@@ -360,48 +364,6 @@ class ThreadCaller:
                 self.auth_gate.probe_interval_s,
                 extra={"app": self._metrics.app},
             )
-
-    def _route_ok(self, systemic: Systemic, route: RouteGate, was_probe: bool) -> None:
-        status = route.status
-        if systemic.success(route, was_probe) and status is not None:
-            self._metrics.route_paused_status(route.route).set(0)
-            log.warning(
-                "route %s of app %s answers again: calls resumed",
-                route.route,
-                self._metrics.app,
-                extra={"app": self._metrics.app, "route": route.route},
-            )
-
-    def _route_failed(
-        self,
-        systemic: Systemic,
-        route: RouteGate,
-        was_probe: bool,
-        event_id: str,
-        exc: PermanentApiError,
-    ) -> Verdict:
-        """Count a 4xx of the route (``connector.systemic``); log a pause once."""
-        status = route.status
-        verdict, tripped = systemic.failure(route, event_id, exc, was_probe)
-        if status is not None and route.status != status:  # another answer ended the pause
-            self._metrics.route_paused_status(route.route).set(0)
-            log.warning(
-                "route %s of app %s no longer answers HTTP %s: calls resumed (now: %s)",
-                route.route,
-                self._metrics.app,
-                status,
-                exc,
-                extra={"app": self._metrics.app, "route": route.route},
-            )
-        if tripped:
-            self._metrics.route_paused_status(route.route).set(exc.status or 0)
-            log.error(
-                "app %s: %s",
-                self._metrics.app,
-                route.reason,
-                extra={"app": self._metrics.app, "route": route.route, "status": exc.status},
-            )
-        return verdict
 
     def _stopping(self, rejected: EventRejected, request: ThreadRequest) -> bool:
         """``api.on_error: stop``: stop every call at the first API error (the event is

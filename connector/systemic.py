@@ -31,10 +31,14 @@ gate's (``connector.gates``): neither is an event's fault in any mode.
 from __future__ import annotations
 
 import asyncio
+import logging
 from enum import Enum
 
 from connector.errors import PermanentApiError
 from connector.gates import Gate
+from connector.metrics import AppMetrics
+
+log = logging.getLogger(__name__)
 
 
 class Verdict(Enum):
@@ -99,13 +103,15 @@ class StopGate(Gate):
 
 
 class Systemic:
-    """One app's route gates, and whether its calls are proven to work."""
+    """One app's route gates, and whether its calls are proven to work. Each pause and
+    resume is logged once and shown by ``route_paused_status{app,route}``."""
 
-    def __init__(self, threshold: int, probe_interval_s: float) -> None:
+    def __init__(self, threshold: int, probe_interval_s: float, metrics: AppMetrics) -> None:
         self.threshold = threshold
         self.probe_interval_s = probe_interval_s
         self.proven = False
         self.held = 0  # events waiting for a verdict (a gauge)
+        self._metrics = metrics
         self._routes: dict[str, RouteGate] = {}
         self._changed = asyncio.Event()
 
@@ -122,27 +128,43 @@ class Systemic:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def success(self, gate: RouteGate, was_probe: bool) -> bool:
-        """A call went through; True when its route was paused until now."""
+    def success(self, gate: RouteGate, was_probe: bool) -> None:
+        """A call of the route went through."""
         if not self.proven:
             self.proven = True
             self._notify()
-        return gate.success(was_probe)
+        status = gate.status
+        if gate.success(was_probe) and status is not None:
+            self._resumed(gate, f"route {gate.route} of app %s answers again: calls resumed")
 
     def failure(
         self, gate: RouteGate, event_id: str, exc: PermanentApiError, was_probe: bool
-    ) -> tuple[Verdict, bool]:
-        """The verdict on one event's 4xx, and whether it paused the route now."""
+    ) -> Verdict:
+        """The verdict on one event's 4xx (counted toward its route's run)."""
+        status = gate.status
         tripped = gate.failure(event_id, exc, was_probe)
+        if status is not None and gate.status != status:
+            self._resumed(gate, f"route {gate.route} of app %s no longer answers HTTP {status}")
         if tripped:
             self.proven = False
             self._notify()
+            self._metrics.route_paused_status(gate.route).set(exc.status or 0)
+            log.error(
+                "app %s: %s",
+                self._metrics.app,
+                gate.reason,
+                extra={"app": self._metrics.app, "route": gate.route, "status": exc.status},
+            )
         may_exist = exc.status is not None and 200 <= exc.status < 300
         if may_exist:  # a thread may exist: never retried
-            return Verdict.DEAD_LETTER, tripped
+            return Verdict.DEAD_LETTER
         if not gate.is_open or not self.proven:
-            return Verdict.WAIT, tripped
-        return Verdict.DEAD_LETTER, tripped
+            return Verdict.WAIT
+        return Verdict.DEAD_LETTER
+
+    def _resumed(self, gate: RouteGate, message: str) -> None:
+        self._metrics.route_paused_status(gate.route).set(0)
+        log.warning(message, self._metrics.app, extra={"app": self._metrics.app})
 
     async def hold(self, gate: RouteGate) -> None:
         """Wait until the app is proven or the route paused (then try again)."""

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from connector.errors import EventRejected, PermanentApiError, RetriableApiError
+from connector.metrics import AppMetrics, Metrics
 from connector.systemic import RouteGate, Systemic, Verdict
 from tests.test_calls import OK, Harness
 
@@ -126,20 +127,21 @@ async def test_a_run_on_a_proven_app_dead_letters_at_most_the_setting_minus_one(
 
 
 async def test_a_different_answer_ends_a_pause_and_starts_its_own_run() -> None:
-    systemic = Systemic(threshold=2, probe_interval_s=1.0)
+    systemic = Systemic(2, 1.0, AppMetrics(Metrics(), "demo-app"))
     gate = systemic.gate("orders/order.shipped")
-    assert systemic.failure(gate, "e1", http(404), False) == (Verdict.WAIT, False)
-    assert systemic.failure(gate, "e2", http(404), False) == (Verdict.WAIT, True)
+    assert systemic.failure(gate, "e1", http(404), False) is Verdict.WAIT
+    assert gate.is_open
+    assert systemic.failure(gate, "e2", http(404), False) is Verdict.WAIT
     assert not gate.is_open and gate.status == 404
     assert gate.take_probe()
-    assert systemic.failure(gate, "e1", http(404), True) == (Verdict.WAIT, False)
+    assert systemic.failure(gate, "e1", http(404), True) is Verdict.WAIT
     assert not gate.is_open  # the same answer: still paused
     assert gate.take_probe()
-    verdict, tripped = systemic.failure(gate, "e1", http(422), True)
-    assert gate.is_open and gate.status is None and not tripped
+    verdict = systemic.failure(gate, "e1", http(422), True)
+    assert gate.is_open and gate.status is None
     assert verdict is Verdict.WAIT  # the app is not proven: e1 waits for a success
-    assert systemic.success(gate, False) is False
-    assert systemic.failure(gate, "e1", http(422), False) == (Verdict.DEAD_LETTER, False)
+    systemic.success(gate, False)
+    assert systemic.failure(gate, "e1", http(422), False) is Verdict.DEAD_LETTER
 
 
 async def test_a_probe_whose_request_could_not_be_sent_lets_another_probe() -> None:
