@@ -164,6 +164,7 @@ def settings_dict(bootstrap: str, base_url: str, tag: str, rate: float) -> dict[
             "results_topic": f"{tag}-results",
             "dead_letter_topic": f"{tag}-dlq",
             "topic_partitions": PARTITIONS,
+            "create_input_topics": True,
             "session_timeout_ms": 6_000,
             "heartbeat_interval_ms": 1_000,
         },

@@ -23,6 +23,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from connector.apps import Apps
+from connector.changelog_watch import ChangelogWatch
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
@@ -129,6 +130,8 @@ class Connector:
         # output topics a stuck commit cycle waits for (deleted with auto-create off): the
         # producer retries them silently and forever
         self.outputs_missing: list[str] | None = None
+        # the dedup changelogs' configuration, re-checked while running
+        self.changelogs = ChangelogWatch(settings, lambda: self.input_partitions)
 
     # -- health -------------------------------------------------------------------------
 
@@ -149,6 +152,9 @@ class Connector:
             return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
         if not self._joined:
             return False, "not in the consumer group yet"
+        changelog = self.changelogs.problem
+        if changelog is not None:
+            return False, changelog
         paused = self.apps.pause_reason()
         if paused is not None:
             return False, paused
@@ -189,6 +195,9 @@ class Connector:
             self.started.set()
             probe = asyncio.create_task(self._probe_kafka(stop))
             stack.push_async_callback(_cancel, probe)
+            if s.dedup.store == "changelog":
+                watch = asyncio.create_task(self.changelogs.run(stop))
+                stack.push_async_callback(_cancel, watch)
             while not stop.is_set():
                 self.sessions += 1
                 try:
