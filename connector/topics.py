@@ -136,7 +136,8 @@ class TopicManager:
         specs = self.changelog_specs(inputs)
         existing = await self.partitions(list(specs))
         problems = [
-            f"dedup changelog {name} does not exist (deleted?): {_missing_changelog(spec)}"
+            f"{_missing_changelog(spec)}. Deleted? Its dedup state is lost: commit cycles wait "
+            f"for it, and replays of events processed before may create second threads"
             for name, spec in specs.items()
             if name not in existing
         ]
