@@ -40,6 +40,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "validate": (
         "no_event_id",
         "invalid_event_id",
+        "ambiguous_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
