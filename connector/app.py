@@ -92,6 +92,7 @@ class Connector:
         self._exposure = self._new_exposure(healthy=True)
         self.metrics.uncommitted_threads.set_function(lambda: self._exposure.held)
         self.metrics.calls_gate_closed.set_function(lambda: 0 if self._exposure.is_open else 1)
+        self.metrics.threads_awaiting_commit.set_function(lambda: self._exposure.created)
         self.input_partitions: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
         self._assigned: list[TopicPartitionKey] = []
