@@ -41,7 +41,7 @@ class Breach:
 
     def __str__(self) -> str:
         return (
-            f"dedup changelog {self.topic} has {self.setting}={self.value}: {self.why} "
+            f"dedup changelog {self.topic}: {self.setting}={self.value} {self.why} "
             f"(set {self.setting}={self.wanted})"
         )
 
@@ -74,7 +74,7 @@ def breaches(topic: str, config: Mapping[str, str], ttl_s: float) -> list[Breach
                 POLICY,
                 raw_policy,
                 ",".join(sorted(policy | {"compact"})),
-                "it must include compact",
+                "must include compact",
             )
         )
     if "delete" not in policy:
@@ -88,8 +88,8 @@ def breaches(topic: str, config: Mapping[str, str], ttl_s: float) -> list[Breach
                 RETENTION_MS,
                 str(retention),
                 str(window),
-                f"entries would be deleted before dedup.ttl_s ({window} ms) ends, and a "
-                f"replay after a restart would create a second thread",
+                f"deletes entries before dedup.ttl_s ({window} ms) ends: a replay after a "
+                f"restart would create a second thread",
             )
         )
     size = _int(config.get(RETENTION_BYTES))
@@ -100,7 +100,7 @@ def breaches(topic: str, config: Mapping[str, str], ttl_s: float) -> list[Breach
                 RETENTION_BYTES,
                 str(size),
                 "-1",
-                "deletion by size drops entries still inside dedup.ttl_s",
+                "deletes entries by size, whatever their age inside dedup.ttl_s",
             )
         )
     return found

@@ -24,7 +24,7 @@ def test_compact_alone_and_infinite_retention_are_sound() -> None:
 def test_a_retention_shorter_than_the_window_is_named() -> None:
     found = breaches("c", {"cleanup.policy": "compact,delete", "retention.ms": "5000"}, DAY_S)
     assert [(b.setting, b.value, b.wanted) for b in found] == [("retention.ms", "5000", "86400000")]
-    assert "dedup changelog c has retention.ms=5000" in str(found[0])
+    assert "dedup changelog c: retention.ms=5000 deletes entries" in str(found[0])
 
 
 def test_delete_without_compact_and_a_size_bound_are_named() -> None:
