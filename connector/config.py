@@ -225,6 +225,13 @@ class AppSettings(_Frozen):
         return self.api_key is not None or self.api_key_file is not None
 
 
+# What a 4xx answer does (``connector.systemic``): ``pause`` dead-letters an event's own
+# failure and pauses a route that fails the same way for a run of events; ``dead_letter``
+# dead-letters every one (Kafka Connect's errors.tolerance=all); ``stop`` stops every call
+# at the first (errors.tolerance=none), the event kept, until a restart.
+ApiOnError = Literal["pause", "dead_letter", "stop"]
+
+
 class ApiSettings(_Frozen):
     """The Threads API, its credentials, and how hard we may call it."""
 
@@ -261,6 +268,19 @@ class ApiSettings(_Frozen):
         default=5, ge=1, description="transport failures in a row that pause calls"
     )
     breaker_probe_interval_s: float = Field(default=5.0, gt=0, description="while paused")
+    on_error: ApiOnError = Field(
+        default="pause",
+        description="a 4xx answer: pause (a run pauses the route), dead_letter, or stop",
+    )
+    pause_after_failures: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="distinct events failing with the same status in a row pause their route",
+    )
+    pause_probe_interval_s: float = Field(
+        default=30.0, gt=0, description="a paused route's probe, with one of its events"
+    )
     apps: dict[str, AppSettings] = Field(
         default_factory=dict,
         description="per-app key, rate limit and in-flight cap, by appUid (unset: the above)",

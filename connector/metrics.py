@@ -268,6 +268,25 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.route_paused_status = Gauge(
+            f"{p}_route_paused_status",
+            "The HTTP status that paused a route's calls (its events were answered with it "
+            "in a row: a configuration fault, api.on_error: pause); 0 while it is open.",
+            ["app", "route"],
+            registry=r,
+        )
+        self.calls_held = Gauge(
+            f"{p}_calls_held",
+            "Events answered with a 4xx waiting for a verdict: the app's first success "
+            "(then the failure is the event's) or a pause of their route.",
+            ["app"],
+            registry=r,
+        )
+        self.api_stopped = Gauge(
+            f"{p}_api_stopped",
+            "1 once api.on_error: stop has stopped every call at an API error (until a restart).",
+            registry=r,
+        )
         self.api_key_invalid = Gauge(
             f"{p}_api_key_invalid",
             "1 while the API key as read cannot be sent (empty, control characters, "
@@ -395,6 +414,11 @@ class Metrics:
             for status_class in STATUS_CLASSES:
                 self.api_call_duration.labels(status_class, app)
 
+    def init_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create each (app, route)'s ``route_paused_status`` at 0."""
+        for app, route in routes:
+            self.route_paused_status.labels(app, route)
+
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
         for topic in topics:
@@ -419,6 +443,7 @@ APP_GAUGES = (
     "auth_paused",
     "api_key_invalid",
     "api_paused_seconds",
+    "calls_held",
 )
 
 
@@ -456,6 +481,7 @@ class AppMetrics:
         self.auth_paused: Gauge = metrics.auth_paused.labels(app)
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+        self.calls_held: Gauge = metrics.calls_held.labels(app)
         # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
         self.api_call_duration = _LastLabel(metrics.api_call_duration, app)
         self.api_outcome_unknown = metrics.api_outcome_unknown
@@ -463,6 +489,11 @@ class AppMetrics:
         self.calls_waiting = metrics.calls_waiting
         self.event_attempts = metrics.event_attempts
         self.api_retries = metrics.api_retries
+
+    def route_paused_status(self, route: str) -> Gauge:
+        """The app's ``route_paused_status`` gauge of one route."""
+        gauge: Gauge = self.base.route_paused_status.labels(self.app, route)
+        return gauge
 
     def __getattr__(self, name: str) -> Any:
         """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""
