@@ -77,7 +77,15 @@ class KafkaSettings(_Frozen):
     input_topics: list[str] = Field(default_factory=lambda: ["domain-events"], min_length=1)
     results_topic: str = "thread-results"
     dead_letter_topic: str = "thread-dead-letters"
-    create_topics: bool = True
+    create_topics: bool = Field(
+        default=True,
+        description="create the results, dead-letter and dedup changelog topics if missing",
+    )
+    create_input_topics: bool = Field(
+        default=False,
+        description="create missing input topics too (a typo'd topic would be created and "
+        "consumed empty for ever: off unless asked)",
+    )
     topic_partitions: int = Field(default=6, ge=1, description="for topics the connector creates")
     replication_factor: int = Field(default=1, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -192,6 +200,9 @@ class DedupSettings(_Frozen):
     max_entries: int = Field(default=1_000_000, ge=1)
     changelog_suffix: str = "dedup-changelog"
     restore_timeout_s: float = Field(default=120.0, gt=0)
+    changelog_check_interval_s: float = Field(
+        default=60.0, gt=0, description="how often a running replica re-checks its changelogs"
+    )
 
 
 class AppSettings(_Frozen):

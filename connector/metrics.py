@@ -55,6 +55,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "validate": (
         "no_event_id",
         "invalid_event_id",
+        "ambiguous_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
@@ -214,10 +215,16 @@ class Metrics:
             "delivery.max_uncommitted_threads.",
             registry=r,
         )
+        self.threads_awaiting_commit = Gauge(
+            f"{p}_threads_awaiting_commit",
+            "Threads created whose results are not committed yet (the uncommitted window: "
+            "the part of uncommitted_threads that is no longer on the wire).",
+            registry=r,
+        )
         self.calls_gate_closed = Gauge(
             f"{p}_calls_gate_closed",
-            "1 while no call may start: the uncommitted cap is reached, or commit cycles fail "
-            "or stall.",
+            "1 while no call may start: the uncommitted cap or window is reached, or a commit "
+            "cycle failed or is overdue.",
             registry=r,
         )
         self.events_in_progress = Gauge(
