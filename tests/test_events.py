@@ -360,3 +360,32 @@ def test_a_results_event_id_header_holds_the_whole_id() -> None:
     created = ThreadCreated("th-1", "hu-1", "agent-x", attempts=1, latency_ms=1.0)
     out = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
     assert dict(out.headers)["event-id"].decode() == event_id
+
+
+def test_result_record_forwards_only_the_allowed_headers() -> None:
+    headers = (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"), ("secret", b"s"))
+    event = parse(record({"id": "e", "type": "t"}, headers=headers))
+    created = ThreadCreated("th", "hu", "ag", 1, 1.0)
+    out = result_record(
+        "r",
+        event,
+        app_uid="a",
+        created=created,
+        deep_link="d",
+        user_key="k",
+        forward_headers=frozenset({"traceparent", "x-tenant"}),
+    )
+    assert out.headers[2:] == (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"))
+    plain = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
+    assert [name for name, _ in plain.headers] == ["event-id", "correlation-id"]
+
+
+def test_a_given_correlation_id_is_kept() -> None:
+    event = parse_event(
+        record({"id": "e", "type": "t"}),
+        id_field="id",
+        id_header="event-id",
+        type_field="type",
+        correlation_id="req-1",
+    )
+    assert event.correlation_id == "req-1"

@@ -35,6 +35,11 @@ EXCLUDED = {
     ("kafka", "ssl_keyfile"),  # kafkaTls.clientCertSecret, mounted
     ("api", "ca_file"),  # apiTls.caSecret, mounted
     ("delivery", "instance_id"),  # the pod name
+    ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
+    ("schema_registry", "password_file"),
+    ("schema_registry", "bearer_token"),
+    ("schema_registry", "bearer_token_file"),
+    ("schema_registry", "ca_file"),  # schemaRegistry.caSecret, mounted
 }
 DROPPED_KEYWORDS = {"title", "format", "writeOnly", "$defs"}
 
@@ -202,6 +207,15 @@ def values_schema() -> Schema:
                 }
             ),
             "apiTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),
+            "schemaRegistry": obj(
+                {
+                    "existingSecret": typed("string"),
+                    "passwordKey": typed("string"),
+                    "bearerTokenKey": typed("string"),
+                    "caSecret": typed("string"),
+                    "caKey": SECRET_KEY,
+                }
+            ),
             "kafkaTls": obj(
                 {
                     "caSecret": typed("string"),
