@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from connector import __version__
+from connector import __version__, proxy
 from connector.config import ConnectorSettings, load_settings
 from connector.errors import ConfigError
 from connector.logs import configure_logging
@@ -105,6 +105,11 @@ def check_config(path: Path) -> int:
         sys.stderr.write(f"{path}: {exc}\n")
         return EXIT_CONFIG
     k, d, a = settings.kafka, settings.delivery, settings.api
+    try:
+        extras = environment_lines(settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"{path}: {exc}\n")
+        return EXIT_CONFIG
     sys.stdout.write(
         f"{path}: OK\n"
         f"  kafka: {k.bootstrap_servers} group={k.group_id} inputs={','.join(k.input_topics)}"
@@ -121,7 +126,15 @@ def check_config(path: Path) -> int:
             f"  app {app}: {key}, rate {api.rate_limit_per_s}/s for the group,"
             f" {api.max_in_flight} in flight\n"
         )
+    sys.stdout.writelines(f"  {line}\n" for line in extras)
     return 0
+
+
+def environment_lines(settings: ConnectorSettings) -> list[str]:
+    """What the environment adds to the file: the API's egress proxy (its credentials file
+    read, never shown). Raises ConfigError as start-up would."""
+    found = proxy.resolve(settings.api)
+    return [f"api proxy: {found.describe() if found is not None else 'none (direct)'}"]
 
 
 async def run(settings: ConnectorSettings) -> int:

@@ -228,6 +228,17 @@ class ApiSettings(_Frozen):
         default=1_048_576, ge=1_024, description="a longer body fails the attempt"
     )
     ca_file: Path | None = Field(default=None, description="PEM CA bundle for the API's TLS")
+    proxy_url: str | None = Field(
+        default=None,
+        description="http://host:port of a forward proxy for the API calls (else HTTPS_PROXY "
+        "/ HTTP_PROXY / NO_PROXY); credentials go in proxy_auth_file",
+    )
+    proxy_auth_file: Path | None = Field(
+        default=None, description="a mounted file holding the proxy's user:password"
+    )
+    proxy_from_env: bool = Field(
+        default=True, description="honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY"
+    )
     max_retry_after_s: float = Field(default=300.0, gt=0, description="cap on Retry-After")
     max_pause_ready_s: float = Field(
         default=60.0, gt=0, description="a longer Retry-After pause turns /readyz red"
@@ -287,6 +298,23 @@ class ApiSettings(_Frozen):
         if "?" in value or "#" in value:
             # the API's path is appended to it: a query or fragment would swallow it
             raise ValueError("must not have a query (?) or a fragment (#)")
+        return value.rstrip("/")
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): put user:password in "
+                "api.proxy_auth_file"
+            )
+        if not re.match(r"^http://[^/\s?#]+/?$", value):
+            raise ValueError(
+                "must be http://host:port (the proxy is spoken to in plain HTTP; an https:// "
+                "API goes through it with CONNECT, its TLS end to end)"
+            )
         return value.rstrip("/")
 
 

@@ -74,7 +74,8 @@ class RetriableApiError(ApiError):
     ``outcome_unknown`` is true when the request may have reached the API (a read timeout
     after the body was sent): the thread may exist even though we never saw its id.
     ``kind`` names a failure without a status (``connect_error``, ``tls_error``,
-    ``timeout``, ``protocol_error``, ``body_too_large``), or ``redirect``: a bounded label.
+    ``timeout``, ``protocol_error``, ``body_too_large``, ``proxy_error``: the egress proxy
+    is unreachable or refused us), or ``redirect``: a bounded label.
     """
 
     def __init__(
@@ -101,7 +102,7 @@ class RetriableApiError(ApiError):
             if 300 <= self.status < 400:
                 return True
             return self.status >= 500 and self.retry_after_s is None
-        return self.kind in ("connect_error", "tls_error")
+        return self.kind in ("connect_error", "tls_error", "proxy_error")
 
 
 class PermanentApiError(ApiError):

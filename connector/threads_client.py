@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from connector import __version__
 from connector.errors import ApiKeyInvalid, AuthError, PermanentApiError, RetriableApiError
+from connector.proxy import Proxy
 from connector.routing import ThreadRequest
 
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
@@ -131,6 +132,7 @@ class ThreadsClient:
         max_in_flight: int,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         ca_file: Path | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -139,6 +141,18 @@ class ThreadsClient:
         self._max_in_flight = max_in_flight
         self._max_response_bytes = max_response_bytes
         self._ssl = tls_context(ca_file) if base_url.startswith("https:") else None
+        self._proxy = proxy
+        # Proxy-Authorization: on the CONNECT for an https:// API (the API never sees it), in
+        # the request for an http:// one (aiohttp sends proxy_headers with CONNECT only)
+        self._proxy_headers: dict[str, str] | None = None
+        self._request_headers: dict[str, str] = {}
+        if proxy is not None and proxy.username is not None:
+            password = proxy.password.get_secret_value() if proxy.password else ""
+            auth = {"proxy-authorization": aiohttp.encode_basic_auth(proxy.username, password)}
+            if self._ssl is not None:
+                self._proxy_headers = auth
+            else:
+                self._request_headers = auth
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -152,6 +166,8 @@ class ThreadsClient:
                 ssl=self._ssl if self._ssl is not None else True,
             )
             self._session = aiohttp.ClientSession(
+                # resolved once (connector.proxy): not trust_env, which also reads ~/.netrc
+                proxy=self._proxy.url if self._proxy is not None else None,
                 # no base_url: aiohttp's refuses a path without a trailing slash and drops
                 # one with it; the request's URL is the base URL's text + the API's path
                 connector=connector,
@@ -201,6 +217,7 @@ class ThreadsClient:
             # event ids are the producer's data: percent-encode what a header cannot carry
             "x-event-id": _header_text(event_id),
             "x-correlation-id": _header_text(correlation_id),
+            **self._request_headers,
         }
         body = orjson.dumps(request.body())
         try:
@@ -212,6 +229,15 @@ class ThreadsClient:
                 "encoding that cannot be read): cut off",
                 outcome_unknown=True,
                 kind="body_too_large",
+            ) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # CONNECT refused: nothing was sent
+            raise RetriableApiError(
+                f"the proxy refused the tunnel: HTTP {exc.status}{_proxy_hint(exc.status)}",
+                kind="proxy_error",
+            ) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise RetriableApiError(
+                f"the proxy cannot be reached: {exc.os_error.strerror or exc}", kind="proxy_error"
             ) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
             raise RetriableApiError(f"TLS failure: {exc}", kind="tls_error") from exc
@@ -239,7 +265,11 @@ class ThreadsClient:
         with an oversized body (the body is dropped); a 201 without its whole body fails."""
         limit = self._max_response_bytes
         async with self._http().post(
-            url, data=body, headers=headers, allow_redirects=False
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            proxy_headers=self._proxy_headers,
         ) as response:
             retry_after = response.headers.get("retry-after")
             inflate = _inflater(response.headers.get("content-encoding"))
@@ -264,6 +294,12 @@ class ThreadsClient:
                     raise _BodyTooLarge
                 chunks = []
             return _Response(response.status, retry_after, b"".join(chunks))
+
+
+def _proxy_hint(status: int) -> str:
+    if status == 407:
+        return " (proxy authentication required: check api.proxy_auth_file)"
+    return ""
 
 
 Inflater = Callable[[bytes, int], bytes]
@@ -369,6 +405,8 @@ def _interpret(response: _Response, secret: str = "") -> ApiThread:
             raise PermanentApiError(
                 f"{status} without a threadUid in its body{what}", status=status
             ) from exc
+    if status == 407:  # a proxy's answer to a plain-http request: not the API's, not the event's
+        raise RetriableApiError(f"HTTP 407 from the proxy{_proxy_hint(status)}", kind="proxy_error")
     if 300 <= status < 400:
         # not followed: a redirect says nothing of the event but that the base URL is not
         # where the API answers (http:// to https://, a moved host): the API host's

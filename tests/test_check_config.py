@@ -255,3 +255,19 @@ def test_a_few_aliases_are_still_fine(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "&id" in text and "*id" in text
     code, out = check(tmp_path, capsys, text)
     assert code == 0, out
+
+
+def test_the_api_proxy_is_shown_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://corp:pw-must-not-leak@egress:3128")
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config()))
+    assert code == 0, out
+    assert "api proxy: http://egress:3128 (from HTTP_PROXY) as 'corp'" in out
+    assert "pw-must-not-leak" not in out
+    auth = tmp_path / "proxy-auth"
+    auth.write_text("only-a-user-name\n")
+    out = refused(tmp_path, capsys, config(api={"proxy_auth_file": str(auth)}))
+    assert "api.proxy_auth_file" in out and "only-a-user-name" not in out

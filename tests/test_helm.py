@@ -37,6 +37,7 @@ CHART_OWNED = {
     ("kafka", "ssl_key_password_file"),  # set by the chart (kafkaTls.clientKeyEncrypted)
     ("kafka", "ssl_certfile"),  # set by the chart (kafkaTls.clientCertSecret)
     ("api", "ca_file"),  # set by the chart (apiTls.caSecret)
+    ("api", "proxy_auth_file"),  # set by the chart (apiProxy.authSecret)
     ("kafka", "ssl_keyfile"),  # idem
 }
 
@@ -632,3 +633,23 @@ def test_an_app_without_a_key_source_is_rejected() -> None:
     proc = helm("template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k")
     assert proc.returncode != 0
     assert "secrets.apps.app-c needs apiKey" in proc.stderr
+
+
+def test_api_proxy_credentials_are_a_mounted_file_named_in_the_config() -> None:
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    api = connector_config(docs)["api"]
+    proxy_dir = "/var/run/secrets/threads-connector-api-proxy"
+    assert api["proxy_url"] == "http://egress-proxy.platform.svc:3128"
+    assert api["proxy_auth_file"] == f"{proxy_dir}/proxy-auth"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["api-proxy-auth"]["secret"]
+    assert volume["secretName"] == "egress-proxy-credentials"
+    assert volume["items"] == [{"key": "user-password", "path": "proxy-auth"}]
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert mounts["api-proxy-auth"] == {
+        "name": "api-proxy-auth",
+        "mountPath": proxy_dir,
+        "readOnly": True,
+    }
+    default = render(*API_KEY_SET)
+    assert "proxy_auth_file" not in connector_config(default)["api"]

@@ -34,6 +34,7 @@ EXCLUDED = {
     ("kafka", "ssl_certfile"),  # kafkaTls.clientCertSecret, mounted
     ("kafka", "ssl_keyfile"),  # kafkaTls.clientCertSecret, mounted
     ("api", "ca_file"),  # apiTls.caSecret, mounted
+    ("api", "proxy_auth_file"),  # apiProxy.authSecret, mounted
     ("delivery", "instance_id"),  # the pod name
 }
 DROPPED_KEYWORDS = {"title", "format", "writeOnly", "$defs"}
@@ -202,6 +203,7 @@ def values_schema() -> Schema:
                 }
             ),
             "apiTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),
+            "apiProxy": obj({"authSecret": typed("string"), "authKey": SECRET_KEY}),
             "kafkaTls": obj(
                 {
                     "caSecret": typed("string"),

@@ -63,6 +63,7 @@ Where things are mounted in the container.
 {{- define "threads-connector.apiTlsDir" -}}/var/run/secrets/threads-connector-api-tls{{- end }}
 {{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
 {{- define "threads-connector.appsDir" -}}/var/run/secrets/threads-connector-apps{{- end }}
+{{- define "threads-connector.apiProxyDir" -}}/var/run/secrets/threads-connector-api-proxy{{- end }}
 
 {{/*
 Is the default API key (secrets.apiKey, or secrets.apiKeyKey in secrets.existingSecret)
@@ -152,6 +153,9 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- end }}
 {{- if .Values.apiTls.caSecret }}
 {{- $_ := set $cfg.api "ca_file" (printf "%s/ca.crt" (include "threads-connector.apiTlsDir" .)) }}
+{{- end }}
+{{- if .Values.apiProxy.authSecret }}
+{{- $_ := set $cfg.api "proxy_auth_file" (printf "%s/proxy-auth" (include "threads-connector.apiProxyDir" .)) }}
 {{- end }}
 {{- if .Values.kafkaTls.caSecret }}
 {{- $_ := set $cfg.kafka "ssl_cafile" (printf "%s/ca.crt" (include "threads-connector.tlsDir" .)) }}
