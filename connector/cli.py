@@ -131,10 +131,19 @@ def check_config(path: Path) -> int:
 
 
 def environment_lines(settings: ConnectorSettings) -> list[str]:
-    """What the environment adds to the file: the API's egress proxy (its credentials file
-    read, never shown). Raises ConfigError as start-up would."""
+    """What the environment and mounted files add to the file: the API's egress proxy (its
+    credentials file read, never shown), the Kafka OAuth client (its secret file read).
+    Raises ConfigError as start-up would."""
     found = proxy.resolve(settings.api)
-    return [f"api proxy: {found.describe() if found is not None else 'none (direct)'}"]
+    lines = [f"api proxy: {found.describe() if found is not None else 'none (direct)'}"]
+    k = settings.kafka
+    if k.sasl_mechanism == "OAUTHBEARER":
+        settings.oauth_client_secret()  # readable, as the first token request needs it
+        scope = f", scope {k.oauth_scope!r}" if k.oauth_scope else ""
+        lines.append(
+            f"kafka login: OAUTHBEARER, client {k.oauth_client_id} at {k.oauth_token_url}{scope}"
+        )
+    return lines
 
 
 async def run(settings: ConnectorSettings) -> int:

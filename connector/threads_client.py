@@ -1,6 +1,6 @@
 """The Threads API client: one attempt of ``POST /api/v1/appuid/{appUid}/threads``.
 
-The only module that imports the HTTP library (aiohttp: chosen on measurements, see
+The API's HTTP client (aiohttp: chosen on measurements, see
 ``bench/http_clients.py`` and the README). Its errors are translated here, most specific
 first, into the connector's tree (``connector.errors``); retries live in ``calls``.
 

@@ -271,3 +271,57 @@ def test_the_api_proxy_is_shown_without_its_password(
     auth.write_text("only-a-user-name\n")
     out = refused(tmp_path, capsys, config(api={"proxy_auth_file": str(auth)}))
     assert "api.proxy_auth_file" in out and "only-a-user-name" not in out
+
+
+def oauth_kafka(**extra: Any) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "OAUTHBEARER",
+        "oauth_token_url": "https://login.example.com/token",
+        "oauth_client_id": "threads-connector",
+        **extra,
+    }
+
+
+def test_oauthbearer_is_shown_and_its_secret_file_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("oauth-secret-must-not-leak\n")
+    data = config(kafka=oauth_kafka(oauth_client_secret_file=str(secret), oauth_scope="kafka"))
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == 0, out
+    assert (
+        "kafka login: OAUTHBEARER, client threads-connector at https://login.example.com/token"
+        ", scope 'kafka'" in out
+    )
+    assert "oauth-secret-must-not-leak" not in out
+    missing = config(kafka=oauth_kafka(oauth_client_secret_file=str(tmp_path / "nope")))
+    assert "kafka.oauth_client_secret_file: cannot read" in refused(tmp_path, capsys, missing)
+
+
+@pytest.mark.parametrize(
+    ("kafka", "message"),
+    [
+        (oauth_kafka(oauth_token_url=None), "needs oauth_token_url and oauth_client_id"),
+        (oauth_kafka(), "kafka.oauth_client_secret"),  # no secret at all
+        (
+            oauth_kafka(oauth_token_url="https://u:pw@login.example.com/token"),
+            "must not hold credentials",
+        ),
+        (oauth_kafka(sasl_mechanism="PLAIN"), "only used with OAUTHBEARER"),
+    ],
+)
+def test_oauthbearer_settings_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kafka: dict[str, Any], message: str
+) -> None:
+    out = refused(tmp_path, capsys, config(kafka=kafka))
+    assert message in out and ":pw@" not in out
+
+
+def test_the_oauth_client_secret_in_the_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = refused(tmp_path, capsys, config(kafka=oauth_kafka(oauth_client_secret="s3cr3t")))
+    assert "kafka.oauth_client_secret: secrets must not be written" in out
+    assert "s3cr3t" not in out

@@ -38,6 +38,8 @@ CHART_OWNED = {
     ("kafka", "ssl_certfile"),  # set by the chart (kafkaTls.clientCertSecret)
     ("api", "ca_file"),  # set by the chart (apiTls.caSecret)
     ("api", "proxy_auth_file"),  # set by the chart (apiProxy.authSecret)
+    ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret / existingSecret
+    ("kafka", "oauth_client_secret_file"),  # set by the chart (OAUTHBEARER)
     ("kafka", "ssl_keyfile"),  # idem
 }
 
@@ -653,3 +655,32 @@ def test_api_proxy_credentials_are_a_mounted_file_named_in_the_config() -> None:
     }
     default = render(*API_KEY_SET)
     assert "proxy_auth_file" not in connector_config(default)["api"]
+
+
+def test_oauthbearer_client_secret_is_a_mounted_file_and_no_sasl_password() -> None:
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    kafka = connector_config(docs)["kafka"]
+    assert kafka["sasl_mechanism"] == "OAUTHBEARER"
+    secret_dir = "/var/run/secrets/threads-connector"
+    assert kafka["oauth_client_secret_file"] == f"{secret_dir}/oauth-client-secret"
+    assert "sasl_password_file" not in kafka
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    items = {v["name"]: v for v in pod["volumes"]}["secrets"]["secret"]["items"]
+    assert {"key": "oauth-client-secret", "path": "oauth-client-secret"} in items
+    assert not [i for i in items if i["path"] == "sasl-password"]
+    secret = one(docs, "Secret")
+    assert set(secret["data"]) == {"api-key", "oauth-client-secret"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "secrets.oauthClientSecret="), "secrets.oauthClientSecret is required"),
+        (("--set", "keda.enabled=true"), "with OAUTHBEARER use hpa"),
+    ],
+)
+def test_oauthbearer_values_are_checked(args: tuple[str, ...], message: str) -> None:
+    enterprise = ("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    proc = helm("template", "rel", str(CHART), *enterprise, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
