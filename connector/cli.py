@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from connector import __version__, proxy
-from connector.config import ConnectorSettings, load_settings
+from connector.config import ConnectorSettings, load_settings, mask_url
 from connector.errors import ConfigError
 from connector.logs import configure_logging
 
@@ -143,7 +143,25 @@ def environment_lines(settings: ConnectorSettings) -> list[str]:
         lines.append(
             f"kafka login: OAUTHBEARER, client {k.oauth_client_id} at {k.oauth_token_url}{scope}"
         )
+    lines.append(f"tracing: {tracing_line(settings)}")
     return lines
+
+
+def tracing_line(settings: ConnectorSettings) -> str:
+    """Where spans would go and how they are sampled (the OTEL_* environment's values)."""
+    if not settings.tracing.enabled:
+        return "off"
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "off (OTEL_SDK_DISABLED=true)"
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318").rstrip("/") + "/v1/traces"
+    )
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    if env.get("OTEL_TRACES_SAMPLER_ARG"):
+        sampler += f" ({env['OTEL_TRACES_SAMPLER_ARG']})"
+    service = env.get("OTEL_SERVICE_NAME") or settings.tracing.service_name
+    return f"on, service {service}, OTLP/HTTP to {mask_url(endpoint)}, sampler {sampler}"
 
 
 async def run(settings: ConnectorSettings) -> int:

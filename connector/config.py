@@ -431,6 +431,17 @@ class LogSettings(_Frozen):
     format: Literal["json", "text"] = "json"
 
 
+class TracingSettings(_Frozen):
+    """OpenTelemetry tracing (docs/tracing.md). The exporter and the sampler are set by the
+    standard ``OTEL_*`` environment variables (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_TRACES_SAMPLER``...), which the OpenTelemetry SDK reads itself."""
+
+    enabled: bool = Field(default=False, description="a trace per event, exported with OTLP")
+    service_name: str = Field(
+        default="threads-connector", min_length=1, description="unless OTEL_SERVICE_NAME is set"
+    )
+
+
 class ConnectorSettings(BaseSettings):
     """The whole configuration, frozen once built."""
 
@@ -447,6 +458,7 @@ class ConnectorSettings(BaseSettings):
     results: ResultSettings = Field(default_factory=ResultSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -24,17 +24,26 @@ from datetime import UTC
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
+from opentelemetry.trace import SpanKind
 from pydantic import SecretStr
 
 from connector import __version__
-from connector.errors import ApiKeyInvalid, AuthError, PermanentApiError, RetriableApiError
+from connector.errors import (
+    ApiError,
+    ApiKeyInvalid,
+    AuthError,
+    PermanentApiError,
+    RetriableApiError,
+)
 from connector.proxy import Proxy
 from connector.routing import ThreadRequest
+from connector.tracing import TRACING
 
+_URL_TEMPLATE = "/api/v1/appuid/{appUid}/threads"
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -220,6 +229,37 @@ class ThreadsClient:
             **self._request_headers,
         }
         body = orjson.dumps(request.body())
+        if TRACING.on:
+            return await self._traced(url, body, headers, api_key)
+        return await self._attempt(url, body, headers, api_key)
+
+    async def _traced(
+        self, url: str, body: bytes, headers: dict[str, str], api_key: str
+    ) -> ApiThread:
+        """The attempt inside a CLIENT span whose ``traceparent`` the request carries."""
+        split = urlsplit(url)
+        attributes = {
+            "http.request.method": "POST",
+            "url.template": _URL_TEMPLATE,
+            "server.address": split.hostname or "",
+            "server.port": split.port or (443 if split.scheme == "https" else 80),
+        }
+        with TRACING.span(f"POST {_URL_TEMPLATE}", SpanKind.CLIENT, attributes=attributes) as span:
+            TRACING.inject(headers)
+            try:
+                thread = await self._attempt(url, body, headers, api_key)
+            except ApiError as exc:
+                if exc.status is not None:
+                    span.set_attribute("http.response.status_code", exc.status)
+                kind = getattr(exc, "kind", None)
+                span.set_attribute("error.type", kind or str(exc.status or type(exc).__name__))
+                raise
+            span.set_attribute("http.response.status_code", thread.status)
+            return thread
+
+    async def _attempt(
+        self, url: str, body: bytes, headers: dict[str, str], api_key: str
+    ) -> ApiThread:
         try:
             async with asyncio.timeout(self._request_timeout_s):
                 response = await self._post(url, body, headers)

@@ -325,3 +325,21 @@ def test_the_oauth_client_secret_in_the_file_is_refused(
     out = refused(tmp_path, capsys, config(kafka=oauth_kafka(oauth_client_secret="s3cr3t")))
     assert "kafka.oauth_client_secret: secrets must not be written" in out
     assert "s3cr3t" not in out
+
+
+def test_tracing_is_shown_with_the_otel_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config()))
+    assert code == 0 and "  tracing: off\n" in out
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config(tracing={"enabled": True})))
+    assert code == 0, out
+    assert (
+        "tracing: on, service threads-connector, OTLP/HTTP to http://collector:4318/v1/traces, "
+        "sampler parentbased_traceidratio (0.1)"
+    ) in out

@@ -684,3 +684,11 @@ def test_oauthbearer_values_are_checked(args: tuple[str, ...], message: str) -> 
     proc = helm("template", "rel", str(CHART), *enterprise, *args)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_tracing_is_off_by_default_and_configured_by_otel_env() -> None:
+    assert connector_config(render(*API_KEY_SET))["tracing"] == {"enabled": False}
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    assert connector_config(docs)["tracing"] == {"enabled": True}
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
