@@ -18,6 +18,9 @@ Contenders:
   Java or Maven is missing.
 - ``--compare NAME=SRC``: the connector (``exactly_once``) from another source tree, e.g.
   an export of an older commit, to measure a change side by side.
+- ``--traced URL``: ``traced``, the connector (``exactly_once``) with tracing on, every
+  event sampled, spans exported with OTLP/HTTP to ``URL`` (``…/v1/traces``, e.g. a Jaeger
+  started for the run: docs/tracing.md).
 
 The Threads API simulator runs in its own process at 0 ms latency (one per round). The
 broker, the simulator and the contender share the machine, so beside the contender's own
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -82,9 +86,12 @@ def pc_jar() -> Path | None:
     return PC_JAR
 
 
-def connector_starter(mode: str, src: str | None = None) -> Starter:
+def connector_starter(mode: str, src: str | None = None, *, traced: bool = False) -> Starter:
     def start(bootstrap: str, base_url: str, topics: Topics) -> subprocess.Popen[bytes]:
-        return start_connector(connector_config(bootstrap, base_url, topics, mode), src)
+        data = connector_config(bootstrap, base_url, topics, mode)
+        if traced:
+            data["tracing"] = {"enabled": True, "service_name": "bench-traced"}
+        return start_connector(data, src)
 
     return start
 
@@ -208,6 +215,7 @@ def main() -> int:
     parser.add_argument(
         "--compare", action="append", default=[], metavar="NAME=SRC", help="connector tree"
     )
+    parser.add_argument("--traced", metavar="URL", help="add 'traced': tracing on, to URL")
     parser.add_argument("--json", help="write every run and the summary here")
     args = parser.parse_args()
 
@@ -223,6 +231,11 @@ def main() -> int:
     for spec in args.compare:
         name, src = spec.split("=", 1)
         contenders[name] = connector_starter("exactly_once", src)
+    if args.traced:
+        # read by the traced contender only (tracing is off in the others' settings)
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = args.traced
+        os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+        contenders["traced"] = connector_starter("exactly_once", traced=True)
 
     loads = [load_average()]
     runs: list[Run] = []

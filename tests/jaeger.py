@@ -119,5 +119,9 @@ def running_jaeger(tmp_path: Path) -> Iterator[Jaeger]:
         yield Jaeger(f"http://127.0.0.1:{otlp_http}/v1/traces", f"http://127.0.0.1:{query}")
     finally:
         process.terminate()
-        process.wait(15)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:  # seen once under heavy load, with many traces
+            process.kill()
+            process.wait(15)
         log.close()

@@ -261,3 +261,43 @@ def test_an_unreadable_auth_file_stops_start_up(tmp_path: Path) -> None:
     api = ApiSettings(proxy_url="http://p:3128", proxy_auth_file=tmp_path / "missing")
     with pytest.raises(ConfigError, match="cannot read"):
         resolve(api)
+
+
+# -- the connector through the proxy ------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_the_connector_calls_the_api_through_the_proxy_from_https_proxy(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY in the connector's environment, NO_PROXY cleared (it named 127.0.0.1 on
+    many machines, and the proxy was silently bypassed): every call goes through it."""
+    from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+    from tests.harness import (
+        Names,
+        event,
+        make_settings,
+        produce,
+        results,
+        running,
+        wait_until_committed,
+    )
+
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    names = Names.fresh("proxy")
+    with forward_proxy(tmp_path) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        async with ThreadsApiSimulator(SimulatorSettings(seed=5)) as sim:
+            settings = make_settings(kafka_bootstrap, sim.base_url, names)
+            sim_hostport = sim.base_url.removeprefix("http://").rstrip("/")
+            async with running(settings):
+                await produce(kafka_bootstrap, names.input,
+                              [(b"u-1", event(f"p-{i}")) for i in range(5)])  # fmt: skip
+                await wait_until_committed(kafka_bootstrap, names.group, names.input)
+    out = await results(kafka_bootstrap, names.results)
+    assert sorted(r["eventId"] for r in out) == [f"p-{i}" for i in range(5)]
+    # proxy.py logs a connection once (its first request); the connector's pool reuses them
+    posts = [line for line in proxy.access_lines() if "POST " in line and "/threads" in line]
+    assert posts, proxy.access_lines()
+    assert all(f"POST {sim_hostport}/api/v1/appuid/demo-app/threads - 201" in p for p in posts)
