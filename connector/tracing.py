@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import Token
@@ -84,14 +86,47 @@ class _TraceIds(logging.Filter):
         return True
 
 
+class _ExportNoise(logging.Filter):
+    """For the OpenTelemetry SDK's loggers: with the collector down, the exporter logs each
+    retry and each lost batch (a line a second or so, for as long as it is down). One line
+    of each kind per ``every_s`` gets through, prefixed ``tracing:``, with the number left
+    out since. Tracing never affects readiness: the events are processed all the same."""
+
+    def __init__(self, every_s: float = 60.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._left_out: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, str(record.msg)[:40])
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._every_s:
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        left_out = self._left_out.pop(kind, 0)
+        record.msg = f"tracing: {record.getMessage()}"
+        record.args = None
+        if left_out:
+            record.msg += f" ({left_out} more like it in the last {self._every_s:g}s)"
+        return True
+
+
 class Tracing:
     """The tracer provider, the spans of an event's handling, header propagation."""
+
+    SHUTDOWN_FLUSH_MS = 3_000  # at stop, spans still batched get this long to leave
 
     def __init__(self) -> None:
         self.on = False
         self._provider: Any = None
+        self._exporter: Any = None
         self._tracer: trace.Tracer = trace.NoOpTracer()
         self._log_filter = _TraceIds()
+        self._noise = _ExportNoise()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -118,11 +153,14 @@ class Tracing:
         provider = TracerProvider(
             resource=Resource.create(attributes), shutdown_on_exit=False
         )  # the sampler: OTEL_TRACES_SAMPLER
-        provider.add_span_processor(BatchSpanProcessor(exporter or OTLPSpanExporter()))
+        self._exporter = exporter or OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(self._exporter))
         self._provider = provider
         self._tracer = provider.get_tracer("threads-connector", __version__)
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._log_filter)
+        for otel_logger in _otel_loggers():
+            otel_logger.addFilter(self._noise)
         self.on = True
         log.info("tracing on: spans exported with OTLP (OTEL_EXPORTER_OTLP_* settings)")
 
@@ -134,9 +172,16 @@ class Tracing:
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
         provider, self._provider = self._provider, None
+        self._exporter = None
         self._tracer = trace.NoOpTracer()
-        if provider is not None:
-            provider.shutdown()
+        if provider is None:
+            return
+        # bounded: with the collector down, the exporter's retries held the stop for their
+        # whole timeout (15 s measured); what cannot leave in time is dropped (the SDK's
+        # worker is a daemon thread). The noise filter stays on: the closer may still log.
+        closer = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+        closer.start()  # flushes what is batched, then stops (its flush ignores timeouts)
+        closer.join(self.SHUTDOWN_FLUSH_MS / 1000)
 
     # -- spans (call only when ``on``) ----------------------------------------------------
 
@@ -219,6 +264,12 @@ class Tracing:
         kept = tuple((k, v) for k, v in record.headers if k.lower() not in TRACE_HEADERS)
         added = tuple((k, v.encode("ascii", "replace")) for k, v in carrier.items())
         return replace(record, headers=kept + added)
+
+
+def _otel_loggers() -> list[logging.Logger]:
+    """The OpenTelemetry SDK's loggers (module-level, created when it is imported)."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("opentelemetry")]
+    return [logging.getLogger(n) for n in names]
 
 
 TRACING = Tracing()

@@ -8,6 +8,7 @@ its trace id, and a record's trace headers are replaced by the connector's span'
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +18,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from connector.errors import RetriableApiError
 from connector.events import InputRecord, OutRecord
-from connector.tracing import TRACING
+from connector.localkafka.ports import free_ports
+from connector.tracing import TRACING, _ExportNoise
 from tests.test_threads_client import REQUEST, client, respond, serving
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -125,3 +127,48 @@ def test_otel_sdk_disabled_keeps_tracing_off(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     TRACING.start("test-service", exporter=InMemorySpanExporter())
     assert not TRACING.on
+
+
+def test_a_collector_that_is_down_neither_holds_the_stop_nor_floods_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a bound the stop waited for the exporter's retries (15 s measured), and
+    the exporter logged every retry (a line a second for as long as the collector is
+    down)."""
+    (port,) = free_ports(1)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{port}/v1/traces")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    caplog.set_level(logging.INFO)
+    TRACING.start("test-service")
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            TRACING.end_publish([TRACING.publish_span("t", "result")])
+            time.sleep(0.02)
+    finally:
+        began = time.monotonic()
+        TRACING.shutdown()
+        took = time.monotonic() - began
+    assert took < TRACING.SHUTDOWN_FLUSH_MS / 1000 + 1
+    otel = [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    kinds = {(r.name, r.levelno) for r in otel}
+    assert otel and len(otel) <= 2 * len(kinds), [r.getMessage() for r in otel]
+    assert all(r.getMessage().startswith("tracing: ") for r in otel)
+
+
+def test_export_noise_lets_one_line_of_a_kind_through_per_interval() -> None:
+    now = [0.0]
+    noise = _ExportNoise(every_s=60, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("opentelemetry.x", logging.WARNING, "", 0, msg, None, None)
+
+    first = record("Transient error %s")
+    first.args = ("refused",)
+    assert noise.filter(first) and first.getMessage() == "tracing: Transient error refused"
+    assert not noise.filter(record("Transient error %s"))
+    assert noise.filter(record("Failed to export spans batch"))  # another kind
+    now[0] = 61
+    again = record("Transient error %s")
+    assert noise.filter(again)
+    assert again.getMessage().endswith("(1 more like it in the last 60s)")
