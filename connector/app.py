@@ -46,6 +46,7 @@ from connector.kafka_common import (
 )
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
+from connector.progress import PartitionProgress
 from connector.routing import Router
 from connector.sink import Sink
 from connector.source import Source, TopicReader
@@ -85,6 +86,8 @@ class Connector:
             header_timeout_s=settings.server.header_timeout_s,
             metrics_cache_s=settings.server.metrics_cache_s,
         )
+        # partitions stopped (offset out of range) or blocked (an open upstream transaction)
+        self.progress = PartitionProgress(self.metrics, settings.kafka.blocked_partition_after_s)
         self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
         # the session's gate on calls: its gauges are read when scraped (the gate also
         # closes by the clock alone, a stalled cycle, and a call needs no gauge write)
@@ -158,6 +161,9 @@ class Connector:
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
                 f"commit cycles wait for them"
             )
+        stuck = self.progress.summary
+        if stuck is not None:
+            return False, stuck
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
             return False, f"no successful commit cycle for {age:.0f}s"
@@ -298,7 +304,8 @@ class Connector:
         exposure = self._exposure = self._new_exposure(healthy=self._commit_healthy)
         pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure)
         self.pipeline = pipeline
-        source = Source(s, self._on_revoked, self._on_assigned)
+        self.progress.forget(self.progress.partitions())  # the last session's assignment
+        source = Source(s, self._on_revoked, self._on_assigned, self.metrics, self.progress)
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
         # instance that fenced us, and the two would take turns forever
         suffix = f"-f{self._fences}" if self._fences else ""
@@ -469,6 +476,7 @@ class Connector:
                 committed = pipeline.tracker.committed_position(tp)
                 if high is not None and committed is not None:
                     m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, high - committed))
+            await source.watch_progress()
             m.up.set(1 if self._ready()[0] else 0)
             await self._skip_markers(source, pipeline)
             await asyncio.sleep(GAUGE_INTERVAL_S)

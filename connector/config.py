@@ -79,6 +79,19 @@ class KafkaSettings(_Frozen):
     topic_partitions: int = Field(default=6, ge=1, description="for topics the connector creates")
     replication_factor: int = Field(default=1, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    offset_out_of_range: Literal["reset_earliest", "stop"] = Field(
+        default="reset_earliest",
+        description="a position out of range (records deleted past it): go on from the log "
+        "start, counting and logging the offsets skipped, or stop the partition (paused, "
+        "readiness red naming it) for an operator to decide",
+    )
+    blocked_partition_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a partition whose position has been at the last stable offset this long "
+        "with records beyond it (an upstream transaction left open) turns readiness red, "
+        "naming it; above the upstream producers' transaction.timeout.ms (60 s by default)",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None

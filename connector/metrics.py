@@ -36,7 +36,7 @@ ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 # its first increment in ``increase()`` (tests/test_observability.py keeps the list in step
 # with the code).
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
-    "parse": ("empty_value", "invalid_json", "not_an_object"),
+    "parse": ("empty_value", "invalid_json", "not_an_object", "undecodable_record"),
     "validate": (
         "no_event_id",
         "invalid_event_id",
@@ -257,6 +257,29 @@ class Metrics:
         )
         self.partitions_paused = Gauge(
             f"{p}_partitions_paused", "Input partitions paused for backpressure.", registry=r
+        )
+        self.offsets_skipped = Counter(
+            f"{p}_offsets_skipped_total",
+            "Offsets never processed because the position was out of range (records "
+            "deleted past it by retention or delete-records) and reading went on from the "
+            "log start (kafka.offset_out_of_range: reset_earliest).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_stopped = Gauge(
+            f"{p}_partition_stopped",
+            "1 while the partition is paused for an operator: its position was out of "
+            "range and kafka.offset_out_of_range is stop.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_blocked = Gauge(
+            f"{p}_partition_blocked_seconds",
+            "Seconds the partition has had records beyond its position that cannot be "
+            "read (position at the last stable offset, the high watermark past it: an "
+            "upstream transaction left open); 0 when it can progress.",
+            ["topic", "partition"],
+            registry=r,
         )
         self.consumer_lag = Gauge(
             f"{p}_consumer_lag",

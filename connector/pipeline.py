@@ -23,7 +23,7 @@ from connector.apps import Apps
 from connector.calls import Abandoned, ThreadCaller
 from connector.config import ConnectorSettings, Ordering
 from connector.dedup import DedupStore, InFlight, Seen
-from connector.errors import EventRejected
+from connector.errors import EventRejected, Stage
 from connector.events import (
     Event,
     InputRecord,
@@ -178,6 +178,9 @@ class Pipeline:
             # its dead letter is durable already (a redriven copy has a new offset)
             self._m.dedup_hits.labels(record.topic, "dead_letter").inc()
             return Outcome(record.tp, record.offset)
+        if record.undecodable is not None:
+            rejected = EventRejected(Stage.PARSE, record.undecodable, code="undecodable_record")
+            return self._dead(record, rejected)
         try:
             event = parse_event(
                 record,

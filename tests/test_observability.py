@@ -436,6 +436,81 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 },
             ],
         },
+        {  # partitions that skip offsets, are stopped, or are blocked (issue 20)
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": "threads_connector_offsets_skipped_total"
+                    f'{{{sel}, topic="in", partition="3"}}',
+                    "values": "0x20 20x20",
+                },
+                {
+                    "series": "threads_connector_partition_stopped"
+                    f'{{{sel}, topic="in", partition="4"}}',
+                    "values": "0 0 1x10",
+                },
+                {
+                    "series": "threads_connector_partition_blocked_seconds"
+                    f'{{{sel}, topic="in", partition="5"}}',
+                    "values": "0 60 120 180 240",
+                },
+                {  # blocked for a minute now and then (an ordinary transaction): no alert
+                    "series": "threads_connector_partition_blocked_seconds"
+                    f'{{{sel}, topic="in", partition="6"}}',
+                    "values": "0 60 0 60 0",
+                },
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "19m",
+                    "alertname": "ThreadsConnectorOffsetsSkipped",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "25m",
+                    "alertname": "ThreadsConnectorOffsetsSkipped",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorOffsetsSkipped",
+                            {"topic": "in", "partition": "3"},
+                            "20",
+                        )
+                    ],
+                },
+                {
+                    "eval_time": "1m",
+                    "alertname": "ThreadsConnectorPartitionStopped",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "3m",
+                    "alertname": "ThreadsConnectorPartitionStopped",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorPartitionStopped",
+                            {"topic": "in", "partition": "4"},
+                            "1",
+                        )
+                    ],
+                },
+                {
+                    "eval_time": "2m",
+                    "alertname": "ThreadsConnectorPartitionBlocked",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "3m",
+                    "alertname": "ThreadsConnectorPartitionBlocked",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorPartitionBlocked",
+                            {"topic": "in", "partition": "5"},
+                            "180",
+                        )
+                    ],
+                },
+            ],
+        },
     ]
     unit = tmp_path / "alerts-test.yaml"
     unit.write_text(
