@@ -318,6 +318,8 @@ class ThreadCaller:
         if probe is self.auth_gate:  # no answer: nothing learnt about the key
             self.auth_gate.abandon_probe()
         what = f"HTTP {exc.status}" if exc.status is not None else exc.kind or "error"
+        if exc.kind == "proxy_error":  # the proxy's words say what to fix (no credentials)
+            what = f"{what}: {exc}"
         reason = (
             f"circuit breaker open: the Threads API failed {self.breaker.consecutive + 1} "
             f"times in a row (last: {what})"
