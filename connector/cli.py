@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from connector import __version__, proxy
-from connector.config import ConnectorSettings, load_settings, mask_url
+from connector.config import ENV_PREFIX, ConnectorSettings, load_settings, mask_url
 from connector.errors import ConfigError
 from connector.logs import configure_logging
 
@@ -131,17 +131,20 @@ def check_config(path: Path) -> int:
 
 
 def environment_lines(settings: ConnectorSettings) -> list[str]:
-    """What the environment and mounted files add to the file: the API's egress proxy (its
-    credentials file read, never shown), the Kafka OAuth client (its secret file read).
-    Raises ConfigError as start-up would."""
-    found = proxy.resolve(settings.api)
+    """What the environment adds to the file: the API's egress proxy, the Kafka OAuth
+    client, tracing. Mounted secret files are named, not read (like api.api_key_file: they
+    exist in the pod, not where a rendered chart is checked); start-up reads them and
+    stops naming the field. Raises ConfigError for an environment proxy URL that is not
+    one, as start-up would."""
+    found = proxy.resolve(settings.api, read_credentials=False)
     lines = [f"api proxy: {found.describe() if found is not None else 'none (direct)'}"]
     k = settings.kafka
     if k.sasl_mechanism == "OAUTHBEARER":
-        settings.oauth_client_secret()  # readable, as the first token request needs it
         scope = f", scope {k.oauth_scope!r}" if k.oauth_scope else ""
+        source = k.oauth_client_secret_file or f"{ENV_PREFIX}KAFKA__OAUTH_CLIENT_SECRET"
         lines.append(
-            f"kafka login: OAUTHBEARER, client {k.oauth_client_id} at {k.oauth_token_url}{scope}"
+            f"kafka login: OAUTHBEARER, client {k.oauth_client_id} at {k.oauth_token_url}"
+            f"{scope}, secret from {source}"
         )
     lines.append(f"tracing: {tracing_line(settings)}")
     return lines

@@ -46,9 +46,12 @@ class Proxy:
         return f"{self.url} (from {self.source}){auth}"
 
 
-def resolve(api: ApiSettings, environ: Mapping[str, str] | None = None) -> Proxy | None:
+def resolve(
+    api: ApiSettings, environ: Mapping[str, str] | None = None, *, read_credentials: bool = True
+) -> Proxy | None:
     """The proxy for ``api.base_url``, or None to call the API directly. Raises
-    ConfigError for an unreadable auth file or an environment proxy URL that is not one."""
+    ConfigError for an unreadable auth file or an environment proxy URL that is not one.
+    ``read_credentials=False``: ``api.proxy_auth_file`` is named, not read (check-config)."""
     proxy: Proxy | None
     if api.proxy_url is not None:
         proxy = Proxy(api.proxy_url, "api.proxy_url")
@@ -57,6 +60,8 @@ def resolve(api: ApiSettings, environ: Mapping[str, str] | None = None) -> Proxy
     else:
         proxy = None
     if proxy is not None and api.proxy_auth_file is not None:
+        if not read_credentials:
+            return Proxy(proxy.url, proxy.source, f"<user in {api.proxy_auth_file}>")
         username, password = read_auth_file(api.proxy_auth_file)
         proxy = Proxy(proxy.url, proxy.source, username, password)
     return proxy
