@@ -117,7 +117,10 @@ class ClientCredentials:
         form = {"grant_type": "client_credentials"}
         if self._scope:
             form["scope"] = self._scope
-        secret = self._secret().get_secret_value()
+        try:
+            secret = self._secret().get_secret_value()
+        except ConfigError as exc:  # the mounted file unreadable: retried like the endpoint
+            raise token_unavailable(str(exc)) from None
         headers = {"authorization": aiohttp.encode_basic_auth(self._client_id, secret)}
         started = self._clock()
         try:

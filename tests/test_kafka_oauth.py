@@ -23,12 +23,14 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer
+from aiokafka.errors import KafkaConnectionError
 from pydantic import SecretStr
 
 from connector.config import ConnectorSettings
+from connector.kafka_common import describe_failure
 from connector.localkafka import LocalKafka
 from connector.localkafka.ports import free_ports
-from connector.oauth import ClientCredentials
+from connector.oauth import ClientCredentials, token_provider
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import Names, event, make_settings, produce, results, wait_until_committed
 from tests.test_kafka_security import (
@@ -326,3 +328,32 @@ async def test_the_provider_reuses_a_token_until_the_margin_before_its_expiry() 
         clock.now += 1
         await provider.token()
         assert endpoint.issued == 4
+
+
+async def test_an_unreadable_secret_file_is_a_token_problem_retried_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Raised inside aiokafka's connection set-up, anything but a connection error would
+    escape its retries."""
+    settings = make_settings(
+        "127.0.0.1:1", "http://127.0.0.1:9", Names.fresh("oauthfile"),
+        kafka=oauth_kafka_settings(tmp_path / "missing"),
+    )  # fmt: skip
+    provider = token_provider(settings)
+    assert token_provider(settings) is provider  # one per settings: the token is shared
+    with pytest.raises(KafkaConnectionError) as info:
+        await provider.token()
+    assert str(info.value.args[0]).startswith(
+        "OAuth token: kafka.oauth_client_secret_file: cannot read"
+    )
+    assert describe_failure(info.value) == info.value.args[0]
+
+
+def oauth_kafka_settings(secret: Path) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "OAUTHBEARER",
+        "oauth_token_url": "http://127.0.0.1:9/token",
+        "oauth_client_id": CLIENT_ID,
+        "oauth_client_secret_file": str(secret),
+    }
