@@ -12,10 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
-from connector import __version__, proxy
-from connector.config import ENV_PREFIX, ConnectorSettings, load_settings, mask_url
+from connector import __version__
+from connector.config import ConnectorSettings
 from connector.errors import ConfigError
 from connector.logs import configure_logging
+from connector.preflight import load_checked
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
@@ -32,8 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the connector (a consumer group member)")
     run.add_argument("--config", type=Path, default=Path("config/connector.yaml"))
 
-    check = sub.add_parser("check-config", help="validate a config file, field by field")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file, field by field (--online: brokers, topics, ACLs, API)",
+        description="Exit codes: 0 everything checked is fine; 2 the configuration (file, "
+        "environment or a file it names) is refused; 3 an online check failed.",
+    )
     check.add_argument("--config", type=Path, default=Path("config/connector.yaml"))
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also check the brokers, topics, group and transactional-id permissions, and "
+        "each app's API path and key (changes nothing)",
+    )
+    check.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="do not read the secret and certificate files the settings name (a config "
+        "rendered for a pod, checked where those files are not mounted)",
+    )
 
     sub.add_parser(
         "simulate-api",
@@ -61,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["simulate-api"]:
         from connector.simulator.cli import main as simulator_main
 
-        return simulator_main(args_list[1:])
+        return simulator_main(args_list[1:], prog="connector simulate-api")
     args = build_parser().parse_args(args_list)
     if args.command == "check-config":
-        return check_config(args.config)
+        from connector.check_config import check_config
+
+        return check_config(
+            args.config, online=args.online, as_json=args.json, files=not args.skip_files
+        )
     if args.command == "run":
         try:
-            settings = load_settings(args.config)
+            settings = load_checked(args.config)
         except ConfigError as exc:
             sys.stderr.write(f"connector: {exc}\n")
             return EXIT_CONFIG
@@ -96,75 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.config, args.events, args.keep_running, args.bootstrap_servers)
         )
     return EXIT_CONFIG
-
-
-def check_config(path: Path) -> int:
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        sys.stderr.write(f"{path}: {exc}\n")
-        return EXIT_CONFIG
-    k, d, a = settings.kafka, settings.delivery, settings.api
-    try:
-        extras = environment_lines(settings)
-    except ConfigError as exc:
-        sys.stderr.write(f"{path}: {exc}\n")
-        return EXIT_CONFIG
-    sys.stdout.write(
-        f"{path}: OK\n"
-        f"  kafka: {k.bootstrap_servers} group={k.group_id} inputs={','.join(k.input_topics)}"
-        f" results={k.results_topic} dead-letters={k.dead_letter_topic}\n"
-        f"  delivery: {d.mode.value}, ordering {d.ordering.value}, dedup {settings.dedup.store}\n"
-        f"  api: {a.base_url} rate {a.rate_limit_per_s}/s for the group,"
-        f" {a.max_in_flight} in flight\n"
-        f"  routes: {len(settings.routes)}\n"
-    )
-    for app in settings.app_uids():
-        own, api = a.apps.get(app), a.for_app(app)
-        key = "own key" if own is not None and own.has_key else "default key"
-        sys.stdout.write(
-            f"  app {app}: {key}, rate {api.rate_limit_per_s}/s for the group,"
-            f" {api.max_in_flight} in flight\n"
-        )
-    sys.stdout.writelines(f"  {line}\n" for line in extras)
-    return 0
-
-
-def environment_lines(settings: ConnectorSettings) -> list[str]:
-    """What the environment adds to the file: the API's egress proxy, the Kafka OAuth
-    client, tracing. Mounted secret files are named, not read (like api.api_key_file: they
-    exist in the pod, not where a rendered chart is checked); start-up reads them and
-    stops naming the field. Raises ConfigError for an environment proxy URL that is not
-    one, as start-up would."""
-    found = proxy.resolve(settings.api, read_credentials=False)
-    lines = [f"api proxy: {found.describe() if found is not None else 'none (direct)'}"]
-    k = settings.kafka
-    if k.sasl_mechanism == "OAUTHBEARER":
-        scope = f", scope {k.oauth_scope!r}" if k.oauth_scope else ""
-        source = k.oauth_client_secret_file or f"{ENV_PREFIX}KAFKA__OAUTH_CLIENT_SECRET"
-        lines.append(
-            f"kafka login: OAUTHBEARER, client {k.oauth_client_id} at {k.oauth_token_url}"
-            f"{scope}, secret from {source}"
-        )
-    lines.append(f"tracing: {tracing_line(settings)}")
-    return lines
-
-
-def tracing_line(settings: ConnectorSettings) -> str:
-    """Where spans would go and how they are sampled (the OTEL_* environment's values)."""
-    if not settings.tracing.enabled:
-        return "off"
-    env = os.environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return "off (OTEL_SDK_DISABLED=true)"
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
-        env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318").rstrip("/") + "/v1/traces"
-    )
-    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
-    if env.get("OTEL_TRACES_SAMPLER_ARG"):
-        sampler += f" ({env['OTEL_TRACES_SAMPLER_ARG']})"
-    service = env.get("OTEL_SERVICE_NAME") or settings.tracing.service_name
-    return f"on, service {service}, OTLP/HTTP to {mask_url(endpoint)}, sampler {sampler}"
 
 
 async def run(settings: ConnectorSettings) -> int:

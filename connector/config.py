@@ -37,6 +37,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from connector.config_sources import env_source, file_line, key_lines, suggest_key, unknown_env
 from connector.errors import ApiKeyInvalid, ConfigError
 
 ENV_PREFIX = "THREADS_CONNECTOR_"
@@ -803,10 +804,13 @@ def _refuse_duplicate_keys(node: yaml.Node | None, where: str, seen_nodes: set[i
 def load_settings(path: Path | None) -> ConnectorSettings:
     """Read, merge with the environment and validate; raise ConfigError naming each field."""
     data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
-            _check_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            _check_nodes(node)
+            lines = key_lines(node)
             loaded = yaml.safe_load(text)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
@@ -839,10 +843,15 @@ def load_settings(path: Path | None) -> ConnectorSettings:
                 f"api.apps.{app}.api_key: secrets must not be written in the config file; "
                 f"set {app_key_env(str(app))} or api.apps.{app}.api_key_file"
             )
+    unknown = unknown_env(ConnectorSettings, ENV_PREFIX)
+    if unknown:
+        raise ConfigError(
+            f"invalid environment ({len(unknown)} problem(s)):\n  " + "\n  ".join(unknown)
+        )
     try:
         return ConnectorSettings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
+        raise ConfigError(format_validation_error(exc, path, lines)) from exc
     except SettingsError as exc:
         raise ConfigError(_environment_problem(exc)) from None
 
@@ -885,10 +894,48 @@ def _is_structured(section: str, field: str) -> bool:
     return typing.get_origin(annotation) in (list, dict)
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per offending field: ``routes.0.user.field: Input should be ...``."""
-    lines = [f"invalid configuration ({exc.error_count()} problem(s)):"]
+def format_validation_error(
+    exc: ValidationError, path: Path | None = None, lines: dict[str, int] | None = None
+) -> str:
+    """One line per offending field, led by where its value came from: the environment
+    variable (``THREADS_CONNECTOR_API__MAX_IN_FLIGHT: api.max_in_flight: ...``) or the
+    file's line (``connector.yaml:12: routes.0.user.field: ...``); an unknown key gets the
+    closest known one."""
+    out = [f"invalid configuration ({exc.error_count()} problem(s)):"]
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            if parent is not None:
+                message += suggest_key(str(err["loc"][-1]), parent)
+        variable = env_source(err["loc"], ENV_PREFIX) if err["loc"] else None
+        line = file_line(err["loc"], lines or {}) if err["loc"] else None
+        if variable is not None:
+            source = f"{variable}: "
+        elif line is not None and path is not None:
+            source = f"{path}:{line}: "
+        else:
+            source = ""
+        out.append(f"  {source}{loc}: {message}")
+    return "\n".join(out)
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings model that holds the field at ``loc`` (None inside lists and dicts
+    of plain values)."""
+    model: type[BaseModel] = ConnectorSettings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is list and args:
+            annotation = args[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

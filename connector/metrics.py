@@ -12,15 +12,23 @@ Labelled counters whose label values are known up front are created at 0 (Promet
 "avoid missing metrics"): a series born at 1 is invisible to ``increase()``/``rate()``, so
 without this the first dead letter of a kind, the first 401 or the first failed commit
 would never reach a dashboard or fire an alert. The dashboard and the alerts are in the Helm
-chart (``dashboards/``, ``rules/``); the README's Monitoring section describes them.
+chart (``dashboards/``, ``rules/``); docs/metrics-and-alerts.md describes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from connector import __version__
 
@@ -109,7 +117,14 @@ class Metrics:
     """Every metric the connector exports."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # prometheus_client registers these with its global registry only: a registry
+            # of our own lacked process_* (CPU, memory, open files) and python_* series
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         r = self.registry
         p = PREFIX
         self.events_consumed = CachedCounter(
@@ -143,8 +158,8 @@ class Metrics:
         )
         self.api_call_duration = CachedHistogram(
             f"{p}_api_call_duration_seconds",
-            "Duration of one Threads API call attempt.",
-            ["status_class"],
+            "Duration of one Threads API call attempt, by app.",
+            ["status_class", "app"],
             buckets=CALL_BUCKETS_S,
             registry=r,
         )
@@ -165,10 +180,11 @@ class Metrics:
             "Attempts whose outcome is unknown (timeout after sending): possible duplicates.",
             registry=r,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = CachedCounter(
             f"{p}_dead_letters_total",
-            "Records sent to the dead-letter topic.",
-            ["stage", "reason"],
+            "Records sent to the dead-letter topic, by input topic and app (empty before "
+            "a route chose one).",
+            ["stage", "reason", "app", "topic"],
             registry=r,
         )
         self.calls_in_flight = Gauge(
@@ -352,13 +368,8 @@ class Metrics:
     def _initialise_labels(self) -> None:
         """Create the known label combinations at 0 (see the module docstring); the
         per-app ones wait for the apps (``init_apps``)."""
-        for stage, reasons in DEAD_LETTER_REASONS.items():
-            for reason in reasons:
-                self.dead_letters.labels(stage, reason)
         for code in RETRY_CODES:
             self.api_retries.labels(code)
-        for status_class in STATUS_CLASSES:
-            self.api_call_duration.labels(status_class)
         for mode in COMMIT_MODES:
             self.commit_failures.labels(mode)
             self.commit_duration.labels(mode)
@@ -374,6 +385,8 @@ class Metrics:
             for gauge in APP_GAUGES:
                 getattr(self, gauge).labels(app)
             self.rate_limited.labels(app)
+            for status_class in STATUS_CLASSES:
+                self.api_call_duration.labels(status_class, app)
 
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
@@ -383,6 +396,11 @@ class Metrics:
                 self.threads_created.labels(topic, app)
             for kind in DEDUP_KINDS:
                 self.dedup_hits.labels(topic, kind)
+            for stage, reasons in DEAD_LETTER_REASONS.items():
+                # an API dead letter has its app; the others come before (or without) a route
+                for app in self.apps if stage == "api" else ("",):
+                    for reason in reasons:
+                        self.dead_letters.labels(stage, reason, app, topic)
 
 
 # The gauges with an ``app`` label (created at 0 per app by ``init_apps``).
@@ -397,16 +415,20 @@ APP_GAUGES = (
 )
 
 
-class _LastLabel:
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class _LastLabel(Generic[_M]):  # the package supports Python 3.11: no [M] syntax
     """A labelled metric with its last label (``app``) bound: ``labels(a, b)`` is the
     parent's ``labels(a, b, app)``."""
 
-    def __init__(self, parent: Counter, value: str) -> None:
-        self._parent = parent
+    def __init__(self, parent: _M, value: str) -> None:
+        self._parent: _M = parent
         self._value = value
 
-    def labels(self, *values: str) -> Counter:
-        return self._parent.labels(*values, self._value)
+    def labels(self, *values: str) -> _M:
+        child: _M = self._parent.labels(*values, self._value)
+        return child
 
 
 class AppMetrics:
@@ -428,7 +450,7 @@ class AppMetrics:
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
         # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
-        self.api_call_duration = metrics.api_call_duration
+        self.api_call_duration = _LastLabel(metrics.api_call_duration, app)
         self.api_outcome_unknown = metrics.api_outcome_unknown
         self.rate_limit_wait = metrics.rate_limit_wait
         self.calls_waiting = metrics.calls_waiting

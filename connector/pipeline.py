@@ -68,6 +68,7 @@ class Outcome:
     stage: str = ""
     code: str = ""
     spans: tuple[Any, ...] = ()  # tracing: the publish span, ended with the commit
+    app: str = ""  # a dead letter's app, once a route chose one
 
 
 @dataclass
@@ -238,7 +239,7 @@ class Pipeline:
         except EventRejected as exc:
             if admitted:
                 self.exposure.leave()  # refused: no thread to commit
-            return self._dead(record, exc, event.event_id, event.correlation_id)
+            return self._dead(record, exc, event.event_id, event.correlation_id, route.app_uid)
         except BaseException:
             if admitted:
                 self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
@@ -310,6 +311,7 @@ class Pipeline:
         exc: EventRejected,
         event_id: str | None = None,
         correlation_id: str | None = None,
+        app: str = "",
     ) -> Outcome:
         log.warning(
             "event dead-lettered",
@@ -338,6 +340,7 @@ class Pipeline:
             stage=exc.stage.value,
             code=exc.code,
             spans=spans,
+            app=app,
         )
 
     # -- revocation and drain -----------------------------------------------------------
@@ -434,6 +437,6 @@ class Pipeline:
                     m.end_to_end_latency.observe(max(0.0, (now_ms - o.event_ts_ms) / 1000))
             elif o.kind == "dead_letter":
                 self.stats.dead_letters += 1
-                m.dead_letters.labels(o.stage, o.code).inc()
+                m.dead_letters.labels(o.stage, o.code, o.app, o.tp[0]).inc()
             else:
                 self.stats.duplicates += 1

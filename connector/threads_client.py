@@ -1,7 +1,7 @@
 """The Threads API client: one attempt of ``POST /api/v1/appuid/{appUid}/threads``.
 
-The API's HTTP client (aiohttp: chosen on measurements, see
-``bench/http_clients.py`` and the README). Its errors are translated here, most specific
+The API's HTTP client (aiohttp: chosen on measurements, see ``bench/http_clients.py`` and
+docs/benchmarks.md). Its errors are translated here, most specific
 first, into the connector's tree (``connector.errors``); retries live in ``calls``.
 
 Each attempt is bounded: ``request_timeout_s`` is a TOTAL deadline (connect, send,
@@ -299,6 +299,36 @@ class ThreadsClient:
             # no exception text: it could quote a header value
             raise PermanentApiError(f"request could not be sent: {type(exc).__name__}") from exc
         return _interpret(response, api_key)
+
+    async def probe(self, app_uid: str) -> tuple[int, str]:
+        """The status of a request that cannot create a thread (a JSON array as the body,
+        which the API refuses with 400 after the path and the key), and the URL called:
+        400 (or 422) proves the path and the key, 401/403 a wrong key, 404/405 a wrong path.
+        Raises RetriableApiError when no answer comes (the text never holds the key)."""
+        url = self._base_url + _threads_path(app_uid)
+        api_key = self._api_key().get_secret_value()
+        headers = {
+            "x-api-key": api_key,
+            "content-type": "application/json",
+            **self._request_headers,
+        }
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                response = await self._post(url, b"[]", headers)
+        except aiohttp.ClientHttpProxyError as exc:
+            raise RetriableApiError(
+                f"the proxy refused the tunnel: HTTP {exc.status}{_proxy_hint(exc.status)}",
+                kind="proxy_error",
+            ) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise RetriableApiError(
+                f"the proxy cannot be reached: {exc.os_error.strerror or exc}", kind="proxy_error"
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError, _BodyTooLarge, ValueError) as exc:
+            raise RetriableApiError(
+                f"no answer: {type(exc).__name__}", kind="connect_error"
+            ) from exc
+        return response.status, url
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         """The response, its body read up to the limit. An error status keeps its meaning
