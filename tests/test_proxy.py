@@ -301,3 +301,28 @@ async def test_the_connector_calls_the_api_through_the_proxy_from_https_proxy(
     posts = [line for line in proxy.access_lines() if "POST " in line and "/threads" in line]
     assert posts, proxy.access_lines()
     assert all(f"POST {sim_hostport}/api/v1/appuid/demo-app/threads - 201" in p for p in posts)
+
+
+async def test_check_config_online_probes_the_api_through_the_proxy(tmp_path: Path) -> None:
+    """``check-config --online``'s API probe goes the way the calls go: through the
+    proxy, a 407 named as the proxy's, then accepted with the credentials file."""
+    from connector.preflight import Status
+    from connector.preflight_api import api_checks
+    from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+    from tests.harness import Names, make_settings
+
+    auth = tmp_path / "proxy-auth"
+    auth.write_text("egress:s3cret\n")
+    with forward_proxy(tmp_path, basic_auth="egress:s3cret") as proxy:
+        async with ThreadsApiSimulator(SimulatorSettings(seed=9)) as sim:
+            names = Names.fresh("probe")
+            api: dict[str, str] = {"proxy_url": proxy.url}
+            without = make_settings("127.0.0.1:1", sim.base_url, names, api=api)
+            (refused,) = await api_checks(without)
+            api["proxy_auth_file"] = str(auth)
+            withauth = make_settings("127.0.0.1:1", sim.base_url, names, api=api)
+            (accepted,) = await api_checks(withauth)
+    assert refused.status is Status.FAIL and "egress proxy" in refused.detail, refused
+    assert "api.proxy_auth_file" in refused.detail
+    assert accepted.status is Status.OK, accepted
+    assert "s3cret" not in refused.detail + accepted.detail
