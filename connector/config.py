@@ -76,7 +76,15 @@ class KafkaSettings(_Frozen):
     input_topics: list[str] = Field(default_factory=lambda: ["domain-events"], min_length=1)
     results_topic: str = "thread-results"
     dead_letter_topic: str = "thread-dead-letters"
-    create_topics: bool = True
+    create_topics: bool = Field(
+        default=True,
+        description="create the results, dead-letter and dedup changelog topics if missing",
+    )
+    create_input_topics: bool = Field(
+        default=False,
+        description="create missing input topics too (a typo'd topic would be created and "
+        "consumed empty for ever: off unless asked)",
+    )
     topic_partitions: int = Field(default=6, ge=1, description="for topics the connector creates")
     replication_factor: int = Field(default=1, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -232,6 +240,9 @@ class DedupSettings(_Frozen):
     max_entries: int = Field(default=1_000_000, ge=1)
     changelog_suffix: str = "dedup-changelog"
     restore_timeout_s: float = Field(default=120.0, gt=0)
+    changelog_check_interval_s: float = Field(
+        default=60.0, gt=0, description="how often a running replica re-checks its changelogs"
+    )
 
 
 class AppSettings(_Frozen):
@@ -254,6 +265,13 @@ class AppSettings(_Frozen):
     @property
     def has_key(self) -> bool:
         return self.api_key is not None or self.api_key_file is not None
+
+
+# What a 4xx answer does (``connector.systemic``): ``pause`` dead-letters an event's own
+# failure and pauses a route that fails the same way for a run of events; ``dead_letter``
+# dead-letters every one (Kafka Connect's errors.tolerance=all); ``stop`` stops every call
+# at the first (errors.tolerance=none), the event kept, until a restart.
+ApiOnError = Literal["pause", "dead_letter", "stop"]
 
 
 class ApiSettings(_Frozen):
@@ -303,6 +321,19 @@ class ApiSettings(_Frozen):
         default=5, ge=1, description="transport failures in a row that pause calls"
     )
     breaker_probe_interval_s: float = Field(default=5.0, gt=0, description="while paused")
+    on_error: ApiOnError = Field(
+        default="pause",
+        description="a 4xx answer: pause (a run pauses the route), dead_letter, or stop",
+    )
+    pause_after_failures: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="distinct events failing with the same status in a row pause their route",
+    )
+    pause_probe_interval_s: float = Field(
+        default=30.0, gt=0, description="a paused route's probe, with one of its events"
+    )
     apps: dict[str, AppSettings] = Field(
         default_factory=dict,
         description="per-app key, rate limit and in-flight cap, by appUid (unset: the above)",

@@ -6,6 +6,7 @@ in one place (and the API key or the system message text can never slip into it)
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class InputRecord:
                 found = value
         return found
 
+    def header_values(self, name: str) -> list[bytes]:
+        """Every header of that name (case-insensitive), in order."""
+        lowered = name.lower()
+        return [value for key, value in self.headers if key.lower() == lowered]
+
 
 EventId = str | int
 
@@ -79,7 +85,10 @@ class Event:
 
 
 def dedup_key(event_id: EventId) -> str:
-    """The id's JSON encoding: ``"5"`` for the string, ``5`` for the integer."""
+    """The id's JSON encoding: ``"5"`` for the string, ``5`` for the integer (its decimal
+    digits, of any length: orjson encodes only 64-bit integers)."""
+    if isinstance(event_id, int):
+        return str(event_id)
     return orjson.dumps(event_id).decode()
 
 
@@ -138,6 +147,8 @@ def parse_event(
     try:
         body = orjson.loads(record.value)
     except orjson.JSONDecodeError as exc:
+        if not record.value.strip():
+            raise EventRejected(Stage.PARSE, "record value is empty", code="empty_value") from None
         raise EventRejected(
             Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
         ) from exc
@@ -176,8 +187,10 @@ def _event_id(
     except KeyError:
         value = _MISSING
     where = f"field '{id_field}'"
+    if isinstance(value, float):
+        value = _exact_number(record, id_field, value)
     if value is _MISSING:
-        raw = record.header(id_header)
+        raw = _header_id(record, id_header)
         if raw is None:
             raise EventRejected(
                 Stage.VALIDATE,
@@ -216,6 +229,34 @@ def _event_id(
             code="invalid_event_id",
         )
     return value
+
+
+def _exact_number(record: InputRecord, id_field: str, parsed: float) -> Any:
+    """The id as the input wrote it when orjson read it as a float: orjson reads an
+    integer beyond 64 bits as a float, so the value is parsed again with the standard
+    library, which keeps integers exact (only for float ids: the common path is untouched).
+    A real float (``1.5``, ``1e30``) stays a float and is refused by the caller."""
+    if record.value is None:
+        return parsed
+    try:
+        exact = lookup(json.loads(record.value), id_field)
+    except (ValueError, KeyError, RecursionError):  # digits over Python's int limit
+        return parsed
+    return exact if isinstance(exact, int) and not isinstance(exact, bool) else parsed
+
+
+def _header_id(record: InputRecord, name: str) -> bytes | None:
+    """The id header's value; copies that disagree are refused (``ambiguous_event_id``):
+    with the last one winning, the same two headers in the other order were another
+    event. Copies that agree (the same id, around white space) are one."""
+    values = record.header_values(name)
+    if len(values) > 1 and len({v.strip() for v in values}) > 1:
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"{len(values)} '{name}' headers with different values",
+            code="ambiguous_event_id",
+        )
+    return values[-1] if values else None
 
 
 def _scalar(body: dict[str, Any], path: str) -> str | None:
@@ -273,7 +314,22 @@ def result_record(
         ("event-id", event.event_id.encode("utf-8", "replace")),
         ("correlation-id", header_text(event.correlation_id)),
     )
-    return OutRecord(topic, user_key.encode(), orjson.dumps(value), headers)
+    return OutRecord(topic, user_key.encode(), _dumps_result(value), headers)
+
+
+_BIG_INT = "\x00event-id\x00"  # stands for the digits of an integer id beyond 64 bits
+
+
+def _dumps_result(value: dict[str, Any]) -> bytes:
+    """orjson encodes integers of 64 bits at most: a longer integer id is written as its
+    own digits in the place of a placeholder."""
+    event_id = value["eventId"]
+    if not isinstance(event_id, int) or -(2**63) <= event_id < 2**64:
+        return orjson.dumps(value)
+    # the first occurrence is the id's: ``eventId`` comes before every other string field
+    placeholder = orjson.dumps(_BIG_INT)
+    encoded = orjson.dumps({**value, "eventId": _BIG_INT})
+    return encoded.replace(placeholder, str(event_id).encode(), 1)
 
 
 def dead_letter_record(

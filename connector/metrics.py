@@ -48,6 +48,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "validate": (
         "no_event_id",
         "invalid_event_id",
+        "ambiguous_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
@@ -207,10 +208,16 @@ class Metrics:
             "delivery.max_uncommitted_threads.",
             registry=r,
         )
+        self.threads_awaiting_commit = Gauge(
+            f"{p}_threads_awaiting_commit",
+            "Threads created whose results are not committed yet (the uncommitted window: "
+            "the part of uncommitted_threads that is no longer on the wire).",
+            registry=r,
+        )
         self.calls_gate_closed = Gauge(
             f"{p}_calls_gate_closed",
-            "1 while no call may start: the uncommitted cap is reached, or commit cycles fail "
-            "or stall.",
+            "1 while no call may start: the uncommitted cap or window is reached, or a commit "
+            "cycle failed or is overdue.",
             registry=r,
         )
         self.events_in_progress = Gauge(
@@ -259,6 +266,25 @@ class Metrics:
             "Seconds left of the pause the API asked for with Retry-After "
             "(capped by api.max_retry_after_s).",
             ["app"],
+            registry=r,
+        )
+        self.route_paused_status = Gauge(
+            f"{p}_route_paused_status",
+            "The HTTP status that paused a route's calls (its events were answered with it "
+            "in a row: a configuration fault, api.on_error: pause); 0 while it is open.",
+            ["app", "route"],
+            registry=r,
+        )
+        self.calls_held = Gauge(
+            f"{p}_calls_held",
+            "Events answered with a 4xx waiting for a verdict: the app's first success "
+            "(then the failure is the event's) or a pause of their route.",
+            ["app"],
+            registry=r,
+        )
+        self.api_stopped = Gauge(
+            f"{p}_api_stopped",
+            "1 once api.on_error: stop has stopped every call at an API error (until a restart).",
             registry=r,
         )
         self.api_key_invalid = Gauge(
@@ -388,6 +414,11 @@ class Metrics:
             for status_class in STATUS_CLASSES:
                 self.api_call_duration.labels(status_class, app)
 
+    def init_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create each (app, route)'s ``route_paused_status`` at 0."""
+        for app, route in routes:
+            self.route_paused_status.labels(app, route)
+
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
         for topic in topics:
@@ -412,6 +443,7 @@ APP_GAUGES = (
     "auth_paused",
     "api_key_invalid",
     "api_paused_seconds",
+    "calls_held",
 )
 
 
@@ -449,6 +481,7 @@ class AppMetrics:
         self.auth_paused: Gauge = metrics.auth_paused.labels(app)
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+        self.calls_held: Gauge = metrics.calls_held.labels(app)
         # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
         self.api_call_duration = _LastLabel(metrics.api_call_duration, app)
         self.api_outcome_unknown = metrics.api_outcome_unknown
@@ -456,6 +489,11 @@ class AppMetrics:
         self.calls_waiting = metrics.calls_waiting
         self.event_attempts = metrics.event_attempts
         self.api_retries = metrics.api_retries
+
+    def route_paused_status(self, route: str) -> Gauge:
+        """The app's ``route_paused_status`` gauge of one route."""
+        gauge: Gauge = self.base.route_paused_status.labels(self.app, route)
+        return gauge
 
     def __getattr__(self, name: str) -> Any:
         """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""

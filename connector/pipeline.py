@@ -244,6 +244,7 @@ class Pipeline:
             if admitted:
                 self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
             raise
+        self.exposure.thread_created()
         deep_link = self._deep_link(event, route.app_uid, created)
         records = [
             result_record(

@@ -144,6 +144,7 @@ class ThreadsClient:
         proxy: Proxy | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._base_path = urlsplit(self._base_url).path  # a gateway's prefix, or ""
         self._api_key = api_key
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -214,7 +215,9 @@ class ThreadsClient:
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
         # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
-        url = self._base_url + _threads_path(request.app_uid)
+        api_path = _threads_path(request.app_uid)
+        url = self._base_url + api_path
+        path = self._base_path + api_path  # for errors: the path called, not the host
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()
@@ -230,11 +233,11 @@ class ThreadsClient:
         }
         body = orjson.dumps(request.body())
         if TRACING.on:
-            return await self._traced(url, body, headers, api_key)
-        return await self._attempt(url, body, headers, api_key)
+            return await self._traced(url, path, body, headers, api_key)
+        return await self._attempt(url, path, body, headers, api_key)
 
     async def _traced(
-        self, url: str, body: bytes, headers: dict[str, str], api_key: str
+        self, url: str, path: str, body: bytes, headers: dict[str, str], api_key: str
     ) -> ApiThread:
         """The attempt inside a CLIENT span whose ``traceparent`` the request carries."""
         split = urlsplit(url)
@@ -247,7 +250,7 @@ class ThreadsClient:
         with TRACING.span(f"POST {_URL_TEMPLATE}", SpanKind.CLIENT, attributes=attributes) as span:
             TRACING.inject(headers)
             try:
-                thread = await self._attempt(url, body, headers, api_key)
+                thread = await self._attempt(url, path, body, headers, api_key)
             except ApiError as exc:
                 if exc.status is not None:
                     span.set_attribute("http.response.status_code", exc.status)
@@ -258,7 +261,7 @@ class ThreadsClient:
             return thread
 
     async def _attempt(
-        self, url: str, body: bytes, headers: dict[str, str], api_key: str
+        self, url: str, path: str, body: bytes, headers: dict[str, str], api_key: str
     ) -> ApiThread:
         try:
             async with asyncio.timeout(self._request_timeout_s):
@@ -269,36 +272,46 @@ class ThreadsClient:
                 "encoding that cannot be read): cut off",
                 outcome_unknown=True,
                 kind="body_too_large",
+                path=path,
             ) from exc
         except aiohttp.ClientHttpProxyError as exc:  # CONNECT refused: nothing was sent
             raise RetriableApiError(
                 f"the proxy refused the tunnel: HTTP {exc.status}{_proxy_hint(exc.status)}",
                 kind="proxy_error",
+                path=path,
             ) from exc
         except aiohttp.ClientProxyConnectionError as exc:
             raise RetriableApiError(
-                f"the proxy cannot be reached: {exc.os_error.strerror or exc}", kind="proxy_error"
+                f"the proxy cannot be reached: {exc.os_error.strerror or exc}",
+                kind="proxy_error",
+                path=path,
             ) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
-            raise RetriableApiError(f"TLS failure: {exc}", kind="tls_error") from exc
+            raise RetriableApiError(f"TLS failure: {exc}", kind="tls_error", path=path) from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            raise RetriableApiError("connect timeout", kind="connect_error") from exc
+            raise RetriableApiError("connect timeout", kind="connect_error", path=path) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise RetriableApiError(f"connection failed: {exc}", kind="connect_error") from exc
+            raise RetriableApiError(
+                f"connection failed: {exc}", kind="connect_error", path=path
+            ) from exc
         except TimeoutError as exc:  # the total deadline: the call may have landed
             raise RetriableApiError(
                 f"no complete answer within {self._request_timeout_s:g}s",
                 outcome_unknown=True,
                 kind="timeout",
+                path=path,
             ) from exc
         except aiohttp.ClientError as exc:  # reset, disconnect, bad payload: may have landed
             raise RetriableApiError(
-                f"protocol error: {type(exc).__name__}", outcome_unknown=True, kind="protocol_error"
+                f"protocol error: {type(exc).__name__} (no complete answer)",
+                outcome_unknown=True,
+                kind="protocol_error",
+                path=path,
             ) from exc
         except (ValueError, UnicodeError) as exc:  # we could not even form the request
             # no exception text: it could quote a header value
             raise PermanentApiError(f"request could not be sent: {type(exc).__name__}") from exc
-        return _interpret(response, api_key)
+        return _interpret(response, api_key, path)
 
     async def probe(self, app_uid: str) -> tuple[int, str]:
         """The status of a request that cannot create a thread (a JSON array as the body,
@@ -451,8 +464,12 @@ def _safe_detail(response: _Response, secret: str = "") -> str:
     return "; ".join(parts) or "(no error title)"
 
 
-def _interpret(response: _Response, secret: str = "") -> ApiThread:
+def _interpret(response: _Response, secret: str = "", path: str = "") -> ApiThread:
+    """The thread of a 2xx, or the error of any other answer. An error's message ends with
+    the request line (``POST <path>``): a wrong ``api.base_url`` shows in the dead letter's
+    reason and in readiness (the path only: no host, no key)."""
     status = response.status
+    called = f" (POST {path})" if path else ""
     if 200 <= status < 300:
         # a 2xx is a success: the thread exists if its body says so, whatever the code (a
         # 200 from a gateway or a new API version was dead-lettered, its result lost)
@@ -473,26 +490,30 @@ def _interpret(response: _Response, secret: str = "") -> ApiThread:
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             what = "" if status == 201 else ": the thread may exist"
             raise PermanentApiError(
-                f"{status} without a threadUid in its body{what}", status=status
+                f"{status} without a threadUid in its body{what}{called}", status=status, path=path
             ) from exc
     if status == 407:  # a proxy's answer to a plain-http request: not the API's, not the event's
-        raise RetriableApiError(f"HTTP 407 from the proxy{_proxy_hint(status)}", kind="proxy_error")
+        raise RetriableApiError(
+            f"HTTP 407 from the proxy{_proxy_hint(status)}", kind="proxy_error", path=path
+        )
     if 300 <= status < 400:
         # not followed: a redirect says nothing of the event but that the base URL is not
         # where the API answers (http:// to https://, a moved host): the API host's
         # failure, for the circuit breaker, not a dead letter for every event
         raise RetriableApiError(
-            f"HTTP {status}: redirected, not followed (is api.base_url right?)",
+            f"HTTP {status}: redirected, not followed (is api.base_url right?){called}",
             status=status,
             kind="redirect",
+            path=path,
         )
     detail = _safe_detail(response, secret)
     if status in AUTH_STATUSES:
-        raise AuthError(f"HTTP {status}: {detail}", status=status)
+        raise AuthError(f"HTTP {status}: {detail}{called}", status=status, path=path)
     if status in RETRIABLE_STATUSES or status >= 500:
         raise RetriableApiError(
             f"HTTP {status}",
             status=status,
             retry_after_s=parse_retry_after(response.retry_after),
+            path=path,
         )
-    raise PermanentApiError(f"HTTP {status}: {detail}", status=status)
+    raise PermanentApiError(f"HTTP {status}: {detail}{called}", status=status, path=path)

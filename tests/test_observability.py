@@ -347,6 +347,58 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
             ],
         },
+        {  # a route paused by a run of 404s at minute 2 (a wrong api.base_url): its own
+            # alert names app, route and status; the replica's NotReady stays quiet
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": "threads_connector_route_paused_status"
+                    f'{{{sel}, app="app-a", route="*/order.shipped"}}',
+                    "values": "0 0 404x10",
+                },
+                {  # one that paused and resumed within the minute: quiet
+                    "series": "threads_connector_route_paused_status"
+                    f'{{{sel}, app="app-b", route="*/order.shipped"}}',
+                    "values": "0 0 422 0x9",
+                },
+                {"series": f"threads_connector_ready{{{sel}}}", "values": "1 1 0x10"},
+                {"series": f"threads_connector_api_stopped{{{sel}}}", "values": "0x12"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "2m", "alertname": "ThreadsConnectorRoutePaused", "exp_alerts": []},
+                {
+                    "eval_time": "4m",
+                    "alertname": "ThreadsConnectorRoutePaused",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorRoutePaused",
+                            {"app": "app-a", "route": "*/order.shipped"},
+                            "404",
+                        )
+                    ],
+                },
+                {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
+                {"eval_time": "5m", "alertname": "ThreadsConnectorApiStopped", "exp_alerts": []},
+            ],
+        },
+        {  # api.on_error=stop stopped the calls: at once
+            "interval": "1m",
+            "input_series": [
+                {"series": f"threads_connector_api_stopped{{{sel}}}", "values": "0 0 1x5"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "ThreadsConnectorApiStopped", "exp_alerts": []},
+                {
+                    "eval_time": "2m",
+                    "alertname": "ThreadsConnectorApiStopped",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorApiStopped", {"instance": "10.0.0.1:9000"}, "1"
+                        )
+                    ],
+                },
+            ],
+        },
         {  # 401s counted (the gauge may be missing, e.g. an older replica)
             "interval": "1m",
             "input_series": [
