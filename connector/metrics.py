@@ -12,15 +12,23 @@ Labelled counters whose label values are known up front are created at 0 (Promet
 "avoid missing metrics"): a series born at 1 is invisible to ``increase()``/``rate()``, so
 without this the first dead letter of a kind, the first 401 or the first failed commit
 would never reach a dashboard or fire an alert. The dashboard and the alerts are in the Helm
-chart (``dashboards/``, ``rules/``); the README's Monitoring section describes them.
+chart (``dashboards/``, ``rules/``); docs/metrics-and-alerts.md describes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from connector import __version__
 
@@ -36,10 +44,18 @@ ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 # its first increment in ``increase()`` (tests/test_observability.py keeps the list in step
 # with the code).
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
-    "parse": ("empty_value", "invalid_json", "not_an_object", "undecodable_record"),
+    "parse": (
+        "empty_value",
+        "invalid_json",
+        "not_an_object",
+        "undecodable_record",
+        "schema_error",
+        "invalid_cloudevent",
+    ),
     "validate": (
         "no_event_id",
         "invalid_event_id",
+        "ambiguous_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
@@ -109,7 +125,14 @@ class Metrics:
     """Every metric the connector exports."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # prometheus_client registers these with its global registry only: a registry
+            # of our own lacked process_* (CPU, memory, open files) and python_* series
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         r = self.registry
         p = PREFIX
         self.events_consumed = CachedCounter(
@@ -143,8 +166,8 @@ class Metrics:
         )
         self.api_call_duration = CachedHistogram(
             f"{p}_api_call_duration_seconds",
-            "Duration of one Threads API call attempt.",
-            ["status_class"],
+            "Duration of one Threads API call attempt, by app.",
+            ["status_class", "app"],
             buckets=CALL_BUCKETS_S,
             registry=r,
         )
@@ -165,10 +188,11 @@ class Metrics:
             "Attempts whose outcome is unknown (timeout after sending): possible duplicates.",
             registry=r,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = CachedCounter(
             f"{p}_dead_letters_total",
-            "Records sent to the dead-letter topic.",
-            ["stage", "reason"],
+            "Records sent to the dead-letter topic, by input topic and app (empty before "
+            "a route chose one).",
+            ["stage", "reason", "app", "topic"],
             registry=r,
         )
         self.calls_in_flight = Gauge(
@@ -191,10 +215,16 @@ class Metrics:
             "delivery.max_uncommitted_threads.",
             registry=r,
         )
+        self.threads_awaiting_commit = Gauge(
+            f"{p}_threads_awaiting_commit",
+            "Threads created whose results are not committed yet (the uncommitted window: "
+            "the part of uncommitted_threads that is no longer on the wire).",
+            registry=r,
+        )
         self.calls_gate_closed = Gauge(
             f"{p}_calls_gate_closed",
-            "1 while no call may start: the uncommitted cap is reached, or commit cycles fail "
-            "or stall.",
+            "1 while no call may start: the uncommitted cap or window is reached, or a commit "
+            "cycle failed or is overdue.",
             registry=r,
         )
         self.events_in_progress = Gauge(
@@ -243,6 +273,25 @@ class Metrics:
             "Seconds left of the pause the API asked for with Retry-After "
             "(capped by api.max_retry_after_s).",
             ["app"],
+            registry=r,
+        )
+        self.route_paused_status = Gauge(
+            f"{p}_route_paused_status",
+            "The HTTP status that paused a route's calls (its events were answered with it "
+            "in a row: a configuration fault, api.on_error: pause); 0 while it is open.",
+            ["app", "route"],
+            registry=r,
+        )
+        self.calls_held = Gauge(
+            f"{p}_calls_held",
+            "Events answered with a 4xx waiting for a verdict: the app's first success "
+            "(then the failure is the event's) or a pause of their route.",
+            ["app"],
+            registry=r,
+        )
+        self.api_stopped = Gauge(
+            f"{p}_api_stopped",
+            "1 once api.on_error: stop has stopped every call at an API error (until a restart).",
             registry=r,
         )
         self.api_key_invalid = Gauge(
@@ -334,6 +383,18 @@ class Metrics:
         self.rebalances = Counter(
             f"{p}_rebalances_total", "Partition assignments and revocations.", ["kind"], registry=r
         )
+        self.schema_registry_up = Gauge(
+            f"{p}_schema_registry_up",
+            "0 while the schema registry cannot be used (records of its formats wait); "
+            "1 after its last fetch worked or when no fetch was needed yet.",
+            registry=r,
+        )
+        self.schema_registry_up.set(1)
+        self.schema_registry_failures = Counter(
+            f"{p}_schema_registry_failures_total",
+            "Schema fetches that failed for the registry's reasons (retried).",
+            registry=r,
+        )
         self.up = Gauge(
             f"{p}_ready",
             "1 when assigned, connected and not paused by an auth failure.",
@@ -352,13 +413,8 @@ class Metrics:
     def _initialise_labels(self) -> None:
         """Create the known label combinations at 0 (see the module docstring); the
         per-app ones wait for the apps (``init_apps``)."""
-        for stage, reasons in DEAD_LETTER_REASONS.items():
-            for reason in reasons:
-                self.dead_letters.labels(stage, reason)
         for code in RETRY_CODES:
             self.api_retries.labels(code)
-        for status_class in STATUS_CLASSES:
-            self.api_call_duration.labels(status_class)
         for mode in COMMIT_MODES:
             self.commit_failures.labels(mode)
             self.commit_duration.labels(mode)
@@ -374,6 +430,13 @@ class Metrics:
             for gauge in APP_GAUGES:
                 getattr(self, gauge).labels(app)
             self.rate_limited.labels(app)
+            for status_class in STATUS_CLASSES:
+                self.api_call_duration.labels(status_class, app)
+
+    def init_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create each (app, route)'s ``route_paused_status`` at 0."""
+        for app, route in routes:
+            self.route_paused_status.labels(app, route)
 
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
@@ -383,6 +446,11 @@ class Metrics:
                 self.threads_created.labels(topic, app)
             for kind in DEDUP_KINDS:
                 self.dedup_hits.labels(topic, kind)
+            for stage, reasons in DEAD_LETTER_REASONS.items():
+                # an API dead letter has its app; the others come before (or without) a route
+                for app in self.apps if stage == "api" else ("",):
+                    for reason in reasons:
+                        self.dead_letters.labels(stage, reason, app, topic)
 
 
 # The gauges with an ``app`` label (created at 0 per app by ``init_apps``).
@@ -394,19 +462,24 @@ APP_GAUGES = (
     "auth_paused",
     "api_key_invalid",
     "api_paused_seconds",
+    "calls_held",
 )
 
 
-class _LastLabel:
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class _LastLabel(Generic[_M]):  # the package supports Python 3.11: no [M] syntax
     """A labelled metric with its last label (``app``) bound: ``labels(a, b)`` is the
     parent's ``labels(a, b, app)``."""
 
-    def __init__(self, parent: Counter, value: str) -> None:
-        self._parent = parent
+    def __init__(self, parent: _M, value: str) -> None:
+        self._parent: _M = parent
         self._value = value
 
-    def labels(self, *values: str) -> Counter:
-        return self._parent.labels(*values, self._value)
+    def labels(self, *values: str) -> _M:
+        child: _M = self._parent.labels(*values, self._value)
+        return child
 
 
 class AppMetrics:
@@ -427,13 +500,19 @@ class AppMetrics:
         self.auth_paused: Gauge = metrics.auth_paused.labels(app)
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+        self.calls_held: Gauge = metrics.calls_held.labels(app)
         # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
-        self.api_call_duration = metrics.api_call_duration
+        self.api_call_duration = _LastLabel(metrics.api_call_duration, app)
         self.api_outcome_unknown = metrics.api_outcome_unknown
         self.rate_limit_wait = metrics.rate_limit_wait
         self.calls_waiting = metrics.calls_waiting
         self.event_attempts = metrics.event_attempts
         self.api_retries = metrics.api_retries
+
+    def route_paused_status(self, route: str) -> Gauge:
+        """The app's ``route_paused_status`` gauge of one route."""
+        gauge: Gauge = self.base.route_paused_status.labels(self.app, route)
+        return gauge
 
     def __getattr__(self, name: str) -> Any:
         """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""

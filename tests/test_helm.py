@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import typing
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from connector.config import ConnectorSettings
@@ -37,7 +39,15 @@ CHART_OWNED = {
     ("kafka", "ssl_key_password_file"),  # set by the chart (kafkaTls.clientKeyEncrypted)
     ("kafka", "ssl_certfile"),  # set by the chart (kafkaTls.clientCertSecret)
     ("api", "ca_file"),  # set by the chart (apiTls.caSecret)
+    ("api", "proxy_auth_file"),  # set by the chart (apiProxy.authSecret)
+    ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret / existingSecret
+    ("kafka", "oauth_client_secret_file"),  # set by the chart (OAUTHBEARER)
     ("kafka", "ssl_keyfile"),  # idem
+    ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
+    ("schema_registry", "password_file"),  # set by the chart
+    ("schema_registry", "bearer_token"),  # idem
+    ("schema_registry", "bearer_token_file"),  # idem
+    ("schema_registry", "ca_file"),  # set by the chart (schemaRegistry.caSecret)
 }
 
 Manifest = dict[str, Any]
@@ -71,6 +81,31 @@ def render(*args: str, release: str = "rel") -> list[Manifest]:
 def render_case(case: Path | None) -> list[Manifest]:
     """The chart's defaults (plus the required API key) or one ci/ values file."""
     return render(*API_KEY_SET) if case is None else render("-f", str(case))
+
+
+def pod_mounts(config_text: str, root: Path) -> None:
+    """The files a rendered config names under /var/run/secrets (what the pod mounts:
+    secrets, CA bundles, the client certificate), made under ``root`` at the same paths,
+    each with content check-config can read and load."""
+    ca = trustme.CA()
+    client = ca.issue_cert("connector.example")
+    for path in sorted(set(re.findall(r"/var/run/secrets/[\w./-]+", config_text))):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith(("ca.crt", "ca.pem")):
+            ca.cert_pem.write_to_path(str(target))
+        elif path.endswith("tls.crt"):
+            client.cert_chain_pems[0].write_to_path(str(target))
+        elif path.endswith("tls.key"):
+            client.private_key_pem.write_to_path(str(target))
+        elif path.endswith("proxy-auth"):  # one line user:password
+            target.write_text("a-user:a-secret-value\n")
+        else:
+            target.write_text("a-secret-value\n")
+        target.chmod(0o644)
+    for folder in [root, *root.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o755)
 
 
 def one(docs: list[Manifest], kind: str) -> Manifest:
@@ -408,8 +443,16 @@ def test_service_monitor_dashboard_and_rules() -> None:
     assert json.loads(dashboard["data"]["threads-connector.json"]) == json.loads(shipped)
 
     rule = one(docs, "PrometheusRule")
-    groups = yaml.safe_load((CHART / "rules" / "alerts.yaml").read_text())["groups"]
-    assert rule["spec"]["groups"] == groups
+    # the presence alerts select the release's Service (the job) in its namespace
+    job = one(docs, "Service")["metadata"]["name"]
+    text = (CHART / "rules" / "alerts.yaml").read_text()
+    assert 'job="threads-connector"' in text
+    text = text.replace('job="threads-connector"', f'job="{job}", namespace="connectors"')
+    assert rule["spec"]["groups"] == yaml.safe_load(text)["groups"]
+    exprs = {r.get("alert"): r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert (
+        f'absent(up{{job="{job}", namespace="connectors"}} == 1)' in exprs["ThreadsConnectorDown"]
+    )
 
 
 def test_dashboard_label_is_configurable() -> None:
@@ -632,3 +675,125 @@ def test_an_app_without_a_key_source_is_rejected() -> None:
     proc = helm("template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k")
     assert proc.returncode != 0
     assert "secrets.apps.app-c needs apiKey" in proc.stderr
+
+
+def test_schema_registry_secrets_are_mounted_and_named_in_the_config(tmp_path: Path) -> None:
+    from connector.config import load_settings
+
+    docs = render(
+        *API_KEY_SET,
+        "--set",
+        "config.schema_registry.url=https://registry:8081",
+        "--set",
+        "config.schema_registry.username=svc",
+        "--set",
+        "config.input.topics.domain-events.format=avro",
+        "--set",
+        "schemaRegistry.existingSecret=registry-creds",
+        "--set",
+        "schemaRegistry.passwordKey=pw",
+        "--set",
+        "schemaRegistry.caSecret=registry-ca",
+    )
+    registry = connector_config(docs)["schema_registry"]
+    assert registry["password_file"] == "/var/run/secrets/threads-connector-registry/password"
+    assert registry["ca_file"] == "/var/run/secrets/threads-connector-registry-tls/ca.crt"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
+    assert volumes["registry-auth"]["items"] == [{"key": "pw", "path": "password"}]
+    assert volumes["registry-ca"]["secretName"] == "registry-ca"
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    assert mounts["registry-auth"] == "/var/run/secrets/threads-connector-registry"
+    path = tmp_path / "connector.yaml"
+    path.write_text(config_map(docs)["data"]["connector.yaml"])
+    (tmp_path / "pw").write_text("x")
+    settings = load_settings(path)
+    assert settings.input.topics["domain-events"].format == "avro"
+    # without the values: no mounts, no files
+    default = render(*API_KEY_SET)
+    assert "registry-auth" not in {m["name"] for m in container(default)["volumeMounts"]}
+    assert connector_config(default)["schema_registry"] == {"url": None, "username": None}
+
+
+def test_api_proxy_credentials_are_a_mounted_file_named_in_the_config() -> None:
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    api = connector_config(docs)["api"]
+    proxy_dir = "/var/run/secrets/threads-connector-api-proxy"
+    assert api["proxy_url"] == "http://egress-proxy.platform.svc:3128"
+    assert api["proxy_auth_file"] == f"{proxy_dir}/proxy-auth"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["api-proxy-auth"]["secret"]
+    assert volume["secretName"] == "egress-proxy-credentials"
+    assert volume["items"] == [{"key": "user-password", "path": "proxy-auth"}]
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert mounts["api-proxy-auth"] == {
+        "name": "api-proxy-auth",
+        "mountPath": proxy_dir,
+        "readOnly": True,
+    }
+    default = render(*API_KEY_SET)
+    assert "proxy_auth_file" not in connector_config(default)["api"]
+
+
+def test_oauthbearer_client_secret_is_a_mounted_file_and_no_sasl_password() -> None:
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    kafka = connector_config(docs)["kafka"]
+    assert kafka["sasl_mechanism"] == "OAUTHBEARER"
+    secret_dir = "/var/run/secrets/threads-connector"
+    assert kafka["oauth_client_secret_file"] == f"{secret_dir}/oauth-client-secret"
+    assert "sasl_password_file" not in kafka
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    items = {v["name"]: v for v in pod["volumes"]}["secrets"]["secret"]["items"]
+    assert {"key": "oauth-client-secret", "path": "oauth-client-secret"} in items
+    assert not [i for i in items if i["path"] == "sasl-password"]
+    secret = one(docs, "Secret")
+    assert set(secret["data"]) == {"api-key", "oauth-client-secret"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "secrets.oauthClientSecret="), "secrets.oauthClientSecret is required"),
+        (("--set", "keda.enabled=true"), "with OAUTHBEARER use hpa"),
+    ],
+)
+def test_oauthbearer_values_are_checked(args: tuple[str, ...], message: str) -> None:
+    enterprise = ("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    proc = helm("template", "rel", str(CHART), *enterprise, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_tracing_is_off_by_default_and_configured_by_otel_env() -> None:
+    assert connector_config(render(*API_KEY_SET))["tracing"] == {"enabled": False}
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    assert connector_config(docs)["tracing"] == {"enabled": True}
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
+def test_a_drain_during_an_outage_is_not_blocked_by_the_budget() -> None:
+    """Readiness is red on every pod during an API or Kafka outage: a budget that only
+    lets healthy pods go would block a node drain for the whole outage."""
+    docs = render(*API_KEY_SET, "--set", "podDisruptionBudget.enabled=true")
+    spec = one(docs, "PodDisruptionBudget")["spec"]
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert spec["maxUnavailable"] == 1
+    docs = render(
+        *API_KEY_SET,
+        "--set", "podDisruptionBudget.enabled=true",
+        "--set", "podDisruptionBudget.unhealthyPodEvictionPolicy=IfHealthyBudget",
+    )  # fmt: skip
+    assert one(docs, "PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == (
+        "IfHealthyBudget"
+    )
+    proc = helm(
+        "template", "rel", str(CHART), *API_KEY_SET,
+        "--set", "podDisruptionBudget.unhealthyPodEvictionPolicy=Sometimes",
+    )  # fmt: skip
+    assert proc.returncode != 0 and "unhealthyPodEvictionPolicy" in proc.stderr
+
+
+def test_the_container_runs_the_run_verb() -> None:
+    """The image's entrypoint is ``connector`` (any verb): the chart names ``run``."""
+    container = one(render(*API_KEY_SET), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "run"
+    assert "command" not in container

@@ -75,7 +75,7 @@ async def test_an_undecodable_record_is_a_dead_letter_and_nothing_else_waits(
     async with running(settings) as connector:
         await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
         assert connector.sessions == 1  # never restarted, never exited
-        dead = connector.metrics.dead_letters.labels("parse", "undecodable_record")
+        dead = connector.metrics.dead_letters.labels("parse", "undecodable_record", "", names.input)
         assert dead._value.get() == 1
 
     wanted = [
