@@ -103,6 +103,10 @@ async def test_a_blocked_partition_is_named_while_a_backlog_elsewhere_fills_the_
 BAD_NAME = b"\xff\xfe trace-\xc3(-id"  # not UTF-8
 
 
+def undecodable_count(connector: Any, topic: str) -> Any:
+    return connector.metrics.dead_letters.labels("parse", "undecodable_record", "", topic)
+
+
 async def test_a_rebalance_during_the_recovery_loses_nothing_and_ends_nothing(
     kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,7 +198,7 @@ async def test_a_producer_writing_many_undecodable_records_costs_a_few_recoverie
         caplog.set_level(logging.INFO, logger="connector")
         async with running(settings) as connector:
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
-            dead = connector.metrics.dead_letters.labels("parse", "undecodable_record")
+            dead = undecodable_count(connector, names.input)
             assert dead._value.get() == n
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
         lines = [r for r in caplog.records if r.name == "connector.undecodable" and r.levelno >= 30]
@@ -451,7 +455,7 @@ async def test_undecodable_records_amid_a_backlog_elsewhere_lose_and_repeat_noth
             wanted.append(f"p0-{i}")
         async with running(settings) as connector:
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
-            dead = connector.metrics.dead_letters.labels("parse", "undecodable_record")
+            dead = undecodable_count(connector, names.input)
             assert dead._value.get() == 5
             assert connector.sessions == 1
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
@@ -559,7 +563,7 @@ async def test_an_undecodable_record_behind_others_backlog_with_a_nearly_full_bu
         caplog.set_level(logging.INFO, logger="connector")
         async with running(settings) as connector:
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
-            dead = connector.metrics.dead_letters.labels("parse", "undecodable_record")
+            dead = undecodable_count(connector, names.input)
             assert dead._value.get() == 3
         wanted = [f"e{i}" for i in range(1500)] + [f"g{i}" for i in range(3)]
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
