@@ -93,6 +93,13 @@ class KafkaSettings(_Frozen):
     retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
     probe_interval_s: float = Field(default=10.0, gt=0, description="reachability probe")
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
+    group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="static group membership: a name stable across restarts of this "
+        "replica (a StatefulSet pod name); a restart within session_timeout_ms moves no "
+        "partition. Unique in the group",
+    )
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     fetch_max_records: int = Field(default=500, ge=1)

@@ -56,6 +56,7 @@ from connector.bounds import bound, minimal_dead_letter, minimal_result, out_siz
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import OutRecord, TopicPartitionKey
+from connector.fencing import fence_producer
 from connector.metrics import Metrics
 from connector.partitioning import partition_for
 from connector.source import Source
@@ -149,7 +150,13 @@ class Sink:
             "max_batch_size": k.max_request_size,
             "max_request_size": k.max_request_size,
         }
-        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**self._producer_kwargs)
+        if self._exactly_once:  # offsets committed as the consumer's group member (KIP-447)
+            fence_producer(producer, self._source.member)
+        return producer
 
     @property
     def mode(self) -> str:
@@ -463,7 +470,7 @@ class Sink:
 
     async def _renew_producer(self) -> None:
         await self._producer.stop()
-        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        self._producer = self._new_producer()
         await self.start()
 
     async def _publish_all(self, records: Sequence[OutRecord]) -> None:

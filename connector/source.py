@@ -19,6 +19,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
+from connector.fencing import GroupMember, require_stable
 from connector.kafka_common import client_kwargs
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,21 @@ READER_BATCH_RECORDS = 2_000
 class _Listener:
     """aiokafka's rebalance hooks (registered as a virtual ConsumerRebalanceListener)."""
 
-    def __init__(self, on_revoked: PartitionsHook, on_assigned: PartitionsHook) -> None:
+    def __init__(
+        self,
+        on_revoked: PartitionsHook,
+        on_assigned: PartitionsHook,
+        joined: Callable[[], None] = lambda: None,
+    ) -> None:
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
+        self._joined = joined
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self._on_revoked([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._joined()  # before anything of the new assignment can be committed
         await self._on_assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
@@ -75,10 +83,14 @@ class Source:
             max_poll_records=k.fetch_max_records,
             metadata_max_age_ms=k.metadata_max_age_ms,
         )
-        self._listener = _Listener(on_revoked, on_assigned)
+        self._listener = _Listener(on_revoked, on_assigned, self._joined)
+        self._exactly_once = settings.delivery.mode is DeliveryMode.EXACTLY_ONCE
+        self._member: GroupMember | None = None
 
     async def start(self) -> None:
         await self._consumer.start()
+        if self._exactly_once:  # before the first assignment (``subscribe``)
+            require_stable(self._consumer)
         self._consumer.subscribe(list(self._settings.kafka.input_topics), listener=self._listener)
 
     async def stop(self) -> None:
@@ -87,6 +99,19 @@ class Source:
     @property
     def group_id(self) -> str:
         return self._settings.kafka.group_id
+
+    def member(self) -> GroupMember | None:
+        """Who we were in the group when given the current assignment (``fencing``): the
+        transactional offsets are committed as this member."""
+        return self._member
+
+    def _joined(self) -> None:
+        coordinator = self._consumer._coordinator  # aiokafka has no public accessor
+        self._member = GroupMember(
+            coordinator.generation,
+            coordinator.member_id,
+            self._settings.kafka.group_instance_id,
+        )
 
     async def fetch(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
         """At most ``kafka.fetch_max_records`` records, and at most ``max_records``."""

@@ -4,6 +4,7 @@ one outcome its full form, never the commit cycle (issue 9)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -31,6 +32,14 @@ pytestmark = pytest.mark.integration
 
 async def _nothing(_: object) -> None:
     return None
+
+
+async def until_member(source: Source, timeout_s: float = 30) -> None:
+    """Until the source's consumer has joined its group and been assigned."""
+    deadline = time.monotonic() + timeout_s
+    while source.member() is None:
+        assert time.monotonic() < deadline, "the consumer never joined its group"
+        await asyncio.sleep(0.05)
 
 
 def header(record: object, name: str) -> bytes | None:
@@ -221,9 +230,12 @@ async def test_a_refused_record_costs_a_retry_of_the_transaction_and_its_offsets
         OutRecord(names.results, b"u", b'{"n":2}', partition=1),
     ]
     await sink.start()
+    await source.start()  # offsets are committed as a member of the group (KIP-447)
     try:
+        await until_member(source)
         positions = await sink.commit_cycle(records, finish)
     finally:
+        await source.stop()
         await sink.stop()
     assert positions == {(names.input, 0): 8, (names.input, 1): 3}
     assert len(calls) == 1
