@@ -73,6 +73,14 @@ RECORD_ERRORS = (
 )
 
 
+def transactional_id(settings: ConnectorSettings) -> str:
+    """``<prefix>-<group>-<instance>``: unique per consumer group and replica. Without the
+    group, two connectors of different groups on one host (one ``instance_id``, the host
+    name) fenced each other at every start."""
+    d = settings.delivery
+    return f"{d.transactional_id_prefix}-{settings.kafka.group_id}-{d.instance_id}"
+
+
 class CommitError(FencedError):
     """A commit cycle failed: the session restarts from the last committed offsets."""
 
@@ -132,9 +140,7 @@ class Sink:
         self._exactly_once = d.mode is DeliveryMode.EXACTLY_ONCE
         self._source = source
         self.transactional_id = (
-            f"{d.transactional_id_prefix}-{d.instance_id}{transactional_suffix}"
-            if self._exactly_once
-            else None
+            transactional_id(settings) + transactional_suffix if self._exactly_once else None
         )
         self._producer_kwargs: dict[str, object] = {
             **kafka_kwargs,
