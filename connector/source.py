@@ -73,6 +73,9 @@ class Source:
         self._consumer = AIOKafkaConsumer(
             **client_kwargs(settings),
             group_id=k.group_id,
+            # static membership: aiokafka then sends no LeaveGroup when it stops (the
+            # member is kept for session_timeout_ms, for the replica to come back)
+            group_instance_id=k.static_instance_id(),
             enable_auto_commit=False,
             auto_offset_reset=k.auto_offset_reset,
             isolation_level="read_committed",
@@ -110,7 +113,7 @@ class Source:
         self._member = GroupMember(
             coordinator.generation,
             coordinator.member_id,
-            self._settings.kafka.group_instance_id,
+            self._settings.kafka.static_instance_id(),
         )
 
     async def fetch(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
