@@ -19,8 +19,9 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
-from connector.fencing import GroupMember, require_stable
+from connector.fencing import require_stable
 from connector.kafka_common import client_kwargs
+from connector.kip447 import GroupMember
 
 log = logging.getLogger(__name__)
 PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]

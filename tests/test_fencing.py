@@ -13,8 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.producer.sender import Sender
 
-from connector import fencing
-from connector.fencing import GroupMember, StaleMemberError
+from connector import fencing, kip447
+from connector.fencing import StaleMemberError
+from connector.kip447 import GroupMember
 from tests.kafka_helpers import consume_all, create_topics, end_offsets, unique_name
 
 
@@ -32,19 +33,19 @@ def test_a_moved_internal_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_requests_encode_as_the_flexible_versions() -> None:
     member = GroupMember(7, "m-1", None)
-    request = fencing.txn_offset_commit_request(
+    request = kip447.txn_offset_commit_request(
         "tx", "g", 5, 1, member, {TopicPartition("t", 0): _offset(42)}
     ).prepare({28: (0, 5)})
     assert request.API_VERSION == 3 and request.FLEXIBLE_VERSION
     assert request.generation_id == 7 and request.member_id == "m-1"
     decoded = type(request).decode(request.encode())
     assert decoded.topics == [("t", [(0, 42, -1, "", {})], {})]
-    fetch = fencing.offset_fetch_request("g", [TopicPartition("t", 1)]).prepare({9: (1, 9)})
+    fetch = kip447.offset_fetch_request("g", [TopicPartition("t", 1)]).prepare({9: (1, 9)})
     assert fetch.API_VERSION == 7 and fetch.require_stable is True
 
 
 def test_a_broker_without_kip_447_is_refused_by_name() -> None:
-    request = fencing.offset_fetch_request("g", [TopicPartition("t", 0)])
+    request = kip447.offset_fetch_request("g", [TopicPartition("t", 0)])
     with pytest.raises(Exception, match="KIP-447"):
         request.prepare({9: (1, 5)})
 
