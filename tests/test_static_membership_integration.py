@@ -41,6 +41,10 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> f
     return time.monotonic() - started
 
 
+def assigned(connector: Connector) -> list[tuple[str, int]]:
+    return connector.session.assigned if connector.session is not None else []
+
+
 def revokes(connector: Connector) -> float:
     return float(connector.metrics.rebalances.labels("revoke")._value.get())
 
@@ -67,15 +71,15 @@ async def test_a_static_member_restarted_in_time_moves_no_partition(kafka_bootst
         a, b = member(base, "conn-0", None), member(base, "conn-1", None)
         async with running(a) as first:
             async with running(b) as second:
-                await until(lambda: len(second._assigned) == 2, 30, "conn-1 never assigned")
-                await until(lambda: len(first._assigned) == 2, 30, "conn-0 never settled")
-                held = sorted(second._assigned)
+                await until(lambda: len(assigned(second)) == 2, 30, "conn-1 never assigned")
+                await until(lambda: len(assigned(first)) == 2, 30, "conn-0 never settled")
+                held = sorted(assigned(second))
             before = revokes(first)
             async with running(b) as again:  # the same pod name, back within the timeout
-                await until(lambda: len(again._assigned) == 2, 30, "conn-1 never came back")
-                assert sorted(again._assigned) == held  # its own partitions, unmoved
+                await until(lambda: len(assigned(again)) == 2, 30, "conn-1 never came back")
+                assert sorted(assigned(again)) == held  # its own partitions, unmoved
                 assert revokes(first) == before  # conn-0 never paused (no rebalance)
-                assert len(first._assigned) == 2
+                assert len(assigned(first)) == 2
 
 
 async def test_a_dynamic_member_above_static_members_hands_over_at_once(
@@ -90,8 +94,8 @@ async def test_a_dynamic_member_above_static_members_hands_over_at_once(
         a, b = member(base, "conn-0", 1), member(base, "conn-1", 1)
         async with running(a) as first:
             async with running(b) as second:
-                await until(lambda: len(second._assigned) == 2, 30, "conn-1 never assigned")
-                await until(lambda: len(first._assigned) == 2, 30, "conn-0 never settled")
+                await until(lambda: len(assigned(second)) == 2, 30, "conn-1 never assigned")
+                await until(lambda: len(assigned(first)) == 2, 30, "conn-0 never settled")
             # conn-1 left the group on its way out: no wait for the session timeout
-            took = await until(lambda: len(first._assigned) == 4, 15, "no hand-over")
+            took = await until(lambda: len(assigned(first)) == 4, 15, "no hand-over")
         assert took < SESSION_TIMEOUT_MS / 1000 / 2, took
