@@ -57,5 +57,6 @@ EXPOSE 9464
 # SIGTERM starts the drain (bounded by delivery.drain_timeout_s); a second signal exits at once.
 STOPSIGNAL SIGTERM
 # No HEALTHCHECK: Kubernetes probes /healthz and /readyz on port 9464.
-ENTRYPOINT ["connector", "run"]
-CMD ["--config", "/etc/threads-connector/connector.yaml"]
+# `connector` accepts any verb: `docker run IMAGE check-config --online --config ...`
+ENTRYPOINT ["connector"]
+CMD ["run", "--config", "/etc/threads-connector/connector.yaml"]

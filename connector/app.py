@@ -37,6 +37,7 @@ from connector.kafka_common import (
 )
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
+from connector.progress import PartitionProgress
 from connector.routing import Router
 from connector.session import Session, cancel
 from connector.topics import TopicManager
@@ -71,6 +72,8 @@ class Connector:
             header_timeout_s=settings.server.header_timeout_s,
             metrics_cache_s=settings.server.metrics_cache_s,
         )
+        # partitions stopped (offset out of range) or blocked (an open upstream transaction)
+        self.progress = PartitionProgress(self.metrics, settings.kafka.blocked_partition_after_s)
         self.window = DedupWindow(settings.dedup.ttl_s, settings.dedup.max_entries, clock)
         # the session's gate on calls: its gauges are read when scraped (the gate also
         # closes by the clock alone, a stalled cycle, and a call needs no gauge write)
@@ -132,6 +135,9 @@ class Connector:
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
                 f"commit cycles wait for them"
             )
+        stuck = self.progress.summary
+        if stuck is not None:
+            return False, stuck
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
             return False, f"no successful commit cycle for {age:.0f}s"

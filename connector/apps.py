@@ -28,7 +28,8 @@ from connector.events import ThreadCreated
 from connector.gates import AuthGate, CircuitBreaker
 from connector.metrics import AppMetrics, Metrics
 from connector.ratelimit import AdaptiveRate, Clock, TokenBucket, group_share
-from connector.routing import ThreadRequest
+from connector.routing import ThreadRequest, route_label
+from connector.systemic import StopGate
 from connector.threads_client import ThreadsClient
 
 # Makes an app's attempt function (the real one: a ThreadsClient with the app's key).
@@ -86,7 +87,10 @@ class Apps:
         self.breaker = CircuitBreaker(
             settings.api.breaker_failure_threshold, settings.api.breaker_probe_interval_s
         )
+        # api.on_error: stop stops every app's calls at the first API error
+        self.stop_gate = StopGate() if settings.api.on_error == "stop" else None
         metrics.init_apps(settings.app_uids())
+        metrics.init_routes((route.app_uid, route_label(route)) for route in settings.routes)
         self.policies = {app: self._policy(app) for app in settings.app_uids()}
         self._stack: AsyncExitStack | None = None
         self._owned = 0  # this replica's input partitions, of ``_total``: the rate shares
@@ -138,6 +142,7 @@ class Apps:
             policy.metrics,
             auth_gate=AuthGate(policy.api.auth_probe_interval_s),
             breaker=self.breaker,
+            stop_gate=self.stop_gate,
         )
         return policy.caller
 

@@ -10,7 +10,11 @@ transport failures (connection, TLS, 5xx storms) trip the circuit breaker: every
 waits while one probe retries periodically (``connector.gates``), so neither a bad key
 nor an outage burns through the backlog, and waiting spends no retry budget; the key is
 re-read on each probe, so a rotated secret file heals the connector without a restart.
-``Retry-After`` is capped at ``max_retry_after_s``; each new pause is logged once.
+Other 4xx answers go by ``api.on_error`` (``connector.systemic``): an event's own failure
+is dead-lettered, a run of one status on a route pauses that route behind its own gate
+(``pause``); every one is dead-lettered (``dead_letter``); or the first stops every call
+(``stop``). ``Retry-After`` is capped at ``max_retry_after_s``; each new pause is logged
+once.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from connector.gates import AuthGate, CircuitBreaker, Gate
 from connector.metrics import AppMetrics, Metrics
 from connector.ratelimit import AdaptiveRate, TokenBucket
 from connector.routing import ThreadRequest
+from connector.systemic import RouteGate, StopGate, Systemic, Verdict
 from connector.threads_client import ApiThread, status_class
 
 log = logging.getLogger(__name__)
@@ -90,7 +95,10 @@ class ThreadCaller:
         sleep: Sleep = asyncio.sleep,
         auth_gate: AuthGate | None = None,
         breaker: CircuitBreaker | None = None,
+        stop_gate: StopGate | None = None,
     ) -> None:
+        """``stop_gate``: shared by the apps (``api.on_error: stop`` stops every call);
+        none given, the caller makes its own in that mode."""
         self._attempt = attempt
         self._settings = settings
         self._bucket = bucket
@@ -104,13 +112,24 @@ class ThreadCaller:
         self.breaker = breaker or CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_probe_interval_s
         )
+        # api.on_error: pause counts 4xx runs by route; stop closes the stop gate at the first
+        self.systemic = (
+            Systemic(settings.pause_after_failures, settings.pause_probe_interval_s, self._metrics)
+            if settings.on_error == "pause"
+            else None
+        )
+        self.stop_gate = stop_gate or (StopGate() if settings.on_error == "stop" else None)
         self.in_flight = 0
+        systemic = self.systemic
+        self._metrics.calls_held.set_function(lambda: systemic.held if systemic else 0)
         # read when scraped, not written on each call (the gauge loop sets the rate too)
         self._metrics.api_paused_seconds.set_function(bucket.pause_remaining_s)
         self._metrics.calls_in_flight.set_function(lambda: self.in_flight)
 
     def pause_reason(self) -> str | None:
         """Why calls are paused for longer than readiness allows, or None."""
+        if self.stop_gate is not None and not self.stop_gate.is_open:
+            return self.stop_gate.reason
         if not self.auth_gate.is_open:
             return f"paused: {self.auth_gate.reason}"
         if not self.breaker.is_open:
@@ -118,6 +137,8 @@ class ThreadCaller:
         left = self._bucket.pause_remaining_s()
         if left > self._settings.max_pause_ready_s:
             return f"paused {left:.0f}s more: the Threads API asked to wait (Retry-After)"
+        if self.systemic is not None and (paused := self.systemic.paused()):
+            return "; ".join(gate.reason for gate in paused)
         return None
 
     async def call(
@@ -133,12 +154,15 @@ class ThreadCaller:
         ``admit`` is awaited in the concurrency slot before each attempt takes its token
         (the pipeline's duplicate-exposure gate)."""
         guard = guard or _NoGuard()
+        systemic = self.systemic
+        route = systemic.gate(request.route) if systemic is not None else None
         started = time.monotonic()
         paused_s = 0.0  # spent at a closed gate: not the event's retry budget
         attempts = 0
         while True:
             waited_from = time.monotonic()
-            probe = await self._pass_gates()
+            probe = await self._pass_gates(route)
+            route_probe = probe is not None and probe is route  # settled by an answer
             try:
                 if probe is not None:
                     await self._sleep(probe.probe_interval_s)
@@ -158,13 +182,26 @@ class ThreadCaller:
                 except PermanentApiError as exc:
                     self._answered(probe)  # any answer but 401/403: the key was accepted
                     probe = None
-                    self._metrics.event_attempts.observe(attempts)
-                    raise EventRejected(
+                    if systemic is not None and route is not None and exc.status is not None:
+                        was_probe, route_probe = route_probe, False  # its answer settles it
+                        verdict = systemic.failure(route, event_id, exc, was_probe)
+                        if verdict is Verdict.WAIT:
+                            attempts -= 1  # the route's fault, or not decided yet
+                            waited_from = time.monotonic()
+                            await systemic.hold(route)
+                            paused_s += time.monotonic() - waited_from
+                            continue
+                    rejected = EventRejected(
                         Stage.API,
                         str(exc),
                         code=f"http_{exc.status}" if exc.status else "request_error",
                         status=exc.status,
-                    ) from exc
+                    )
+                    if self._stopping(rejected, request):
+                        attempts -= 1
+                        continue
+                    self._metrics.event_attempts.observe(attempts)
+                    raise rejected from exc
                 except RetriableApiError as exc:
                     if exc.transport_failure:
                         self._transport_failed(probe, exc)
@@ -177,13 +214,17 @@ class ThreadCaller:
                         probe = None
                     delay = self._retry_delay(exc, attempts, started + paused_s)
                     if delay is None:
-                        self._metrics.event_attempts.observe(attempts)
-                        raise EventRejected(
+                        rejected = EventRejected(
                             Stage.API,
                             f"gave up after {attempts} attempts: {exc}",
                             code="retries_exhausted",
                             status=exc.status,
-                        ) from exc
+                        )
+                        if self._stopping(rejected, request):
+                            attempts -= 1
+                            continue
+                        self._metrics.event_attempts.observe(attempts)
+                        raise rejected from exc
                     if guard.abandoned:
                         raise Abandoned(event_id) from exc
                     self._metrics.api_retries.labels(_code(exc)).inc()
@@ -191,6 +232,9 @@ class ThreadCaller:
                     continue
                 self._answered(probe)
                 probe = None
+                if systemic is not None and route is not None:
+                    systemic.success(route, route_probe)
+                    route_probe = False
                 self._metrics.event_attempts.observe(attempts)
                 return ThreadCreated(
                     thread_uid=thread.thread_uid,
@@ -202,11 +246,18 @@ class ThreadCaller:
             finally:
                 if probe is not None:  # left without an answer (abandoned, cancelled)
                     probe.abandon_probe()
+                elif route_probe and route is not None:  # an answer that says nothing of it
+                    route.abandon_probe()
 
-    async def _pass_gates(self) -> Gate | None:
+    async def _pass_gates(self, route: RouteGate | None = None) -> Gate | None:
         """Wait until every gate is open, or this caller is the probe of a closed one."""
+        gates: tuple[Gate, ...] = (self.auth_gate, self.breaker)
+        if self.stop_gate is not None:
+            gates = (self.stop_gate, *gates)
+        if route is not None:
+            gates = (*gates, route)
         while True:
-            for gate in (self.auth_gate, self.breaker):
+            for gate in gates:
                 if not gate.is_open:
                     if gate.take_probe():
                         return gate
@@ -314,10 +365,27 @@ class ThreadCaller:
                 extra={"app": self._metrics.app},
             )
 
+    def _stopping(self, rejected: EventRejected, request: ThreadRequest) -> bool:
+        """``api.on_error: stop``: stop every call at the first API error (the event is
+        kept: it waits with the others). True when stopped."""
+        gate = self.stop_gate
+        if gate is None:
+            return False
+        reason = f"app {self._metrics.app} route {request.route}: {rejected.reason}"
+        if gate.stop(reason):
+            self._metrics.api_stopped.set(1)
+            log.error("%s: every call stops until a restart", gate.reason)
+        return True
+
     def _transport_failed(self, probe: Gate | None, exc: RetriableApiError) -> None:
         if probe is self.auth_gate:  # no answer: nothing learnt about the key
             self.auth_gate.abandon_probe()
-        what = f"HTTP {exc.status}" if exc.status is not None else exc.kind or "error"
+        if exc.status is not None:
+            what = f"HTTP {exc.status}"
+        elif exc.kind in ("timeout", "protocol_error"):
+            what = f"{exc.kind}: {exc}"  # e.g. no complete answer within 10s
+        else:
+            what = exc.kind or "error"
         reason = (
             f"circuit breaker open: the Threads API failed {self.breaker.consecutive + 1} "
             f"times in a row (last: {what})"

@@ -37,6 +37,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from connector.config_sources import env_source, file_line, key_lines, suggest_key, unknown_env
 from connector.errors import ApiKeyInvalid, ConfigError
 
 ENV_PREFIX = "THREADS_CONNECTOR_"
@@ -78,6 +79,19 @@ class KafkaSettings(_Frozen):
     topic_partitions: int = Field(default=6, ge=1, description="for topics the connector creates")
     replication_factor: int = Field(default=1, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    offset_out_of_range: Literal["reset_earliest", "stop"] = Field(
+        default="reset_earliest",
+        description="a position out of range (records deleted past it): go on from the log "
+        "start, counting and logging the offsets skipped, or stop the partition (paused, "
+        "readiness red naming it) for an operator to decide",
+    )
+    blocked_partition_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a partition whose position has been at the last stable offset this long "
+        "with records beyond it (an upstream transaction left open) turns readiness red, "
+        "naming it; above the upstream producers' transaction.timeout.ms (60 s by default)",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -244,6 +258,13 @@ class AppSettings(_Frozen):
         return self.api_key is not None or self.api_key_file is not None
 
 
+# What a 4xx answer does (``connector.systemic``): ``pause`` dead-letters an event's own
+# failure and pauses a route that fails the same way for a run of events; ``dead_letter``
+# dead-letters every one (Kafka Connect's errors.tolerance=all); ``stop`` stops every call
+# at the first (errors.tolerance=none), the event kept, until a restart.
+ApiOnError = Literal["pause", "dead_letter", "stop"]
+
+
 class ApiSettings(_Frozen):
     """The Threads API, its credentials, and how hard we may call it."""
 
@@ -280,6 +301,19 @@ class ApiSettings(_Frozen):
         default=5, ge=1, description="transport failures in a row that pause calls"
     )
     breaker_probe_interval_s: float = Field(default=5.0, gt=0, description="while paused")
+    on_error: ApiOnError = Field(
+        default="pause",
+        description="a 4xx answer: pause (a run pauses the route), dead_letter, or stop",
+    )
+    pause_after_failures: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="distinct events failing with the same status in a row pause their route",
+    )
+    pause_probe_interval_s: float = Field(
+        default=30.0, gt=0, description="a paused route's probe, with one of its events"
+    )
     apps: dict[str, AppSettings] = Field(
         default_factory=dict,
         description="per-app key, rate limit and in-flight cap, by appUid (unset: the above)",
@@ -739,10 +773,13 @@ def _refuse_duplicate_keys(node: yaml.Node | None, where: str, seen_nodes: set[i
 def load_settings(path: Path | None) -> ConnectorSettings:
     """Read, merge with the environment and validate; raise ConfigError naming each field."""
     data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
-            _check_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            _check_nodes(node)
+            lines = key_lines(node)
             loaded = yaml.safe_load(text)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
@@ -775,10 +812,15 @@ def load_settings(path: Path | None) -> ConnectorSettings:
                 f"api.apps.{app}.api_key: secrets must not be written in the config file; "
                 f"set {app_key_env(str(app))} or api.apps.{app}.api_key_file"
             )
+    unknown = unknown_env(ConnectorSettings, ENV_PREFIX)
+    if unknown:
+        raise ConfigError(
+            f"invalid environment ({len(unknown)} problem(s)):\n  " + "\n  ".join(unknown)
+        )
     try:
         return ConnectorSettings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
+        raise ConfigError(format_validation_error(exc, path, lines)) from exc
     except SettingsError as exc:
         raise ConfigError(_environment_problem(exc)) from None
 
@@ -821,10 +863,48 @@ def _is_structured(section: str, field: str) -> bool:
     return typing.get_origin(annotation) in (list, dict)
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per offending field: ``routes.0.user.field: Input should be ...``."""
-    lines = [f"invalid configuration ({exc.error_count()} problem(s)):"]
+def format_validation_error(
+    exc: ValidationError, path: Path | None = None, lines: dict[str, int] | None = None
+) -> str:
+    """One line per offending field, led by where its value came from: the environment
+    variable (``THREADS_CONNECTOR_API__MAX_IN_FLIGHT: api.max_in_flight: ...``) or the
+    file's line (``connector.yaml:12: routes.0.user.field: ...``); an unknown key gets the
+    closest known one."""
+    out = [f"invalid configuration ({exc.error_count()} problem(s)):"]
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            if parent is not None:
+                message += suggest_key(str(err["loc"][-1]), parent)
+        variable = env_source(err["loc"], ENV_PREFIX) if err["loc"] else None
+        line = file_line(err["loc"], lines or {}) if err["loc"] else None
+        if variable is not None:
+            source = f"{variable}: "
+        elif line is not None and path is not None:
+            source = f"{path}:{line}: "
+        else:
+            source = ""
+        out.append(f"  {source}{loc}: {message}")
+    return "\n".join(out)
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings model that holds the field at ``loc`` (None inside lists and dicts
+    of plain values)."""
+    model: type[BaseModel] = ConnectorSettings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is list and args:
+            annotation = args[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

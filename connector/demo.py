@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,37 @@ def _header(record: InputRecord, name: str) -> str:
 async def run_demo(
     config: Path, events: Path, keep_running: bool, bootstrap: str | None = None
 ) -> int:
+    """The demo; SIGTERM or SIGINT stops it like the end of ``--keep-running`` does: the
+    connector drains, the simulator stops, the local broker's JVM is stopped and its
+    temporary folder removed (Python's default SIGTERM ended the process at once and left
+    both behind)."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, interrupted.set)
+    demo = asyncio.ensure_future(_demo(config, events, keep_running, bootstrap, interrupted))
+    waiter = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({demo, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not demo.done() and not keep_running:
+            demo.cancel()  # a signal before the results: stop now, cleaning up
+        with contextlib.suppress(asyncio.CancelledError):
+            return await demo
+        _out("stopped by a signal; the local broker and its folder are removed")
+        return 128 + signal.SIGTERM
+    finally:
+        waiter.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _demo(
+    config: Path,
+    events: Path,
+    keep_running: bool,
+    bootstrap: str | None,
+    interrupted: asyncio.Event,
+) -> int:
     samples = load_samples(events)
     async with contextlib.AsyncExitStack() as stack:
         if bootstrap is None:
@@ -88,6 +120,7 @@ async def run_demo(
         connector = Connector(settings)
         stop = asyncio.Event()
         task = asyncio.create_task(connector.run(stop))
+        stack.push_async_callback(_stop_connector, stop, task)  # also when cancelled
         await _first(connector.started.wait(), task)
         metrics_url = f"http://127.0.0.1:{connector.health.port}/metrics"
         _out(f"metrics   {metrics_url}")
@@ -101,12 +134,19 @@ async def run_demo(
         _print_summary(connector)
         _out(f"\nmetrics: {metrics_url}")
         if keep_running:
-            _out("running; Ctrl-C to stop")
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        stop.set()
-        await task
+            _out("running; Ctrl-C (or SIGTERM) to stop")
+            waiter = asyncio.ensure_future(interrupted.wait())
+            done, _ = await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if task in done:
+                task.result()  # the connector failed: say so
     return 0
+
+
+async def _stop_connector(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _print_summary(connector: Connector) -> None:

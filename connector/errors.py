@@ -7,7 +7,8 @@
     ├── EventRejected          this event cannot be processed: dead-letter it (stage, reason)
     ├── ApiError               a Threads API call failed
     │   ├── RetriableApiError  408/425/429/5xx, 3xx, timeout, connection error: retry
-    │   ├── PermanentApiError  400/404/422: dead-letter the event
+    │   ├── PermanentApiError  other 4xx: the event's fault (dead-letter it) or, for a run
+    │   │                      of events, the configuration's (pause the route: systemic)
     │   └── AuthError          401/403: the connector is misconfigured: pause and alert
     │       └── ApiKeyInvalid  the key read cannot be sent as a header: pause, name the source
     └── FencedError            another instance took over our transactional id: rejoin
@@ -61,11 +62,13 @@ class EventRejected(ConnectorError):
 
 
 class ApiError(ConnectorError):
-    """A Threads API call did not return 201."""
+    """A Threads API call did not return 201. ``path`` is the URL path called (no host,
+    never the key), for the dead letter's reason and readiness."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, path: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.path = path
 
 
 class RetriableApiError(ApiError):
@@ -85,8 +88,9 @@ class RetriableApiError(ApiError):
         retry_after_s: float | None = None,
         outcome_unknown: bool = False,
         kind: str | None = None,
+        path: str = "",
     ) -> None:
-        super().__init__(message, status=status)
+        super().__init__(message, status=status, path=path)
         self.retry_after_s = retry_after_s
         self.outcome_unknown = outcome_unknown
         self.kind = kind
@@ -94,14 +98,21 @@ class RetriableApiError(ApiError):
     @property
     def transport_failure(self) -> bool:
         """The API could not be reached or is failing as a whole (the circuit breaker's
-        kind): a connection or TLS failure, or a 5xx without ``Retry-After`` (with one,
-        the API is alive and says when to come back: that is the rate limit's pause), or
-        a redirect (not followed: the base URL is not where the API answers)."""
+        kind): a connection or TLS failure, no complete answer within the deadline (a
+        black hole, headers then a stall) or a connection dropped without an answer, a
+        5xx without ``Retry-After`` (with one, the API is alive and says when to come
+        back: that is the rate limit's pause), or a redirect (not followed: the base URL
+        is not where the API answers). An oversized body is an answer: it does not count.
+        One slow call among answers does not trip the breaker either: it counts failures
+        in a row, and any answer resets the count."""
         if self.status is not None:
             if 300 <= self.status < 400:
                 return True
             return self.status >= 500 and self.retry_after_s is None
-        return self.kind in ("connect_error", "tls_error")
+        return self.kind in TRANSPORT_KINDS
+
+
+TRANSPORT_KINDS = frozenset({"connect_error", "tls_error", "timeout", "protocol_error"})
 
 
 class PermanentApiError(ApiError):

@@ -33,6 +33,9 @@ class InputRecord:
     value: bytes | None
     headers: Headers = ()
     timestamp_ms: int = 0
+    # why the Kafka client could not decode it (read from its bytes instead,
+    # ``connector.undecodable``): the pipeline dead-letters it. None: a normal record.
+    undecodable: str | None = None
 
     @property
     def tp(self) -> TopicPartitionKey:

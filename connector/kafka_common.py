@@ -58,7 +58,14 @@ def ssl_context(settings: ConnectorSettings) -> ssl.SSLContext:
     """Verify the broker (CA bundle or the system's, host name unless turned off) and
     present a client certificate when one is configured (mTLS)."""
     k = settings.kafka
-    context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+    try:
+        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+    except (OSError, ssl.SSLError) as exc:
+        # a missing CA file read as "unreachable: No such file or directory"
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError(
+            f"kafka.ssl_cafile: cannot load the CA bundle {k.ssl_cafile}: {reason}"
+        ) from None
     context.check_hostname = k.ssl_check_hostname
     if k.ssl_certfile is not None and k.ssl_keyfile is not None:
         secret = settings.ssl_key_password()

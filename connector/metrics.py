@@ -12,15 +12,23 @@ Labelled counters whose label values are known up front are created at 0 (Promet
 "avoid missing metrics"): a series born at 1 is invisible to ``increase()``/``rate()``, so
 without this the first dead letter of a kind, the first 401 or the first failed commit
 would never reach a dashboard or fire an alert. The dashboard and the alerts are in the Helm
-chart (``dashboards/``, ``rules/``); the README's Monitoring section describes them.
+chart (``dashboards/``, ``rules/``); docs/metrics-and-alerts.md describes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from connector import __version__
 
@@ -36,7 +44,7 @@ ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 # its first increment in ``increase()`` (tests/test_observability.py keeps the list in step
 # with the code).
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
-    "parse": ("empty_value", "invalid_json", "not_an_object"),
+    "parse": ("empty_value", "invalid_json", "not_an_object", "undecodable_record"),
     "validate": (
         "no_event_id",
         "invalid_event_id",
@@ -109,7 +117,14 @@ class Metrics:
     """Every metric the connector exports."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # prometheus_client registers these with its global registry only: a registry
+            # of our own lacked process_* (CPU, memory, open files) and python_* series
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         r = self.registry
         p = PREFIX
         self.events_consumed = CachedCounter(
@@ -143,8 +158,8 @@ class Metrics:
         )
         self.api_call_duration = CachedHistogram(
             f"{p}_api_call_duration_seconds",
-            "Duration of one Threads API call attempt.",
-            ["status_class"],
+            "Duration of one Threads API call attempt, by app.",
+            ["status_class", "app"],
             buckets=CALL_BUCKETS_S,
             registry=r,
         )
@@ -165,10 +180,11 @@ class Metrics:
             "Attempts whose outcome is unknown (timeout after sending): possible duplicates.",
             registry=r,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = CachedCounter(
             f"{p}_dead_letters_total",
-            "Records sent to the dead-letter topic.",
-            ["stage", "reason"],
+            "Records sent to the dead-letter topic, by input topic and app (empty before "
+            "a route chose one).",
+            ["stage", "reason", "app", "topic"],
             registry=r,
         )
         self.calls_in_flight = Gauge(
@@ -245,6 +261,25 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.route_paused_status = Gauge(
+            f"{p}_route_paused_status",
+            "The HTTP status that paused a route's calls (its events were answered with it "
+            "in a row: a configuration fault, api.on_error: pause); 0 while it is open.",
+            ["app", "route"],
+            registry=r,
+        )
+        self.calls_held = Gauge(
+            f"{p}_calls_held",
+            "Events answered with a 4xx waiting for a verdict: the app's first success "
+            "(then the failure is the event's) or a pause of their route.",
+            ["app"],
+            registry=r,
+        )
+        self.api_stopped = Gauge(
+            f"{p}_api_stopped",
+            "1 once api.on_error: stop has stopped every call at an API error (until a restart).",
+            registry=r,
+        )
         self.api_key_invalid = Gauge(
             f"{p}_api_key_invalid",
             "1 while the API key as read cannot be sent (empty, control characters, "
@@ -257,6 +292,29 @@ class Metrics:
         )
         self.partitions_paused = Gauge(
             f"{p}_partitions_paused", "Input partitions paused for backpressure.", registry=r
+        )
+        self.offsets_skipped = Counter(
+            f"{p}_offsets_skipped_total",
+            "Offsets never processed because the position was out of range (records "
+            "deleted past it by retention or delete-records) and reading went on from the "
+            "log start (kafka.offset_out_of_range: reset_earliest).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_stopped = Gauge(
+            f"{p}_partition_stopped",
+            "1 while the partition is paused for an operator: its position was out of "
+            "range and kafka.offset_out_of_range is stop.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_blocked = Gauge(
+            f"{p}_partition_blocked_seconds",
+            "Seconds the partition has had records beyond its position that cannot be "
+            "read (position at the last stable offset, the high watermark past it: an "
+            "upstream transaction left open); 0 when it can progress.",
+            ["topic", "partition"],
+            registry=r,
         )
         self.consumer_lag = Gauge(
             f"{p}_consumer_lag",
@@ -329,13 +387,8 @@ class Metrics:
     def _initialise_labels(self) -> None:
         """Create the known label combinations at 0 (see the module docstring); the
         per-app ones wait for the apps (``init_apps``)."""
-        for stage, reasons in DEAD_LETTER_REASONS.items():
-            for reason in reasons:
-                self.dead_letters.labels(stage, reason)
         for code in RETRY_CODES:
             self.api_retries.labels(code)
-        for status_class in STATUS_CLASSES:
-            self.api_call_duration.labels(status_class)
         for mode in COMMIT_MODES:
             self.commit_failures.labels(mode)
             self.commit_duration.labels(mode)
@@ -351,6 +404,13 @@ class Metrics:
             for gauge in APP_GAUGES:
                 getattr(self, gauge).labels(app)
             self.rate_limited.labels(app)
+            for status_class in STATUS_CLASSES:
+                self.api_call_duration.labels(status_class, app)
+
+    def init_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create each (app, route)'s ``route_paused_status`` at 0."""
+        for app, route in routes:
+            self.route_paused_status.labels(app, route)
 
     def init_topics(self, topics: Iterable[str]) -> None:
         """Create the per-input-topic series at 0 (call once the input topics are known)."""
@@ -360,6 +420,11 @@ class Metrics:
                 self.threads_created.labels(topic, app)
             for kind in DEDUP_KINDS:
                 self.dedup_hits.labels(topic, kind)
+            for stage, reasons in DEAD_LETTER_REASONS.items():
+                # an API dead letter has its app; the others come before (or without) a route
+                for app in self.apps if stage == "api" else ("",):
+                    for reason in reasons:
+                        self.dead_letters.labels(stage, reason, app, topic)
 
 
 # The gauges with an ``app`` label (created at 0 per app by ``init_apps``).
@@ -371,19 +436,24 @@ APP_GAUGES = (
     "auth_paused",
     "api_key_invalid",
     "api_paused_seconds",
+    "calls_held",
 )
 
 
-class _LastLabel:
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class _LastLabel(Generic[_M]):  # the package supports Python 3.11: no [M] syntax
     """A labelled metric with its last label (``app``) bound: ``labels(a, b)`` is the
     parent's ``labels(a, b, app)``."""
 
-    def __init__(self, parent: Counter, value: str) -> None:
-        self._parent = parent
+    def __init__(self, parent: _M, value: str) -> None:
+        self._parent: _M = parent
         self._value = value
 
-    def labels(self, *values: str) -> Counter:
-        return self._parent.labels(*values, self._value)
+    def labels(self, *values: str) -> _M:
+        child: _M = self._parent.labels(*values, self._value)
+        return child
 
 
 class AppMetrics:
@@ -404,13 +474,19 @@ class AppMetrics:
         self.auth_paused: Gauge = metrics.auth_paused.labels(app)
         self.api_key_invalid: Gauge = metrics.api_key_invalid.labels(app)
         self.api_paused_seconds: Gauge = metrics.api_paused_seconds.labels(app)
+        self.calls_held: Gauge = metrics.calls_held.labels(app)
         # the shared ones a call touches, bound here: ``__getattr__`` is the slow path
-        self.api_call_duration = metrics.api_call_duration
+        self.api_call_duration = _LastLabel(metrics.api_call_duration, app)
         self.api_outcome_unknown = metrics.api_outcome_unknown
         self.rate_limit_wait = metrics.rate_limit_wait
         self.calls_waiting = metrics.calls_waiting
         self.event_attempts = metrics.event_attempts
         self.api_retries = metrics.api_retries
+
+    def route_paused_status(self, route: str) -> Gauge:
+        """The app's ``route_paused_status`` gauge of one route."""
+        gauge: Gauge = self.base.route_paused_status.labels(self.app, route)
+        return gauge
 
     def __getattr__(self, name: str) -> Any:
         """Any other metric: the shared one (``api_call_duration``, ``api_retries``, ...)."""

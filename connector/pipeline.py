@@ -22,7 +22,7 @@ from connector.apps import Apps
 from connector.calls import Abandoned, ThreadCaller
 from connector.config import ConnectorSettings, Ordering
 from connector.dedup import DedupStore, InFlight, Seen
-from connector.errors import EventRejected
+from connector.errors import EventRejected, Stage
 from connector.events import (
     Event,
     InputRecord,
@@ -65,6 +65,7 @@ class Outcome:
     event_ts_ms: int = 0
     stage: str = ""
     code: str = ""
+    app: str = ""  # a dead letter's app, once a route chose one
 
 
 @dataclass
@@ -158,6 +159,9 @@ class Pipeline:
             # its dead letter is durable already (a redriven copy has a new offset)
             self._m.dedup_hits.labels(record.topic, "dead_letter").inc()
             return Outcome(record.tp, record.offset)
+        if record.undecodable is not None:
+            rejected = EventRejected(Stage.PARSE, record.undecodable, code="undecodable_record")
+            return self._dead(record, rejected)
         try:
             event = parse_event(
                 record,
@@ -211,7 +215,7 @@ class Pipeline:
         except EventRejected as exc:
             if admitted:
                 self.exposure.leave()  # refused: no thread to commit
-            return self._dead(record, exc, event.event_id, event.correlation_id)
+            return self._dead(record, exc, event.event_id, event.correlation_id, route.app_uid)
         except BaseException:
             if admitted:
                 self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
@@ -276,6 +280,7 @@ class Pipeline:
         exc: EventRejected,
         event_id: str | None = None,
         correlation_id: str | None = None,
+        app: str = "",
     ) -> Outcome:
         log.warning(
             "event dead-lettered",
@@ -292,7 +297,13 @@ class Pipeline:
         mark = self._store.remember_dead_letter(record.tp, record.offset)
         records = (dlq,) if mark is None else (dlq, mark)
         return Outcome(
-            record.tp, record.offset, records, "dead_letter", stage=exc.stage.value, code=exc.code
+            record.tp,
+            record.offset,
+            records,
+            "dead_letter",
+            stage=exc.stage.value,
+            code=exc.code,
+            app=app,
         )
 
     # -- revocation and drain -----------------------------------------------------------
@@ -395,6 +406,6 @@ class Pipeline:
                     m.end_to_end_latency.observe(max(0.0, (now_ms - o.event_ts_ms) / 1000))
             elif o.kind == "dead_letter":
                 self.stats.dead_letters += 1
-                m.dead_letters.labels(o.stage, o.code).inc()
+                m.dead_letters.labels(o.stage, o.code, o.app, o.tp[0]).inc()
             else:
                 self.stats.duplicates += 1

@@ -169,6 +169,7 @@ class ThreadRequest:
     message_type: str
     identifier_field: str
     identifier_value: str
+    route: str = ""  # the route that made it (``route_label``): its failures are counted by it
 
     def body(self) -> dict[str, str]:
         """The JSON body of ``POST /api/v1/appuid/{appUid}/threads``."""
@@ -237,6 +238,13 @@ def _identifier(route: Route, event: Event) -> tuple[str, Any]:
     return present[0], found[present[0]]
 
 
+def route_label(route: Route) -> str:
+    """A route's name in readiness, logs and the ``route`` metric label: ``topic/type``
+    (``*`` for any). Routes match first-first, so the reachable ones have distinct names;
+    bounded by the configuration."""
+    return f"{route.topic}/{route.event_type}"
+
+
 class Router:
     """Finds the route for an event and builds its ThreadRequest."""
 
@@ -285,6 +293,7 @@ class Router:
             message_type=route.message_type,
             identifier_field=id_field,
             identifier_value=str(raw_user),
+            route=route_label(route),
         )
         validate_request(request)
         return route, request

@@ -51,7 +51,8 @@ class Session:
         c.window.clear()  # a new session restores what it is assigned
         self.exposure = c._exposure = c._new_exposure(healthy=c._commit_healthy)
         self.pipeline = Pipeline(s, c.router, self.store, c.apps, c.metrics, self.exposure)
-        self.source = Source(s, self._on_revoked, self._on_assigned)
+        c.progress.forget(c.progress.partitions())  # the last session's assignment
+        self.source = Source(s, self._on_revoked, self._on_assigned, c.metrics, c.progress)
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
         # instance that fenced us, and the two would take turns forever
         suffix = f"-f{c._fences}" if c._fences else ""
@@ -242,6 +243,7 @@ class Session:
                 committed = pipeline.tracker.committed_position(tp)
                 if high is not None and committed is not None:
                     m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, high - committed))
+            await source.watch_progress()
             m.up.set(1 if self._c._ready()[0] else 0)
             await self._skip_markers(source, pipeline)
             await asyncio.sleep(GAUGE_INTERVAL_S)

@@ -14,7 +14,13 @@ from contextlib import aclosing
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
@@ -22,6 +28,11 @@ from connector.events import InputRecord, TopicPartitionKey
 from connector.fencing import require_stable
 from connector.kafka_common import client_kwargs
 from connector.kip447 import GroupMember
+from connector.metrics import Metrics
+from connector.progress import PartitionProgress
+from connector.resets import PositionResets
+from connector.undecodable import UNDECODABLE, FetchGuard
+from connector.undecodable import input_record as _record
 
 log = logging.getLogger(__name__)
 PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]
@@ -65,8 +76,14 @@ class Source:
         settings: ConnectorSettings,
         on_revoked: PartitionsHook,
         on_assigned: PartitionsHook,
+        metrics: Metrics | None = None,
+        progress: PartitionProgress | None = None,
     ) -> None:
+        """``progress``: where partitions stopped by ``kafka.offset_out_of_range`` are
+        named (``connector.progress``)."""
         k = settings.kafka
+        metrics = metrics or Metrics()
+        self.progress = progress or PartitionProgress(metrics, k.blocked_partition_after_s)
         self._settings = settings
         rebalance_ms = max(
             k.session_timeout_ms, int(settings.delivery.revoke_timeout_s * 1000) + 10_000
@@ -78,7 +95,8 @@ class Source:
             # member is kept for session_timeout_ms, for the replica to come back)
             group_instance_id=k.static_instance_id(),
             enable_auto_commit=False,
-            auto_offset_reset=k.auto_offset_reset,
+            # no reset inside aiokafka: ``connector.resets`` makes them, loudly
+            auto_offset_reset="none",
             isolation_level="read_committed",
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=k.heartbeat_interval_ms,
@@ -87,9 +105,24 @@ class Source:
             max_poll_records=k.fetch_max_records,
             metadata_max_age_ms=k.metadata_max_age_ms,
         )
-        self._listener = _Listener(on_revoked, on_assigned, self._joined)
         self._exactly_once = settings.delivery.mode is DeliveryMode.EXACTLY_ONCE
         self._member: GroupMember | None = None
+        # the way past records aiokafka cannot decode
+        self._guard = FetchGuard(self._consumer)
+        self._resets = PositionResets(
+            self._consumer, settings, metrics, self.progress, self._guard.moved
+        )
+
+        async def revoked(tps: list[TopicPartitionKey]) -> None:
+            self._guard.forget(_tp(t) for t in tps)
+            self.progress.forget(tps)
+            await on_revoked(tps)
+
+        async def assigned(tps: list[TopicPartitionKey]) -> None:
+            self._guard.forget(_tp(t) for t in tps)
+            await on_assigned(tps)
+
+        self._listener = _Listener(revoked, assigned, self._joined)
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -122,8 +155,7 @@ class Source:
         limit = self._settings.kafka.fetch_max_records
         if max_records is not None:
             limit = max(1, min(limit, max_records))
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
-        return [_record(m) for msgs in batches.values() for m in msgs]
+        return await self._getmany(timeout_ms=timeout_ms, max_records=limit)
 
     async def keep_alive(self, timeout_ms: int) -> list[InputRecord]:
         """Poll only paused partitions: no record comes back (unless a rebalance gave one
@@ -132,7 +164,28 @@ class Source:
         if not paused:
             await asyncio.sleep(timeout_ms / 1000)
             return []
-        batches = await self._consumer.getmany(paused[0], timeout_ms=timeout_ms, max_records=1)
+        return await self._getmany(paused[0], timeout_ms=timeout_ms, max_records=1)
+
+    async def _getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int
+    ) -> list[InputRecord]:
+        """aiokafka's ``getmany``, with the errors that would stop a partition for ever
+        (or the whole connector) resolved: undecodable records, positions unknown or out
+        of range. Such a round returns what it could read, possibly nothing."""
+        consumer = self._consumer
+        try:
+            batches = await consumer.getmany(
+                *partitions, timeout_ms=timeout_ms, max_records=max_records
+            )
+        except UNDECODABLE as exc:
+            return await self._guard.recover(exc, max_records)
+        except OffsetOutOfRangeError as exc:
+            await self._resets.out_of_range(exc)
+            return []
+        except NoOffsetForPartitionError as exc:
+            await self._resets.no_offset(exc)
+            return []
+        self._guard.note(batches)
         return [_record(m) for msgs in batches.values() for m in msgs]
 
     def assignment(self) -> list[TopicPartitionKey]:
@@ -142,7 +195,9 @@ class Source:
         self._consumer.pause(*[_tp(t) for t in tps])
 
     def resume(self, tps: Iterable[TopicPartitionKey]) -> None:
-        self._consumer.resume(*[_tp(t) for t in tps])
+        """Resume, except partitions stopped for an operator (``kafka.offset_out_of_range``)."""
+        progress = self.progress
+        self._consumer.resume(*[_tp(t) for t in tps if not progress.is_stopped(t)])
 
     def paused(self) -> int:
         return len(self._consumer.paused())
@@ -156,9 +211,29 @@ class Source:
             return None
         return int(value) if value is not None else None
 
+    async def watch_progress(self) -> None:
+        """Tell ``progress`` each assigned partition's position, last stable offset and
+        high watermark as last fetched. A paused partition is not fetched (its figures are
+        stale): it counts as progressing."""
+        consumer = self._consumer
+        paused = consumer.paused()
+        for tp in list(consumer.assignment()):
+            key = (tp.topic, tp.partition)
+            try:
+                lso, high = consumer.last_stable_offset(tp), consumer.highwater(tp)
+            except (AssertionError, IllegalStateError):
+                continue  # revoked meanwhile
+            position = None
+            if tp not in paused and lso is not None and high is not None and high > lso:
+                position = await self.position(key)  # known: the partition was fetched
+            self.progress.observe(key, position, lso, high)
+
     async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:
         """The next offset the consumer will hand out (past transaction markers), or None
-        when the partition is not assigned any more or its position is not known yet."""
+        when the partition is not assigned any more or its position is not known yet (or
+        not the connector's: while a fetch finds its way past an undecodable record)."""
+        if self._guard.busy:
+            return None
         try:
             value = await asyncio.wait_for(self._consumer.position(_tp(tp)), timeout_s)
         except (IllegalStateError, TimeoutError):
@@ -177,18 +252,6 @@ class Source:
             await self._consumer.commit({_tp(tp): pos for tp, pos in positions.items()})
         except CommitFailedError as exc:
             raise FencedError(f"offset commit refused, the group moved on: {exc}") from exc
-
-
-def _record(m: Any) -> InputRecord:
-    return InputRecord(
-        topic=m.topic,
-        partition=m.partition,
-        offset=m.offset,
-        key=m.key,
-        value=m.value,
-        headers=tuple((h[0], bytes(h[1] or b"")) for h in (m.headers or ())),
-        timestamp_ms=m.timestamp,
-    )
 
 
 class TopicReader:

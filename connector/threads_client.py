@@ -1,7 +1,7 @@
 """The Threads API client: one attempt of ``POST /api/v1/appuid/{appUid}/threads``.
 
 The only module that imports the HTTP library (aiohttp: chosen on measurements, see
-``bench/http_clients.py`` and the README). Its errors are translated here, most specific
+``bench/http_clients.py`` and docs/benchmarks.md). Its errors are translated here, most specific
 first, into the connector's tree (``connector.errors``); retries live in ``calls``.
 
 Each attempt is bounded: ``request_timeout_s`` is a TOTAL deadline (connect, send,
@@ -24,7 +24,7 @@ from datetime import UTC
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
@@ -133,6 +133,7 @@ class ThreadsClient:
         ca_file: Path | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._base_path = urlsplit(self._base_url).path  # a gateway's prefix, or ""
         self._api_key = api_key
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -189,7 +190,9 @@ class ThreadsClient:
     ) -> ApiThread:
         """One attempt. Raises AuthError, PermanentApiError or RetriableApiError."""
         # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
-        url = self._base_url + _threads_path(request.app_uid)
+        api_path = _threads_path(request.app_uid)
+        url = self._base_url + api_path
+        path = self._base_path + api_path  # for errors: the path called, not the host
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()
@@ -212,27 +215,51 @@ class ThreadsClient:
                 "encoding that cannot be read): cut off",
                 outcome_unknown=True,
                 kind="body_too_large",
+                path=path,
             ) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
-            raise RetriableApiError(f"TLS failure: {exc}", kind="tls_error") from exc
+            raise RetriableApiError(f"TLS failure: {exc}", kind="tls_error", path=path) from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            raise RetriableApiError("connect timeout", kind="connect_error") from exc
+            raise RetriableApiError("connect timeout", kind="connect_error", path=path) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise RetriableApiError(f"connection failed: {exc}", kind="connect_error") from exc
+            raise RetriableApiError(
+                f"connection failed: {exc}", kind="connect_error", path=path
+            ) from exc
         except TimeoutError as exc:  # the total deadline: the call may have landed
             raise RetriableApiError(
                 f"no complete answer within {self._request_timeout_s:g}s",
                 outcome_unknown=True,
                 kind="timeout",
+                path=path,
             ) from exc
         except aiohttp.ClientError as exc:  # reset, disconnect, bad payload: may have landed
             raise RetriableApiError(
-                f"protocol error: {type(exc).__name__}", outcome_unknown=True, kind="protocol_error"
+                f"protocol error: {type(exc).__name__} (no complete answer)",
+                outcome_unknown=True,
+                kind="protocol_error",
+                path=path,
             ) from exc
         except (ValueError, UnicodeError) as exc:  # we could not even form the request
             # no exception text: it could quote a header value
             raise PermanentApiError(f"request could not be sent: {type(exc).__name__}") from exc
-        return _interpret(response, api_key)
+        return _interpret(response, api_key, path)
+
+    async def probe(self, app_uid: str) -> tuple[int, str]:
+        """The status of a request that cannot create a thread (a JSON array as the body,
+        which the API refuses with 400 after the path and the key), and the URL called:
+        400 (or 422) proves the path and the key, 401/403 a wrong key, 404/405 a wrong path.
+        Raises RetriableApiError when no answer comes (the text never holds the key)."""
+        url = self._base_url + _threads_path(app_uid)
+        api_key = self._api_key().get_secret_value()
+        headers = {"x-api-key": api_key, "content-type": "application/json"}
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                response = await self._post(url, b"[]", headers)
+        except (aiohttp.ClientError, TimeoutError, _BodyTooLarge, ValueError) as exc:
+            raise RetriableApiError(
+                f"no answer: {type(exc).__name__}", kind="connect_error"
+            ) from exc
+        return response.status, url
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         """The response, its body read up to the limit. An error status keeps its meaning
@@ -345,8 +372,12 @@ def _safe_detail(response: _Response, secret: str = "") -> str:
     return "; ".join(parts) or "(no error title)"
 
 
-def _interpret(response: _Response, secret: str = "") -> ApiThread:
+def _interpret(response: _Response, secret: str = "", path: str = "") -> ApiThread:
+    """The thread of a 2xx, or the error of any other answer. An error's message ends with
+    the request line (``POST <path>``): a wrong ``api.base_url`` shows in the dead letter's
+    reason and in readiness (the path only: no host, no key)."""
     status = response.status
+    called = f" (POST {path})" if path else ""
     if 200 <= status < 300:
         # a 2xx is a success: the thread exists if its body says so, whatever the code (a
         # 200 from a gateway or a new API version was dead-lettered, its result lost)
@@ -367,24 +398,26 @@ def _interpret(response: _Response, secret: str = "") -> ApiThread:
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             what = "" if status == 201 else ": the thread may exist"
             raise PermanentApiError(
-                f"{status} without a threadUid in its body{what}", status=status
+                f"{status} without a threadUid in its body{what}{called}", status=status, path=path
             ) from exc
     if 300 <= status < 400:
         # not followed: a redirect says nothing of the event but that the base URL is not
         # where the API answers (http:// to https://, a moved host): the API host's
         # failure, for the circuit breaker, not a dead letter for every event
         raise RetriableApiError(
-            f"HTTP {status}: redirected, not followed (is api.base_url right?)",
+            f"HTTP {status}: redirected, not followed (is api.base_url right?){called}",
             status=status,
             kind="redirect",
+            path=path,
         )
     detail = _safe_detail(response, secret)
     if status in AUTH_STATUSES:
-        raise AuthError(f"HTTP {status}: {detail}", status=status)
+        raise AuthError(f"HTTP {status}: {detail}{called}", status=status, path=path)
     if status in RETRIABLE_STATUSES or status >= 500:
         raise RetriableApiError(
             f"HTTP {status}",
             status=status,
             retry_after_s=parse_retry_after(response.retry_after),
+            path=path,
         )
-    raise PermanentApiError(f"HTTP {status}: {detail}", status=status)
+    raise PermanentApiError(f"HTTP {status}: {detail}{called}", status=status, path=path)

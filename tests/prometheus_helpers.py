@@ -66,11 +66,14 @@ class ToolResult:
         return f"exit {self.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
 
 
-async def promtool(*args: str, stdin: bytes | None = None, timeout_s: float = 120) -> ToolResult:
+async def promtool(
+    *args: str, stdin: bytes | None = None, timeout_s: float = 120, cwd: Path | None = None
+) -> ToolResult:
     """Run ``promtool`` without blocking the event loop (a connector may be running in it)."""
     proc = await asyncio.create_subprocess_exec(
         binary("promtool"),
         *args,
+        cwd=cwd,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -138,8 +138,11 @@ class Harness:
         return await self.caller.call(REQUEST, event_id, "corr-1", guard=self.guard)
 
     async def rejected(self) -> EventRejected:
+        return await self.rejected_as("evt-1")
+
+    async def rejected_as(self, event_id: str) -> EventRejected:
         with pytest.raises(EventRejected) as info:
-            await self.call()
+            await self.call(event_id)
         return info.value
 
     def sample(self, name: str, **labels: str) -> float | None:
@@ -212,16 +215,19 @@ async def test_gives_up_when_the_wait_would_exceed_the_time_budget() -> None:
 
 @pytest.mark.parametrize("status", [400, 404, 422])
 async def test_permanent_error_is_not_retried(status: int) -> None:
-    h = Harness([PermanentApiError(f"HTTP {status}", status=status), OK])
+    """Once the app's calls are proven (a success), a 4xx is the event's: dead-lettered at
+    once (``connector.systemic`` holds it only before the first success)."""
+    h = Harness([OK, PermanentApiError(f"HTTP {status}", status=status), OK])
+    await h.call("evt-0")
 
     exc = await h.rejected()
 
     assert exc.stage is Stage.API
     assert exc.code == f"http_{status}"
     assert exc.status == status
-    assert len(h.calls) == 1
+    assert len(h.calls) == 2
     assert h.delays == []
-    assert h.sample("threads_connector_event_attempts_count") == 1
+    assert h.sample("threads_connector_event_attempts_count") == 2
 
 
 @pytest.mark.parametrize("status", [429, 502, 503, 504])
@@ -324,7 +330,10 @@ async def test_auth_pause_does_not_spend_the_attempt_budget() -> None:
 
 
 async def test_a_permanent_error_also_proves_the_key_is_accepted() -> None:
-    h = Harness([AuthError("HTTP 403", status=403), PermanentApiError("HTTP 422", status=422)])
+    h = Harness(
+        [OK, AuthError("HTTP 403", status=403), PermanentApiError("HTTP 422", status=422)]
+    )
+    await h.call("evt-0")
 
     exc = await h.rejected()
 
@@ -585,7 +594,10 @@ async def test_the_breaker_opens_pauses_and_spends_no_retry_budget() -> None:
         (RetriableApiError("TLS failure", kind="tls_error"), True),
         (unavailable(503, retry_after_s=1.0), False),  # the API is up and says when
         (unavailable(429), False),
-        (RetriableApiError("timeout", outcome_unknown=True, kind="timeout"), False),
+        # no answer (a black hole, headers then a stall, a drop mid-body): the API host's
+        (RetriableApiError("timeout", outcome_unknown=True, kind="timeout"), True),
+        (RetriableApiError("reset", outcome_unknown=True, kind="protocol_error"), True),
+        (RetriableApiError("body", outcome_unknown=True, kind="body_too_large"), False),
     ],
 )
 async def test_what_trips_the_breaker(failure: RetriableApiError, counts: bool) -> None:

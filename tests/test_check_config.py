@@ -4,6 +4,7 @@ message naming the field, never a traceback, never a secret."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,9 @@ def test_client_certificate_settings(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = refused(tmp_path, capsys, config(kafka={**ssl, **both, "ssl_key_password": "pw-x1"}))
     assert "kafka.ssl_key_password: secrets must not be written in the config file" in out
     assert "pw-x1" not in out
-    code, out = check(tmp_path, capsys, yaml.safe_dump(config(kafka={**ssl, **both})))
-    assert code == 0, out
+    # run would not start with files it cannot load: check-config says so, naming them
+    out = refused(tmp_path, capsys, config(kafka={**ssl, **both}))
+    assert "cannot load kafka.ssl_certfile /c.pem / kafka.ssl_keyfile /k.pem" in out
 
 
 def test_run_refuses_what_check_config_refuses(
@@ -255,3 +257,152 @@ def test_a_few_aliases_are_still_fine(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "&id" in text and "*id" in text
     code, out = check(tmp_path, capsys, text)
     assert code == 0, out
+
+
+# -- every file and variable run reads, attributed to where it came from (issue 21.2) ----
+
+
+def write_config(tmp_path: Path, text: str | None = None) -> Path:
+    path = tmp_path / "connector.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(config()), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_an_unreadable_key_file_is_refused_by_both(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    monkeypatch.delenv(f"{ENV_PREFIX}API__API_KEY")
+    monkeypatch.setenv(f"{ENV_PREFIX}API__API_KEY_FILE", "/nonexistent/key")
+    assert main([command, "--config", str(write_config(tmp_path))]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "api.api_key_file: cannot read /nonexistent/key" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("content", "problem"), [(b"\n", "it is empty"), (b"a\nb", "line break")])
+def test_a_key_file_that_cannot_be_sent_is_refused(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    content: bytes,
+    problem: str,
+) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(content)
+    monkeypatch.delenv(f"{ENV_PREFIX}API__API_KEY")
+    monkeypatch.setenv(f"{ENV_PREFIX}API__API_KEY_FILE", str(key))
+    assert main(["check-config", "--config", str(write_config(tmp_path))]) == EXIT_CONFIG
+    out = capsys.readouterr()
+    assert "fail    key: app demo-app" in out.err
+    assert problem in out.err
+
+
+def test_a_missing_ca_bundle_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config(kafka={"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"})
+    out = refused(tmp_path, capsys, data)
+    assert "kafka.ssl_cafile: cannot load the CA bundle" in out
+    out = refused(tmp_path, capsys, config(api={"ca_file": "/nonexistent/api-ca.pem"}))
+    assert "api.ca_file: cannot load the CA bundle" in out
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA__BOOTSTRAP_SERVERS"),
+        ("KAFKA__BOOTSTRAP_SERVER", "KAFKA__BOOTSTRAP_SERVERS"),
+        ("API__APPS__APP-A__RATE_LIMIT", "API__APPS__APP-A__RATE_LIMIT_PER_S"),
+    ],
+)
+def test_an_unknown_variable_is_named_with_the_one_meant(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    meant: str,
+) -> None:
+    monkeypatch.setenv(ENV_PREFIX + variable, "kafka-1:9092")
+    out = refused(tmp_path, capsys, config())
+    assert f"{ENV_PREFIX}{variable}: no setting reads this environment variable" in out
+    assert f"did you mean {ENV_PREFIX}{meant}?" in out
+    assert "kafka-1" not in out  # values are never quoted
+
+
+def test_tooling_variables_are_not_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}CACHE", str(tmp_path))
+    monkeypatch.setenv(f"{ENV_PREFIX}API__APPS__APP-A__API_KEY", "k-a")
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config()))
+    assert code == 0, out
+
+
+def test_a_bad_value_is_blamed_on_its_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}API__MAX_IN_FLIGHT", "abc")
+    out = refused(tmp_path, capsys, config(api={"max_in_flight": 5}))
+    assert f"  {ENV_PREFIX}API__MAX_IN_FLIGHT: api.max_in_flight: Input should be" in out
+
+
+def test_a_bad_value_in_the_file_names_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = yaml.safe_dump(config(api={"max_in_flight": "abc"}, kafka={"bootstrap_server": "x"}))
+    lines = text.splitlines()
+    in_flight = next(i for i, line in enumerate(lines, 1) if "max_in_flight" in line)
+    extra = next(i for i, line in enumerate(lines, 1) if "bootstrap_server" in line)
+    out = refused(tmp_path, capsys, text)
+    path = tmp_path / "connector.yaml"
+    assert f"  {path}:{in_flight}: api.max_in_flight: Input should be" in out
+    assert f"  {path}:{extra}: kafka.bootstrap_server: Extra inputs are not permitted" in out
+    assert "did you mean bootstrap_servers?" in out
+
+
+def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path)
+    assert main(["check-config", "--json", "--config", str(path)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is True and document["exit_code"] == 0
+    assert {"name": "key", "status": "ok", "detail": "app demo-app: API key readable"} in (
+        document["checks"]
+    )
+    path.write_text(yaml.safe_dump(config(routes=[route(), route()])), encoding="utf-8")
+    assert main(["check-config", "--json", "--config", str(path)]) == EXIT_CONFIG
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is False and document["exit_code"] == EXIT_CONFIG
+    assert "routes.1 duplicates routes.0" in document["checks"][0]["detail"]
+
+
+def test_skip_files_checks_a_config_rendered_for_a_pod(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's ConfigMap names files only the pod mounts: checked elsewhere, they are
+    left out on request (and only then)."""
+    monkeypatch.delenv(f"{ENV_PREFIX}API__API_KEY")
+    data = config(api={"api_key_file": "/var/run/secrets/threads-connector/api-key"})
+    path = write_config(tmp_path, yaml.safe_dump(data))
+    assert main(["check-config", "--config", str(path)]) == EXIT_CONFIG
+    assert "cannot read /var/run/secrets/threads-connector/api-key" in capsys.readouterr().err
+    assert main(["check-config", "--skip-files", "--config", str(path)]) == 0
+    assert ": OK" in capsys.readouterr().out
+
+
+def test_a_missing_kafka_ca_bundle_is_named_where_run_reports_it(tmp_path: Path) -> None:
+    """run keeps a Kafka credential problem a state (readiness red, retried): the missing
+    CA file is named as such, not as 'unreachable: No such file or directory'."""
+    from connector.config import load_settings
+    from connector.errors import ConfigError
+    from connector.kafka_common import client_kwargs, describe_failure
+
+    data = config(kafka={"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"})
+    settings = load_settings(write_config(tmp_path, yaml.safe_dump(data)))
+    with pytest.raises(ConfigError) as caught:
+        client_kwargs(settings)
+    assert describe_failure(caught.value) == (
+        "credentials: kafka.ssl_cafile: cannot load the CA bundle /nonexistent/ca.pem: "
+        "No such file or directory"
+    )

@@ -1,57 +1,66 @@
-"""``connector dlq`` arguments: filters, rates, and no API key needed (none left behind)."""
+"""``connector dlq`` arguments: a --code or --stage no dead letter can have is refused with
+the known ones (a typo matched nothing and exited 0, as if the topic were empty)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from connector.cli import build_parser
-from connector.cli import main as cli_main
-from connector.dlq.cli import API_KEY_ENV, build_filter, load_for_tools
+from connector.cli import main
+
+CONFIG = {
+    "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+    "routes": [
+        {
+            "event_type": "order.shipped",
+            "app_uid": "demo-app",
+            "agent_uid": "agent-orders",
+            "message_template": "Order shipped",
+            "user": {"path": "user"},
+        }
+    ],
+}
 
 
-def test_filters_and_rate_parse() -> None:
-    args = build_parser().parse_args(
-        ["dlq", "redrive", "--code", "no_route,http_422", "--code", "expired", "--stage",
-         "route", "--since", "2026-11-27", "--rate", "50/s", "--dry-run"]
-    )  # fmt: skip
-    flt = build_filter(args)
-    assert flt.codes == {"no_route", "http_422", "expired"} and flt.stages == {"route"}
-    assert flt.since_ms == 1_795_737_600_000
-    assert args.rate == 50.0 and args.dry_run and not args.again
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "connector.yaml"
+    path.write_text(yaml.safe_dump(CONFIG), encoding="utf-8")
+    return path
 
 
+@pytest.mark.parametrize("command", ["redrive", "inspect"])
 @pytest.mark.parametrize(
-    "bad",
+    ("args", "message"),
     [
-        ["--rate", "0"],
-        ["--rate", "fast"],
-        ["--since", "soon"],
-        ["--since", "99999999999d"],  # OverflowError: a traceback, not a usage error
-        ["--until", "1000000d"],  # before the year 1: OverflowError too
+        (["--code", "no_routes"], "--code no_routes: no dead letter has this code"),
+        (["--code", "no_route,invalid_jsn"], "(did you mean invalid_json?)"),
+        (["--stage", "bogus"], "--stage bogus: not a stage; the stages are parse, validate"),
+        (["--stage", "apii"], "(did you mean api?)"),
     ],
 )
-def test_bad_arguments_refused(bad: list[str]) -> None:
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["dlq", "redrive", *bad])
-
-
-def test_no_api_key_needed_and_none_left_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_unknown_codes_and_stages_are_refused(
+    config: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    args: list[str],
+    message: str,
 ) -> None:
-    monkeypatch.delenv(API_KEY_ENV, raising=False)
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        "routes:\n  - {event_type: x, app_uid: a, agent_uid: g, message_template: m,"
-        " user: {path: u}}\n"
-    )
-    settings = load_for_tools(config)
-    assert settings.kafka.dead_letter_topic == "thread-dead-letters"
-    assert API_KEY_ENV not in os.environ
+    assert main(["dlq", command, "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
 
 
-def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["dlq", "inspect", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "cannot read config file" in capsys.readouterr().err
+def test_known_codes_are_listed(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["dlq", "redrive", "--config", str(config), "--code", "nope"])
+    err = capsys.readouterr().err
+    for code in ("no_route", "invalid_request", "expired", "http_<status>"):
+        assert code in err
+
+
+def test_max_redrives_must_be_positive(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["dlq", "redrive", "--config", str(config), "--max-redrives", "0"])
+    assert "not a positive whole number" in capsys.readouterr().err

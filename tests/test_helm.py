@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import typing
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from connector.config import ConnectorSettings
@@ -73,6 +75,29 @@ def render(*args: str, release: str = "rel") -> list[Manifest]:
 def render_case(case: Path | None) -> list[Manifest]:
     """The chart's defaults (plus the required API key) or one ci/ values file."""
     return render(*API_KEY_SET) if case is None else render("-f", str(case))
+
+
+def pod_mounts(config_text: str, root: Path) -> None:
+    """The files a rendered config names under /var/run/secrets (what the pod mounts:
+    secrets, CA bundles, the client certificate), made under ``root`` at the same paths,
+    each with content check-config can read and load."""
+    ca = trustme.CA()
+    client = ca.issue_cert("connector.example")
+    for path in sorted(set(re.findall(r"/var/run/secrets/[\w./-]+", config_text))):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith(("ca.crt", "ca.pem")):
+            ca.cert_pem.write_to_path(str(target))
+        elif path.endswith("tls.crt"):
+            client.cert_chain_pems[0].write_to_path(str(target))
+        elif path.endswith("tls.key"):
+            client.private_key_pem.write_to_path(str(target))
+        else:
+            target.write_text("a-secret-value\n")
+        target.chmod(0o644)
+    for folder in [root, *root.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o755)
 
 
 def one(docs: list[Manifest], kind: str) -> Manifest:
@@ -452,8 +477,16 @@ def test_service_monitor_dashboard_and_rules() -> None:
     assert json.loads(dashboard["data"]["threads-connector.json"]) == json.loads(shipped)
 
     rule = one(docs, "PrometheusRule")
-    groups = yaml.safe_load((CHART / "rules" / "alerts.yaml").read_text())["groups"]
-    assert rule["spec"]["groups"] == groups
+    # the presence alerts select the release's Service (the job) in its namespace
+    job = one(docs, "Service")["metadata"]["name"]
+    text = (CHART / "rules" / "alerts.yaml").read_text()
+    assert 'job="threads-connector"' in text
+    text = text.replace('job="threads-connector"', f'job="{job}", namespace="connectors"')
+    assert rule["spec"]["groups"] == yaml.safe_load(text)["groups"]
+    exprs = {r.get("alert"): r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert (
+        f'absent(up{{job="{job}", namespace="connectors"}} == 1)' in exprs["ThreadsConnectorDown"]
+    )
 
 
 def test_dashboard_label_is_configurable() -> None:
@@ -676,3 +709,32 @@ def test_an_app_without_a_key_source_is_rejected() -> None:
     proc = helm("template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k")
     assert proc.returncode != 0
     assert "secrets.apps.app-c needs apiKey" in proc.stderr
+
+
+def test_a_drain_during_an_outage_is_not_blocked_by_the_budget() -> None:
+    """Readiness is red on every pod during an API or Kafka outage: a budget that only
+    lets healthy pods go would block a node drain for the whole outage."""
+    docs = render(*API_KEY_SET, "--set", "podDisruptionBudget.enabled=true")
+    spec = one(docs, "PodDisruptionBudget")["spec"]
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert spec["maxUnavailable"] == 1
+    docs = render(
+        *API_KEY_SET,
+        "--set", "podDisruptionBudget.enabled=true",
+        "--set", "podDisruptionBudget.unhealthyPodEvictionPolicy=IfHealthyBudget",
+    )  # fmt: skip
+    assert one(docs, "PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == (
+        "IfHealthyBudget"
+    )
+    proc = helm(
+        "template", "rel", str(CHART), *API_KEY_SET,
+        "--set", "podDisruptionBudget.unhealthyPodEvictionPolicy=Sometimes",
+    )  # fmt: skip
+    assert proc.returncode != 0 and "unhealthyPodEvictionPolicy" in proc.stderr
+
+
+def test_the_container_runs_the_run_verb() -> None:
+    """The image's entrypoint is ``connector`` (any verb): the chart names ``run``."""
+    container = one(render(*API_KEY_SET), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "run"
+    assert "command" not in container

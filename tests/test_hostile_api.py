@@ -311,3 +311,41 @@ async def test_connection_refused_opens_the_breaker_then_heals(kafka_bootstrap: 
             assert sorted(sim.store.count_by_event_id()) == ids
     assert await read_all(kafka_bootstrap, names.dead) == []
     assert sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results)) == ids
+
+
+@pytest.mark.parametrize(
+    ("mode", "cause"),
+    [("black_hole", "no complete answer within 1s"), ("reset", "protocol_error")],
+)
+async def test_an_api_that_never_answers_opens_the_breaker_without_dead_letters(
+    kafka_bootstrap: str, sim: ThreadsApiSimulator, mode: str, cause: str
+) -> None:
+    """Issue 20 item 2: an API that accepts and never answers (or drops the connection
+    without an answer). Before, timeouts and drops did not count toward the breaker: every
+    event was dead-lettered (``retries_exhausted``, here within 4 s) and /readyz stayed
+    200. Now the breaker opens, /readyz names the cause, one probe retries, and once the
+    API answers every event is made, once."""
+    names = Names.fresh(mode.replace("_", ""))
+    sim.set_hostile(HostileSpec(mode=mode))  # type: ignore[arg-type]
+    api = BREAKER | {"request_timeout_s": 1, "max_attempts": 3}
+    settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1, api=api)
+    async with running(settings) as connector:
+        ids = await produce_events(kafka_bootstrap, names, mode, 10)
+        await not_ready_with(connector, "circuit breaker")
+        _status, detail = await readyz(connector)
+        assert cause in detail, detail
+        assert gauge(connector, "api_breaker_open") == 1
+        # the outage lasts twice what the events' attempts took to run out before
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            assert (await readyz(connector))[0] == 503
+            await asyncio.sleep(0.5)
+        assert await read_all(kafka_bootstrap, names.dead) == []
+        assert len(sim.store) == 0
+        sim.set_hostile(HostileSpec())  # the API answers again
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=40)
+        assert gauge(connector, "api_breaker_open") == 0
+        assert (await readyz(connector))[0] == 200
+    assert await read_all(kafka_bootstrap, names.dead) == []
+    assert sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results)) == ids
+    assert sim.store.count_by_event_id() == {i: 1 for i in ids}

@@ -40,7 +40,7 @@ from packaging.utils import canonicalize_name
 from connector.localkafka.ports import free_ports
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import API_KEY, ROUTES, Names, event, produce, results, wait_until_committed
-from tests.test_helm import CASE_IDS, CASES, config_map, render_case
+from tests.test_helm import CASE_IDS, CASES, config_map, pod_mounts, render_case
 from tests.test_lock import RUNTIME_LOCK, parse_lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,8 +145,8 @@ def image_config(image: str) -> dict[str, Any]:
 def test_image_configuration(image: str) -> None:
     config = image_config(image)
     assert config["User"] == USER
-    assert config["Entrypoint"] == ["connector", "run"]
-    assert config["Cmd"] == ["--config", f"{CONFIG_DIR}/connector.yaml"]
+    assert config["Entrypoint"] == ["connector"]
+    assert config["Cmd"] == ["run", "--config", f"{CONFIG_DIR}/connector.yaml"]
     assert set(config["ExposedPorts"]) == {"9464/tcp"}
     assert config["StopSignal"] == "SIGTERM"
     env = dict(item.split("=", 1) for item in config["Env"])
@@ -192,10 +192,14 @@ def test_check_config_on_the_chart_configmap(
         config_map(render_case(case))["data"]["connector.yaml"]
     )
     config_dir.chmod(0o755)
+    # the secrets and certificates the pod mounts: check-config reads and loads each
+    pod_mounts((config_dir / "connector.yaml").read_text(), tmp_path / "mounts")
+    secrets = tmp_path / "mounts" / "var" / "run" / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
     proc = in_image(
         container,
         "connector", "check-config", "--config", f"{CONFIG_DIR}/connector.yaml",
-        volumes={config_dir: f"{CONFIG_DIR}:ro"},
+        volumes={config_dir: f"{CONFIG_DIR}:ro", secrets: "/var/run/secrets:ro"},
         THREADS_CONNECTOR_API__API_KEY="test-api-key",
         THREADS_CONNECTOR_DELIVERY__INSTANCE_ID="rel-threads-connector-5d9f7c-abcde",
     )  # fmt: skip

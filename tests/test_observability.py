@@ -66,7 +66,7 @@ from tests.prometheus_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-METRIC_NAME = re.compile(r"\bthreads_connector_[a-z0-9_]+")
+METRIC_NAME = re.compile(r"\b(?:threads_connector|process)_[a-z0-9_]+")
 
 
 def exported_names(metrics: Metrics) -> set[str]:
@@ -91,6 +91,27 @@ def dashboard_exprs() -> list[str]:
 
 
 # -- the dashboard, statically --------------------------------------------------------------
+
+
+# the dashboard variables that filter by a label only some series carry, and those series
+SERIES_LABEL_VARIABLES = {
+    "app": {
+        f"threads_connector_{name}"
+        for name in (
+            "api_responses_total", "api_call_duration_seconds_bucket", "calls_in_flight",
+            "auth_paused", "rate_limit_share_per_second", "rate_limit_per_second",
+            "rate_limit_tokens", "rate_limited_total", "api_key_invalid", "api_paused_seconds",
+            "dead_letters_total", "threads_created_total",
+        )
+    },
+    "topic": {
+        f"threads_connector_{name}"
+        for name in (
+            "events_consumed_total", "consumer_lag", "dedup_hits_total", "dead_letters_total",
+            "threads_created_total",
+        )
+    },
+}  # fmt: skip
 
 
 def test_dashboard_is_a_grafana_json_model() -> None:
@@ -133,7 +154,13 @@ def test_dashboard_is_a_grafana_json_model() -> None:
             expr = target["expr"]
             for name in label_vars:  # label variables only as regex matchers
                 uses = re.findall(rf'(\S\S)"\$\{{?{name}\b', expr)
-                assert uses and all(u == "=~" for u in uses), (panel["title"], name, expr)
+                assert all(u == "=~" for u in uses), (panel["title"], name, expr)
+                # where the series come from: in every query; app and topic where they exist
+                assert uses or name in SERIES_LABEL_VARIABLES, (panel["title"], name, expr)
+            for name, metrics in SERIES_LABEL_VARIABLES.items():
+                for metric in re.findall(r"(threads_connector_\w+)\{", expr):
+                    if metric in metrics:
+                        assert f'{name}=~"${name}"' in expr, (panel["title"], name, expr)
 
 
 def test_dashboard_has_the_panels_the_issue_asks_for() -> None:
@@ -145,6 +172,8 @@ def test_dashboard_has_the_panels_the_issue_asks_for() -> None:
         "call latency",
         "attempts",
         "dead letters by stage",
+        "why are events not moving",
+        "dead letters by app and topic",
         "calls in flight",
         "rate limit: current vs share",
         "rate-limit wait",
@@ -169,7 +198,8 @@ def test_queries_name_only_exported_metrics_and_cover_them_all() -> None:
     used_alerts = {n for r in load_alerts() for n in METRIC_NAME.findall(r["expr"])}
     assert not (used_dashboard | used_alerts) - exported, "queries name unknown metrics"
     # every metric family the connector exports is on the dashboard
-    families = {f.name for f in Metrics().registry.collect()}
+    # the interpreter's own series (python_gc_*, python_info) are not the operator's concern
+    families = {f.name for f in Metrics().registry.collect() if not f.name.startswith("python_")}
     shown = {
         family
         for family in families
@@ -193,9 +223,6 @@ def test_known_series_start_at_zero() -> None:
     """Series born at 1 are invisible to increase(): the known ones exist from the start."""
     m = Metrics()
     value = m.registry.get_sample_value
-    assert (
-        value("threads_connector_dead_letters_total", {"stage": "api", "reason": "http_404"}) == 0
-    )
     m.init_apps(["app-a", "app-b"])
     for app in ("app-a", "app-b"):
         labels = {"status_class": "4xx", "code": "403", "app": app}
@@ -205,8 +232,13 @@ def test_known_series_start_at_zero() -> None:
         assert value("threads_connector_calls_in_flight", {"app": app}) == 0
     assert value("threads_connector_commit_failures_total", {"mode": "transaction"}) == 0
     assert value("threads_connector_rebalances_total", {"kind": "assign"}) == 0
-    assert value("threads_connector_api_call_duration_seconds_count", {"status_class": "2xx"}) == 0
+    labels = {"status_class": "2xx", "app": "app-b"}
+    assert value("threads_connector_api_call_duration_seconds_count", labels) == 0
     assert value("threads_connector_build_info", {"version": __version__}) == 1
+    # the process' own series (CPU, memory, open files): a registry of our own lacked them
+    assert (value("process_cpu_seconds_total") or 0) > 0
+    assert (value("process_resident_memory_bytes") or 0) > 0
+    assert b"python_info{" in generate_latest(m.registry)
     m.init_topics(["orders"])
     assert value("threads_connector_events_consumed_total", {"topic": "orders"}) == 0
     labels = {"topic": "orders", "app": "app-b"}
@@ -214,6 +246,11 @@ def test_known_series_start_at_zero() -> None:
     assert (
         value("threads_connector_dedup_hits_total", {"topic": "orders", "kind": "in_flight"}) == 0
     )
+    # dead letters by app and topic: the API's with their app, the others before a route
+    labels = {"stage": "api", "reason": "http_404", "app": "app-a", "topic": "orders"}
+    assert value("threads_connector_dead_letters_total", labels) == 0
+    labels = {"stage": "parse", "reason": "invalid_json", "app": "", "topic": "orders"}
+    assert value("threads_connector_dead_letters_total", labels) == 0
 
 
 # -- promtool ------------------------------------------------------------------------------
@@ -233,10 +270,10 @@ async def test_promtool_check_metrics_with_every_metric_in_use() -> None:
     m.threads_created.labels("in", "app-a").inc()
     m.results_published.inc()
     m.api_responses.labels("2xx", "201", "app-a").inc()
-    m.api_call_duration.labels("2xx").observe(3.2)
+    m.api_call_duration.labels("2xx", "app-a").observe(3.2)
     m.event_attempts.observe(2)
     m.api_retries.labels("503").inc()
-    m.dead_letters.labels("parse", "invalid_json").inc()
+    m.dead_letters.labels("parse", "invalid_json", "", "in").inc()
     m.consumer_lag.labels("in", "0").set(12)
     m.end_to_end_latency.observe(4.0)
     m.commit_duration.labels("transaction").observe(0.05)
@@ -308,6 +345,58 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 },
                 # not ready because of the auth pause: only the auth alert, not this one
                 {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
+            ],
+        },
+        {  # a route paused by a run of 404s at minute 2 (a wrong api.base_url): its own
+            # alert names app, route and status; the replica's NotReady stays quiet
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": "threads_connector_route_paused_status"
+                    f'{{{sel}, app="app-a", route="*/order.shipped"}}',
+                    "values": "0 0 404x10",
+                },
+                {  # one that paused and resumed within the minute: quiet
+                    "series": "threads_connector_route_paused_status"
+                    f'{{{sel}, app="app-b", route="*/order.shipped"}}',
+                    "values": "0 0 422 0x9",
+                },
+                {"series": f"threads_connector_ready{{{sel}}}", "values": "1 1 0x10"},
+                {"series": f"threads_connector_api_stopped{{{sel}}}", "values": "0x12"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "2m", "alertname": "ThreadsConnectorRoutePaused", "exp_alerts": []},
+                {
+                    "eval_time": "4m",
+                    "alertname": "ThreadsConnectorRoutePaused",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorRoutePaused",
+                            {"app": "app-a", "route": "*/order.shipped"},
+                            "404",
+                        )
+                    ],
+                },
+                {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
+                {"eval_time": "5m", "alertname": "ThreadsConnectorApiStopped", "exp_alerts": []},
+            ],
+        },
+        {  # api.on_error=stop stopped the calls: at once
+            "interval": "1m",
+            "input_series": [
+                {"series": f"threads_connector_api_stopped{{{sel}}}", "values": "0 0 1x5"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "ThreadsConnectorApiStopped", "exp_alerts": []},
+                {
+                    "eval_time": "2m",
+                    "alertname": "ThreadsConnectorApiStopped",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorApiStopped", {"instance": "10.0.0.1:9000"}, "1"
+                        )
+                    ],
+                },
             ],
         },
         {  # 401s counted (the gauge may be missing, e.g. an older replica)
@@ -436,6 +525,81 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 },
             ],
         },
+        {  # partitions that skip offsets, are stopped, or are blocked (issue 20)
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": "threads_connector_offsets_skipped_total"
+                    f'{{{sel}, topic="in", partition="3"}}',
+                    "values": "0x20 20x20",
+                },
+                {
+                    "series": "threads_connector_partition_stopped"
+                    f'{{{sel}, topic="in", partition="4"}}',
+                    "values": "0 0 1x10",
+                },
+                {
+                    "series": "threads_connector_partition_blocked_seconds"
+                    f'{{{sel}, topic="in", partition="5"}}',
+                    "values": "0 60 120 180 240",
+                },
+                {  # blocked for a minute now and then (an ordinary transaction): no alert
+                    "series": "threads_connector_partition_blocked_seconds"
+                    f'{{{sel}, topic="in", partition="6"}}',
+                    "values": "0 60 0 60 0",
+                },
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "19m",
+                    "alertname": "ThreadsConnectorOffsetsSkipped",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "25m",
+                    "alertname": "ThreadsConnectorOffsetsSkipped",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorOffsetsSkipped",
+                            {"topic": "in", "partition": "3"},
+                            "20",
+                        )
+                    ],
+                },
+                {
+                    "eval_time": "1m",
+                    "alertname": "ThreadsConnectorPartitionStopped",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "3m",
+                    "alertname": "ThreadsConnectorPartitionStopped",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorPartitionStopped",
+                            {"topic": "in", "partition": "4"},
+                            "1",
+                        )
+                    ],
+                },
+                {
+                    "eval_time": "2m",
+                    "alertname": "ThreadsConnectorPartitionBlocked",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "3m",
+                    "alertname": "ThreadsConnectorPartitionBlocked",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorPartitionBlocked",
+                            {"topic": "in", "partition": "5"},
+                            "180",
+                        )
+                    ],
+                },
+            ],
+        },
     ]
     unit = tmp_path / "alerts-test.yaml"
     unit.write_text(
@@ -497,6 +661,8 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
             names,
             partitions=2,
             api={"max_attempts": 10, "backoff_initial_s": 0.02, "backoff_max_s": 0.2},
+            # an agent the API does not know: its events are the API's dead letters (404)
+            routes=[*ROUTES, {**ROUTES[0], "event_type": "order.lost", "agent_uid": "nobody"}],
         )
         async with running(settings) as connector:
             port = connector.health.port
@@ -519,7 +685,8 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
                     (b"nr", orjson.dumps({"id": f"nr-{i}", "type": "invoice.paid"}))
                     for i in range(2)
                 ]
-                await produce(kafka_bootstrap, names.input, good + bad + unrouted)
+                lost = [(b"lost", event(f"lost-{i}", type="order.lost")) for i in range(2)]
+                await produce(kafka_bootstrap, names.input, good + bad + unrouted + lost)
                 await wait_until_committed(kafka_bootstrap, names.group, names.input, 120)
                 # copies of events already done: dedup hits (same keys, same partitions)
                 await produce(kafka_bootstrap, names.input, good[:5])
@@ -530,7 +697,7 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
                     'up{job="threads-connector"} == 1',
                     "count_over_time(threads_connector_ready[1m]) >= 5",
                     "sum(threads_connector_threads_created_total) >= 40",
-                    "sum(threads_connector_dead_letters_total) >= 4",
+                    "sum(threads_connector_dead_letters_total) >= 6",
                     "sum(threads_connector_dedup_hits_total) >= 5",
                     "sum(threads_connector_api_retries_total) > 0",
                     "count(threads_connector_consumer_lag) >= 2",
@@ -545,6 +712,16 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
                 lint = await promtool("check", "metrics", stdin=body)
                 assert lint.returncode == 0, lint.output
                 assert not lint.stdout.strip() and not lint.stderr.strip(), lint.output
+                # dead letters by app (once a route chose one) and input topic
+                scraped = {
+                    (s.labels["stage"], s.labels["reason"], s.labels["app"], s.labels["topic"]): s
+                    for f in text_string_to_metric_families(body.decode())
+                    if f.name == "threads_connector_dead_letters"
+                    for s in f.samples
+                    if s.name.endswith("_total")
+                }
+                assert scraped[("api", "http_404", "demo-app", names.input)].value == 2
+                assert scraped[("route", "no_route", "", names.input)].value == 2
                 # bounded labels: no event id or user id became a label value
                 ids = {f"o-{i}" for i in range(40)} | {f"u-{i}" for i in range(5)} | {"nr-0"}
                 for family in text_string_to_metric_families(body.decode()):

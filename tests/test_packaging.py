@@ -30,7 +30,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_helm import API_KEY_SET, CASE_IDS, CASES, CHART, config_map, render
+from tests.test_helm import (
+    API_KEY_SET,
+    CASE_IDS,
+    CASES,
+    CHART,
+    config_map,
+    pod_mounts,
+    render,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -180,7 +188,9 @@ def test_dockerfile_runtime_contract() -> None:
     last = {keyword: rest for keyword, rest in instructions}
     assert last["USER"] == "10001:10001"  # numeric: runAsNonRoot can verify it
     assert last["STOPSIGNAL"] == "SIGTERM"
-    assert last["ENTRYPOINT"] == '["connector", "run"]'  # exec form
+    # exec form; the verb is the command, so the image runs any (check-config, dlq, ...)
+    assert last["ENTRYPOINT"] == '["connector"]'
+    assert last["CMD"] == '["run", "--config", "/etc/threads-connector/connector.yaml"]'
     assert "HEALTHCHECK" not in last
     assert last["EXPOSE"] == "9464"
     chart_user = yaml.safe_load((CHART / "values.yaml").read_text())["securityContext"]
@@ -243,6 +253,7 @@ def test_connector_help(image_root: Path) -> None:
         assert command in proc.stdout
     simulator = connector(image_root, "simulate-api", "--help")
     assert simulator.returncode == 0, simulator.stderr
+    assert simulator.stdout.startswith("usage: connector simulate-api"), simulator.stdout
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -251,7 +262,7 @@ def test_check_config_on_the_rendered_configmap(
 ) -> None:
     docs = render(*API_KEY_SET) if case is None else render("-f", str(case))
     config = tmp_path / "connector.yaml"
-    config.write_text(config_map(docs)["data"]["connector.yaml"])
+    config.write_text(mounted(config_map(docs)["data"]["connector.yaml"], tmp_path / "mounts"))
     proc = connector(
         image_root,
         "check-config",
@@ -262,6 +273,13 @@ def test_check_config_on_the_rendered_configmap(
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{config}: OK" in proc.stdout
+
+
+def mounted(text: str, root: Path) -> str:
+    """The config with the files the pod mounts made under ``root`` (``pod_mounts``) and
+    its paths pointing there: check-config reads and loads each, as run does."""
+    pod_mounts(text, root)
+    return text.replace("/var/run/secrets/", f"{root}/var/run/secrets/")
 
 
 def test_check_config_rejects_a_key_in_the_file(image_root: Path, tmp_path: Path) -> None:
@@ -295,6 +313,7 @@ def test_check_config_on_the_image_default_config(image_root: Path) -> None:
 def test_compose_file_matches_the_image_and_chart() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
+    assert services["connector"]["command"][0] == "run"  # the image's entrypoint: connector
     assert {"kafka", "threads-api", "connector", "prometheus", "grafana"} <= set(services)
     app = services["connector"]
     assert app["build"]["dockerfile"] == "Dockerfile"

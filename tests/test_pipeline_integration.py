@@ -191,11 +191,15 @@ async def test_api_failures_storm_loses_nothing(
 async def test_unknown_agent_is_dead_lettered_with_status(
     kafka_bootstrap: str, sim: ThreadsApiSimulator
 ) -> None:
+    """Among successes of its app (a lone 4xx before any success waits for one:
+    tests/test_systemic_integration.py)."""
     names = Names.fresh("404")
-    routes = [{**make_route(), "agent_uid": "agent-nobody"}]
+    nobody = {**make_route(), "event_type": "order.cancelled", "agent_uid": "agent-nobody"}
+    routes = [make_route(), nobody]
     settings = make_settings(kafka_bootstrap, sim.base_url, names, partitions=1, routes=routes)
     async with running(settings):
-        await produce(kafka_bootstrap, names.input, [(b"k", event("n-1"))])
+        records = [(b"k", event("n-0")), (b"k", event("n-1", type="order.cancelled"))]
+        await produce(kafka_bootstrap, names.input, records)
         await wait_until_committed(kafka_bootstrap, names.group, names.input)
     (dead,) = await read_all(kafka_bootstrap, names.dead)
     assert header(dead, "dlq-http-status") == "404"

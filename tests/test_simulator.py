@@ -497,6 +497,9 @@ async def test_unknown_routes_answer_json(client: httpx.AsyncClient) -> None:
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     r = await client.post("/api/v1/appuid//threads", json=BODY, headers=KEY)
     assert r.status_code == 404
+    # api.base_url with one segment too many: a 404 with the API's JSON error body
+    r = await client.post(f"/api/v1{PATH}", json=BODY, headers=KEY)
+    assert r.status_code == 404 and r.json() == {"error": "Not Found", "detail": None}
 
 
 # -- lifecycle ------------------------------------------------------------------------------
@@ -782,6 +785,18 @@ async def test_hostile_reset(sim: ThreadsApiSimulator, client: httpx.AsyncClient
     sim.set_hostile(HostileSpec(mode="reset", count=1))
     with pytest.raises(httpx.RemoteProtocolError):
         await client.post(PATH, json=BODY, headers=KEY)
+    assert len(sim.store) == 0
+    assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 201
+
+
+async def test_hostile_black_hole_answers_nothing_not_even_to_a_wrong_key(
+    sim: ThreadsApiSimulator, client: httpx.AsyncClient
+) -> None:
+    sim.set_hostile(HostileSpec(mode="black_hole", count=2))
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(PATH, json=BODY, headers=KEY, timeout=0.3)
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(PATH, json=BODY, headers={"x-api-key": "wrong"}, timeout=0.3)
     assert len(sim.store) == 0
     assert (await client.post(PATH, json=BODY, headers=KEY)).status_code == 201
 

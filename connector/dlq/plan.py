@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from connector.dlq.records import (
     NOT_REDRIVABLE_BY_DEFAULT,
@@ -30,6 +30,8 @@ NOT_REDRIVABLE = "not_redrivable"  # code in NOT_REDRIVABLE_BY_DEFAULT, not name
 NO_SOURCE = "no_source"  # no readable dlq-source header
 NOT_AN_INPUT = "not_an_input_topic"  # its source topic is not in kafka.input_topics
 NO_PARTITION = "no_such_partition"  # its source topic (now) lacks that partition, or is gone
+MAX_REDRIVES = "max_redrives"  # redriven --max-redrives times already: it keeps failing
+DEFAULT_MAX_REDRIVES = 3
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ def decide(
     if not pending and not opts.again:
         return ALREADY
     if not opts.filter.matches(dl):
+        limit = opts.filter.max_redrives
+        if (
+            limit is not None
+            and dl.redrive_count >= limit
+            and replace(opts.filter, max_redrives=None).matches(dl)
+        ):
+            return MAX_REDRIVES  # wanted, but copied back this often already
         return FILTERED
     if dl.code in NOT_REDRIVABLE_BY_DEFAULT and dl.code not in opts.filter.codes:
         return NOT_REDRIVABLE

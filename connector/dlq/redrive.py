@@ -36,6 +36,7 @@ from aiokafka.structs import OffsetAndMetadata
 from connector.config import ConnectorSettings
 from connector.dlq.ledger import PartitionLedger
 from connector.dlq.plan import COPY, NOT_REDRIVABLE, Copy, Pacer, RedriveOptions, copy_of, decide
+from connector.dlq.progress import Progress
 from connector.dlq.reader import DeadLetterReader, DlqError
 from connector.dlq.report import RedriveReport
 from connector.kafka_common import client_kwargs
@@ -53,8 +54,11 @@ def redrive_transactional_id(settings: ConnectorSettings) -> str:
     return f"{settings.delivery.transactional_id_prefix}-redrive-{settings.kafka.group_id}"
 
 
-async def redrive(settings: ConnectorSettings, opts: RedriveOptions) -> RedriveReport:
+async def redrive(
+    settings: ConnectorSettings, opts: RedriveOptions, progress: Progress | None = None
+) -> RedriveReport:
     """Run one redrive (see the module docstring); DlqError if Kafka refuses."""
+    progress = progress or Progress(enabled=False)
     group = redrive_group(settings)
     report = RedriveReport(group, opts.dry_run, opts.again, opts.filter)
     producer = None
@@ -74,8 +78,9 @@ async def redrive(settings: ConnectorSettings, opts: RedriveOptions) -> RedriveR
         async with DeadLetterReader(settings) as reader:
             ledgers = await _load_ledgers(settings, group, reader)
             report.positions = ledgers
-            await _run(settings, opts, reader, ledgers, producer, report)
+            await _run(settings, opts, reader, ledgers, producer, report, progress)
     finally:
+        progress.close()
         if producer is not None:
             await producer.stop()
     return report
@@ -123,6 +128,7 @@ async def _run(
     ledgers: dict[int, PartitionLedger],
     producer: AIOKafkaProducer | None,
     report: RedriveReport,
+    progress: Progress,
 ) -> None:
     inputs = frozenset(settings.kafka.input_topics)
     partitions = await _input_partitions(settings, inputs)
@@ -134,6 +140,8 @@ async def _run(
         else {p: led.committed for p, led in ledgers.items()}
     )
     txn = _Transaction(producer, reader.topic, redrive_group(settings), ledgers, report)
+    read_to = {p: max(start or 0, reader.log_start[p]) for p, start in starts.items()}
+    progress.start(sum(max(0, reader.ends[p] - read_to[p]) for p in read_to))
     async for dl in reader.read(starts):
         report.scanned += 1
         ledger = ledgers[dl.partition]
@@ -141,6 +149,8 @@ async def _run(
         report.outcomes[outcome] += 1
         if outcome == NOT_REDRIVABLE:
             report.not_redrivable_codes[dl.code] += 1
+        progress.advance(dl.offset + 1 - read_to[dl.partition], copied=outcome == COPY)
+        read_to[dl.partition] = dl.offset + 1
         if outcome != COPY:
             ledger.record(dl.offset, copied=False)
             continue
@@ -157,6 +167,7 @@ async def _run(
             await txn.commit()
     if producer is not None and report.scanned:
         await txn.commit()
+    progress.close(finished=True)
 
 
 async def _input_partitions(settings: ConnectorSettings, inputs: frozenset[str]) -> dict[str, int]:

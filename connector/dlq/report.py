@@ -11,6 +11,7 @@ from connector.dlq.plan import (
     ALREADY,
     COPY,
     FILTERED,
+    MAX_REDRIVES,
     NO_PARTITION,
     NO_SOURCE,
     NOT_AN_INPUT,
@@ -82,6 +83,11 @@ class RedriveReport:
         for outcome in (ALREADY, FILTERED, NO_SOURCE, NOT_AN_INPUT, NO_PARTITION):
             if self.outcomes[outcome]:
                 lines.append(f"  {outcome.replace('_', ' ')}: {self.outcomes[outcome]}")
+        if self.outcomes[MAX_REDRIVES]:
+            lines.append(
+                f"  left after {self.filter.max_redrives} redrive(s) already (they keep "
+                f"failing; --max-redrives raises the limit): {self.outcomes[MAX_REDRIVES]}"
+            )
         if self.not_redrivable_codes:
             codes = ", ".join(f"{c}: {n}" for c, n in sorted(self.not_redrivable_codes.items()))
             lines.append(f"  not redrivable unless named with --code: {codes}")

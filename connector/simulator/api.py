@@ -1,6 +1,7 @@
 """``POST /api/v1/appuid/{appUid}/threads`` (operation ``createThread``), as the OpenAPI says.
 
-Checks, in order: API key (401, 403), JSON object body (400), fields (422), agent (404),
+A ``black_hole`` simulator (``HostileSpec``) answers nothing at all. Otherwise, checks,
+in order: API key (401, 403), JSON object body (400), fields (422), agent (404),
 rate limit (429 + ``Retry-After``), then latency, then injected faults (502, 503, 504,
 or a hang), then 201.
 """
@@ -45,6 +46,12 @@ async def create_thread(request: web.Request) -> web.StreamResponse:
 
 
 async def _create_thread(state: SimulatorState, request: web.Request) -> web.StreamResponse:
+    black_hole = state.behavior.hostile.mode == "black_hole"
+    if black_hole and state.take_hostile() == "black_hole":
+        await state.until_stopped()  # or the client leaves: aiohttp cancels the handler
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # nothing is ever sent
     app_uid = request.match_info["appUid"]
     auth = state.auth_status(app_uid, request.headers.get("x-api-key"))
     if auth == 401:
@@ -63,7 +70,7 @@ async def _create_thread(state: SimulatorState, request: web.Request) -> web.Str
     if not state.agent_exists(app_uid, thread_input.agent):
         return error_response(404, f"Agent not found: {thread_input.agent}")
 
-    hostile = state.take_hostile()
+    hostile = "none" if black_hole else state.take_hostile()
     if hostile == "slow_headers":
         await state.sleep(state.behavior.hostile.headers_delay_s)
     elif hostile != "none":

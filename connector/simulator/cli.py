@@ -165,8 +165,8 @@ async def serve(settings: SimulatorSettings) -> None:
             loop.remove_signal_handler(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m connector.simulator") -> int:
+    args = build_parser(prog).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=args.log_level.upper(),

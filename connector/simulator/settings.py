@@ -93,7 +93,14 @@ class FaultSpec(_Frozen):
 
 
 HostileMode = Literal[
-    "none", "retry_after", "retry_after_date", "trickle_body", "huge_body", "slow_headers", "reset"
+    "none",
+    "retry_after",
+    "retry_after_date",
+    "trickle_body",
+    "huge_body",
+    "slow_headers",
+    "reset",
+    "black_hole",
 ]
 
 
@@ -110,6 +117,9 @@ class HostileSpec(_Frozen):
       (``threadUid`` first, then padding), streamed.
     - ``slow_headers``: nothing is sent for ``headers_delay_s``, then the normal answer.
     - ``reset``: the connection is closed without an answer (no thread is created).
+    - ``black_hole``: the request is accepted and never answered, before any check (a hung
+      gateway): the connection stays open until the client gives up or the server stops;
+      no thread is created. ``count`` counts these requests, not only those that pass.
     """
 
     mode: HostileMode = "none"

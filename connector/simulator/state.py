@@ -108,6 +108,10 @@ class SimulatorState:
         """Called when the server stops: sleeping requests wake up and answer."""
         self._stopping.set()
 
+    async def until_stopped(self) -> None:
+        """Wait until the server stops."""
+        await self._stopping.wait()
+
     async def sleep(self, seconds: float) -> bool:
         """Sleep, waking early when the server stops; True if it slept the full time."""
         if seconds <= 0:

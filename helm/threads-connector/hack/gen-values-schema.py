@@ -301,6 +301,12 @@ def values_schema() -> Schema:
                     "enabled": typed("boolean"),
                     "maxUnavailable": INT_OR_PERCENT_OR_NULL,
                     "minAvailable": INT_OR_PERCENT_OR_NULL,
+                    "unhealthyPodEvictionPolicy": typed(
+                        ["string", "null"],
+                        enum=["AlwaysAllow", "IfHealthyBudget", None],
+                        description="AlwaysAllow: pods that are not ready may be evicted "
+                        "whatever the budget (a drain during an outage does not block)",
+                    ),
                 }
             ),
             "hpa": obj(

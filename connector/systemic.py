@@ -1,0 +1,176 @@
+"""Systemic API failures: one event's 4xx is dead-lettered, a run of them pauses a route.
+
+A 4xx says the request was wrong, not whether the event or the configuration made it so:
+a wrong ``api.base_url`` answers 404 to every call, a route's agent that does not exist
+404 to each of its events, a template that renders an invalid body 422 to each. Dead-
+lettering each would drain the backlog into the dead-letter topic while the pod looks
+healthy. So, for ``api.on_error: pause`` (the default), per app:
+
+- **An app's calls are proven by a success** (its path and key work). Until then, an
+  event answered with a 4xx is *held*, not dead-lettered: it waits for the app's first
+  success (then it is tried once more, and a failure then is its own) or for its route to
+  pause (then it waits with the route's other events).
+- **A run pauses a route** (``RouteGate``). ``api.pause_after_failures`` distinct events
+  of one route answered with the same status, with no success of the route in between,
+  is a configuration fault: the route's calls wait, readiness names the app, the route,
+  the status and the URL path called, one line is logged, and one of its events probes
+  every ``api.pause_probe_interval_s``. A success reopens it; so does a different answer
+  (what caused the pause is gone; that answer starts a run of its own). A pause makes the
+  app unproven again, so its other routes hold their failures too.
+- So a run dead-letters nothing on an app not proven yet (the wrong-path case at start),
+  and at most ``pause_after_failures - 1`` events on a proven one (an agent deleted while
+  running). A 2xx without a ``threadUid`` may have created a thread: it counts toward a
+  run but is never held for a retry (that could make a second thread).
+
+A held event is waiting like one at a closed gate: it spends no retry budget, and a
+revocation or a drain cancels it (its offset stays uncommitted; the next owner replays it).
+Transport failures (no answer, TLS, 5xx) are the circuit breaker's and 401/403 the auth
+gate's (``connector.gates``): neither is an event's fault in any mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from enum import Enum
+
+from connector.errors import PermanentApiError
+from connector.gates import Gate
+from connector.metrics import AppMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(Enum):
+    """What a 4xx answer means for its event."""
+
+    DEAD_LETTER = "dead_letter"  # the event's own failure
+    WAIT = "wait"  # not decided, or the route is paused: wait, then try again
+
+
+class RouteGate(Gate):
+    """One route's calls: open, or paused by a run of one status (``status``)."""
+
+    def __init__(self, route: str, threshold: int, probe_interval_s: float) -> None:
+        super().__init__(probe_interval_s)
+        self.route = route
+        self.threshold = threshold
+        self.status: int | None = None  # the status that paused it
+        self._runs: dict[int | None, set[str]] = {}  # failing event ids since a success
+
+    def success(self, was_probe: bool) -> bool:
+        """A call of the route went through. True when it was paused until now."""
+        if self._runs:
+            self._runs.clear()
+        if not self._closed and not was_probe:
+            return False  # the common case, once per call: nothing to wake
+        self.status = None
+        return self.succeed(was_probe)
+
+    def failure(self, event_id: str, exc: PermanentApiError, was_probe: bool) -> bool:
+        """Count one event's failure; True when it pauses the route now."""
+        if self._closed:
+            if exc.status == self.status:
+                self.fail(was_probe)  # still the same: stays paused, the probe ends
+                return False
+            self.succeed(was_probe)  # another answer: what paused it is gone
+            self.status = None
+            self._runs.clear()
+        run = self._runs.setdefault(exc.status, set())
+        run.add(event_id)
+        if len(run) < self.threshold:
+            return False
+        self._runs.clear()
+        self.status = exc.status
+        reason = (
+            f"route {self.route} paused: {len(run)} events in a row answered {exc}, with no "
+            f"success between (a configuration fault? api.base_url, the route's agent_uid "
+            f"or templates); its events wait, one probes every {self.probe_interval_s:g}s"
+        )
+        return self.fail(was_probe, reason)
+
+
+class StopGate(Gate):
+    """``api.on_error: stop``: closed at the first API error, for good (no probe): every
+    call waits, nothing is dead-lettered, until the process restarts."""
+
+    def take_probe(self) -> bool:
+        return False
+
+    def stop(self, reason: str) -> bool:
+        """Close for good. True when it was open until now."""
+        return self.fail(False, f"stopped (api.on_error=stop): {reason}; restart to retry")
+
+
+class Systemic:
+    """One app's route gates, and whether its calls are proven to work. Each pause and
+    resume is logged once and shown by ``route_paused_status{app,route}``."""
+
+    def __init__(self, threshold: int, probe_interval_s: float, metrics: AppMetrics) -> None:
+        self.threshold = threshold
+        self.probe_interval_s = probe_interval_s
+        self.proven = False
+        self.held = 0  # events waiting for a verdict (a gauge)
+        self._metrics = metrics
+        self._routes: dict[str, RouteGate] = {}
+        self._changed = asyncio.Event()
+
+    def gate(self, route: str) -> RouteGate:
+        gate = self._routes.get(route)
+        if gate is None:
+            gate = self._routes[route] = RouteGate(route, self.threshold, self.probe_interval_s)
+        return gate
+
+    def paused(self) -> list[RouteGate]:
+        return [gate for gate in self._routes.values() if not gate.is_open]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def success(self, gate: RouteGate, was_probe: bool) -> None:
+        """A call of the route went through."""
+        if not self.proven:
+            self.proven = True
+            self._notify()
+        status = gate.status
+        if gate.success(was_probe) and status is not None:
+            self._resumed(gate, f"route {gate.route} of app %s answers again: calls resumed")
+
+    def failure(
+        self, gate: RouteGate, event_id: str, exc: PermanentApiError, was_probe: bool
+    ) -> Verdict:
+        """The verdict on one event's 4xx (counted toward its route's run)."""
+        status = gate.status
+        tripped = gate.failure(event_id, exc, was_probe)
+        if status is not None and gate.status != status:
+            self._resumed(gate, f"route {gate.route} of app %s no longer answers HTTP {status}")
+        if tripped:
+            self.proven = False
+            self._notify()
+            self._metrics.route_paused_status(gate.route).set(exc.status or 0)
+            log.error(
+                "app %s: %s",
+                self._metrics.app,
+                gate.reason,
+                extra={"app": self._metrics.app, "route": gate.route, "status": exc.status},
+            )
+        may_exist = exc.status is not None and 200 <= exc.status < 300
+        if may_exist:  # a thread may exist: never retried
+            return Verdict.DEAD_LETTER
+        if not gate.is_open or not self.proven:
+            return Verdict.WAIT
+        return Verdict.DEAD_LETTER
+
+    def _resumed(self, gate: RouteGate, message: str) -> None:
+        self._metrics.route_paused_status(gate.route).set(0)
+        log.warning(message, self._metrics.app, extra={"app": self._metrics.app})
+
+    async def hold(self, gate: RouteGate) -> None:
+        """Wait until the app is proven or the route paused (then try again)."""
+        self.held += 1
+        try:
+            while not self.proven and gate.is_open:
+                await self._changed.wait()
+        finally:
+            self.held -= 1

@@ -1,0 +1,221 @@
+"""connector.systemic through connector.calls: a run of the same 4xx pauses its route,
+an event's own 4xx is dead-lettered, and calls that get no answer trip the breaker.
+
+The fake attempt and clock are ``tests.test_calls``'s: nothing really waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from connector.errors import EventRejected, PermanentApiError, RetriableApiError
+from connector.metrics import AppMetrics, Metrics
+from connector.systemic import RouteGate, Systemic, Verdict
+from tests.test_calls import OK, Harness
+
+PATH = "/v1/api/v1/appuid/demo-app/threads"
+PAUSE_PROBE_S = 7.0
+
+
+def http(status: int, title: str = "Not Found") -> PermanentApiError:
+    return PermanentApiError(f"HTTP {status}: {title} (POST {PATH})", status=status, path=PATH)
+
+
+def timeout() -> RetriableApiError:
+    return RetriableApiError(
+        "no complete answer within 10s", outcome_unknown=True, kind="timeout", path=PATH
+    )
+
+
+def harness(script: list[Any], **api: Any) -> Harness:
+    return Harness(
+        script,
+        api={"pause_after_failures": 3, "pause_probe_interval_s": PAUSE_PROBE_S} | api,
+    )
+
+
+async def stuck(task: asyncio.Task[Any], spins: int = 200) -> bool:
+    """Give the task event-loop turns (its sleeps are fake): True if it is still waiting."""
+    for _ in range(spins):
+        if task.done():
+            return False
+        await asyncio.sleep(0)
+    return True
+
+
+async def outcomes(h: Harness, *event_ids: str) -> list[Any]:
+    calls = [h.call(event_id) for event_id in event_ids]
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def paused(h: Harness) -> float | None:
+    return h.sample("threads_connector_route_paused_status", route="")
+
+
+async def test_a_run_before_any_success_dead_letters_nothing_and_pauses_the_route(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wrong-path case: every call 404s from the start. Three distinct events (the
+    setting) pause the route with nothing dead-lettered; its probe keeps failing, then
+    the API answers and every event is made."""
+    h = harness([http(404)] * 3 + [http(404)] * 2 + [OK] * 3)
+    seen: list[tuple[float | None, str | None]] = []
+
+    async def look(seconds: float) -> None:
+        seen.append((paused(h), h.caller.pause_reason()))
+
+    h.before_sleep = look
+    with caplog.at_level(logging.ERROR, logger="connector.calls"):
+        done = await outcomes(h, "e1", "e2", "e3")
+
+    assert not any(isinstance(d, BaseException) for d in done), done
+    assert h.delays == [PAUSE_PROBE_S] * 3  # one probe wait per try of the paused route
+    value, reason = seen[0]
+    assert value == 404
+    assert reason is not None
+    assert "route " in reason and "HTTP 404: Not Found" in reason and f"POST {PATH}" in reason
+    assert "3 events in a row" in reason
+    pauses = [r for r in caplog.records if "paused" in r.getMessage()]
+    assert len(pauses) == 1  # logged once, not per failure or probe
+    assert paused(h) == 0 and h.caller.pause_reason() is None
+    assert [c.event_id for c in h.calls][:3] == ["e1", "e2", "e3"]
+
+
+async def test_an_events_own_failure_among_successes_is_dead_lettered() -> None:
+    """e1's 422 comes before the app's first success: it waits, is tried once more after
+    e2's success, and its failure then is its own."""
+    h = harness([http(422, "Validation error"), OK, http(422, "Validation error")])
+
+    first, second = await outcomes(h, "e1", "e2")
+
+    assert isinstance(first, EventRejected), first
+    assert first.code == "http_422" and f"POST {PATH}" in first.reason
+    assert not isinstance(second, BaseException)
+    assert [c.event_id for c in h.calls] == ["e1", "e2", "e1"]
+    assert h.caller.pause_reason() is None
+
+
+async def test_a_held_event_is_counted_until_the_apps_first_success() -> None:
+    h = harness([http(422, "Validation error"), OK, OK])
+    held = asyncio.create_task(h.call("e1"))
+    assert await stuck(held)
+    assert h.sample("threads_connector_calls_held") == 1
+    assert h.caller.pause_reason() is None  # one failure is no pause: readiness stays
+    await h.call("e2")
+    assert (await held).thread_uid == OK.thread_uid  # tried once more: it worked
+    assert h.sample("threads_connector_calls_held") == 0
+
+
+async def test_a_run_on_a_proven_app_dead_letters_at_most_the_setting_minus_one() -> None:
+    """An app that worked, then a route's agent is deleted: threshold - 1 dead letters,
+    then the route pauses and its next event waits for the probe."""
+    h = harness([OK] + [http(404)] * 3 + [OK])
+    await h.call("e0")
+    dead = [await h.rejected_as(f"e{i}") for i in (1, 2)]
+    assert [d.code for d in dead] == ["http_404", "http_404"]
+    assert paused(h) is None or paused(h) == 0
+
+    created = await h.call("e3")  # its 404 pauses the route; the probe succeeds
+
+    assert created.thread_uid == OK.thread_uid
+    assert h.delays == [PAUSE_PROBE_S]
+    assert paused(h) == 0
+
+
+async def test_a_different_answer_ends_a_pause_and_starts_its_own_run() -> None:
+    systemic = Systemic(2, 1.0, AppMetrics(Metrics(), "demo-app"))
+    gate = systemic.gate("orders/order.shipped")
+    assert systemic.failure(gate, "e1", http(404), False) is Verdict.WAIT
+    assert gate.is_open
+    assert systemic.failure(gate, "e2", http(404), False) is Verdict.WAIT
+    assert not gate.is_open and gate.status == 404
+    assert gate.take_probe()
+    assert systemic.failure(gate, "e1", http(404), True) is Verdict.WAIT
+    assert not gate.is_open  # the same answer: still paused
+    assert gate.take_probe()
+    verdict = systemic.failure(gate, "e1", http(422), True)
+    assert gate.is_open and gate.status is None
+    assert verdict is Verdict.WAIT  # the app is not proven: e1 waits for a success
+    systemic.success(gate, False)
+    assert systemic.failure(gate, "e1", http(422), False) is Verdict.DEAD_LETTER
+
+
+async def test_a_probe_whose_request_could_not_be_sent_lets_another_probe() -> None:
+    """A paused route's probe event that cannot even form its request (no status: the
+    event's own failure, dead-lettered) must not leave the route without a probe."""
+    unsendable = PermanentApiError("request could not be sent: UnicodeEncodeError")
+    h = harness([http(404)] * 3 + [unsendable, OK, OK, OK])
+    calls = [asyncio.create_task(h.call(f"e{i}")) for i in range(3)]
+    done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    codes = [d.code if isinstance(d, EventRejected) else "ok" for d in done]
+    assert sorted(codes) == ["ok", "ok", "request_error"]
+    assert h.caller.pause_reason() is None
+
+
+async def test_distinct_events_make_a_run_not_one_events_retries() -> None:
+    gate = RouteGate("r", threshold=2, probe_interval_s=1.0)
+    assert not gate.failure("e1", http(404), False)
+    assert not gate.failure("e1", http(404), False)
+    assert gate.failure("e2", http(404), False)
+
+
+async def test_a_2xx_without_a_thread_uid_is_never_held() -> None:
+    """It may have created a thread: a retry could make a second one."""
+    h = harness([PermanentApiError("201 without a threadUid in its body", status=201)])
+    exc = await h.rejected()
+    assert exc.code == "http_201"
+
+
+async def test_dead_letter_mode_dead_letters_every_one_and_never_pauses() -> None:
+    h = harness([http(404)] * 5, on_error="dead_letter")
+    dead = [await h.rejected_as(f"e{i}") for i in range(5)]
+    assert {d.code for d in dead} == {"http_404"}
+    assert h.caller.pause_reason() is None
+    assert h.sample("threads_connector_calls_held") == 0
+
+
+async def test_stop_mode_stops_every_call_at_the_first_error_and_keeps_the_event() -> None:
+    h = harness([OK, http(422, "Validation error"), OK], on_error="stop")
+    await h.call("e0")
+    stopped = asyncio.create_task(h.call("e1"))
+    assert await stuck(stopped)
+    reason = h.caller.pause_reason()
+    assert reason is not None and reason.startswith("stopped (api.on_error=stop)")
+    assert "HTTP 422" in reason and f"POST {PATH}" in reason and "restart" in reason
+    assert h.sample("threads_connector_api_stopped") == 1
+    later = asyncio.create_task(h.call("e2"))
+    assert await stuck(later)
+    assert [c.event_id for c in h.calls] == ["e0", "e1"]  # no call since
+    for task in (stopped, later):
+        task.cancel()
+    await asyncio.gather(stopped, later, return_exceptions=True)
+
+
+async def test_calls_without_an_answer_trip_the_breaker_and_the_event_waits() -> None:
+    """A black hole: every attempt times out. Before, the event was dead-lettered
+    (retries_exhausted) after ``max_attempts``; now the breaker opens at its threshold
+    and the event waits for the probe that gets an answer."""
+    h = harness(
+        [timeout()] * 6 + [OK],
+        max_attempts=2,
+        breaker_failure_threshold=2,
+        breaker_probe_interval_s=3.0,
+    )
+    reasons: list[str | None] = []
+
+    async def look(seconds: float) -> None:
+        reasons.append(h.caller.pause_reason())
+
+    h.before_sleep = look
+
+    created = await h.call("e1")
+
+    assert created.thread_uid == OK.thread_uid
+    assert len(h.calls) == 7
+    assert h.delays[1:] == [3.0] * 5  # after the breaker opened: the probe's waits
+    assert all(r and "circuit breaker" in r and "no complete answer" in r for r in reasons[1:])
+    assert h.caller.breaker.is_open
