@@ -114,6 +114,16 @@ class KafkaSettings(_Frozen):
         "replica (a StatefulSet pod name); a restart within session_timeout_ms moves no "
         "partition. Unique in the group",
     )
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=1_000,
+        le=900_000,
+        description="exactly_once: how long the broker lets one of our transactions stay "
+        "open before it aborts it. A replica frozen in the middle of a commit cycle holds "
+        "its partitions' next owner this long (plus the broker's cleanup interval, 10 s): "
+        "that owner's committed-offset fetch waits for the transaction to end. A commit "
+        "cycle lasts well under a second; at most the broker's transaction.max.timeout.ms",
+    )
     static_members: int | None = Field(
         default=None,
         ge=0,

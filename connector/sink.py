@@ -147,6 +147,7 @@ class Sink:
             "acks": "all",
             "enable_idempotence": True,
             "transactional_id": self.transactional_id,
+            "transaction_timeout_ms": k.transaction_timeout_ms,
             # a cycle queues all its records before it waits, so batches fill without a
             # linger (5 ms on every cycle's latency), and one batch per partition holds a
             # whole cycle: aiokafka keeps one batch per partition and a full one waits for

@@ -379,3 +379,15 @@ async def test_a_cut_record_keeps_its_place_in_the_partition(
     order = [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)]
     assert sink.bounded == 1
     assert order == [b"in/0/1", b"in/0/2", b"in/0/3"]
+
+
+async def test_the_producers_transaction_timeout_is_the_setting() -> None:
+    """``kafka.transaction_timeout_ms`` bounds how long a frozen replica's open transaction
+    holds its partitions' next owner (its committed-offset fetch waits for it)."""
+    names = Names.fresh("sink-txn-timeout")
+    settings = make_settings(
+        "127.0.0.1:1", "http://127.0.0.1:1", names, kafka={"transaction_timeout_ms": 7_000}
+    )
+    source = Source(settings, _nothing, _nothing)  # type: ignore[arg-type]
+    sink = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    assert sink._producer._txn_manager.transaction_timeout_ms == 7_000
