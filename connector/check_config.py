@@ -85,6 +85,14 @@ def _emit_text(path: Path, settings: ConnectorSettings, checks: list[Check], cod
             f"  app {app}: {key}, rate {api.rate_limit_per_s}/s for the group,"
             f" {api.max_in_flight} in flight"
         )
+    for topic, fmt in settings.input.topics.items():
+        envelope = ", CloudEvents" if fmt.cloudevents else ""
+        out.append(f"  input {topic}: {fmt.format}{envelope}")
+    registry = settings.schema_registry
+    if registry.url is not None:
+        basic, bearer = registry.username, registry.bearer_token or registry.bearer_token_file
+        auth = "basic auth" if basic else "bearer token" if bearer else "no auth"
+        out.append(f"  schema registry: {registry.url} ({auth})")
     out += [f"  {c.status.value:<7} {c.name}: {c.detail}" for c in checks]
     stream = sys.stdout if code == EXIT_OK else sys.stderr
     stream.write("\n".join(out) + "\n")

@@ -46,6 +46,8 @@ _SECRET_FIELDS = {
     ("api", "api_key"),
     ("kafka", "sasl_password"),
     ("kafka", "ssl_key_password"),
+    ("schema_registry", "password"),
+    ("schema_registry", "bearer_token"),
 }
 # a template placeholder: ``${dotted.path}`` (or ``$name``); ``$$`` is a literal dollar
 TEMPLATE_ID = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
@@ -75,7 +77,15 @@ class KafkaSettings(_Frozen):
     input_topics: list[str] = Field(default_factory=lambda: ["domain-events"], min_length=1)
     results_topic: str = "thread-results"
     dead_letter_topic: str = "thread-dead-letters"
-    create_topics: bool = True
+    create_topics: bool = Field(
+        default=True,
+        description="create the results, dead-letter and dedup changelog topics if missing",
+    )
+    create_input_topics: bool = Field(
+        default=False,
+        description="create missing input topics too (a typo'd topic would be created and "
+        "consumed empty for ever: off unless asked)",
+    )
     topic_partitions: int = Field(default=6, ge=1, description="for topics the connector creates")
     replication_factor: int = Field(default=1, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -244,6 +254,9 @@ class DedupSettings(_Frozen):
     max_entries: int = Field(default=1_000_000, ge=1)
     changelog_suffix: str = "dedup-changelog"
     restore_timeout_s: float = Field(default=120.0, gt=0)
+    changelog_check_interval_s: float = Field(
+        default=60.0, gt=0, description="how often a running replica re-checks its changelogs"
+    )
 
 
 class AppSettings(_Frozen):
@@ -423,8 +436,107 @@ class Route(_Frozen):
         return check_app_uid(value)
 
 
+InputFormat = Literal["json", "avro", "protobuf", "json_schema"]
+REGISTRY_FORMATS = ("avro", "protobuf", "json_schema")
+RESULT_HEADERS = ("event-id", "correlation-id")  # the connector's own result headers
+
+
+class TopicFormat(_Frozen):
+    """How one input topic's record values are encoded (docs/formats.md)."""
+
+    format: InputFormat = Field(
+        default="json",
+        description="json, or the Confluent wire format (schema id + payload, schema from "
+        "schema_registry) with avro, protobuf or json_schema",
+    )
+    cloudevents: bool = Field(
+        default=False,
+        description="records may be CloudEvents (Kafka binding, binary or structured mode)",
+    )
+
+
+class InputSettings(_Frozen):
+    """How input records are read: per-topic formats, the correlation id's header."""
+
+    topics: dict[str, TopicFormat] = Field(
+        default_factory=dict,
+        description="format by input topic (kafka.input_topics); a topic not named is JSON",
+    )
+    correlation_id_header: str | None = Field(
+        default=None,
+        min_length=1,
+        description="event header whose value is the correlation id (else a new one)",
+    )
+
+
+class SchemaRegistrySettings(_Frozen):
+    """A Confluent-compatible schema registry (Confluent, Apicurio's ccompat API, Redpanda,
+    Karapace): where the avro, protobuf and json_schema topics' schemas come from."""
+
+    url: str | None = Field(
+        default=None, description="base URL, e.g. http://registry:8081 or .../apis/ccompat/v7"
+    )
+    username: str | None = Field(default=None, description="basic auth")
+    password: SecretStr | None = Field(
+        default=None, description="from THREADS_CONNECTOR_SCHEMA_REGISTRY__PASSWORD only"
+    )
+    password_file: Path | None = None
+    bearer_token: SecretStr | None = Field(
+        default=None, description="from THREADS_CONNECTOR_SCHEMA_REGISTRY__BEARER_TOKEN only"
+    )
+    bearer_token_file: Path | None = None
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle for the registry's TLS")
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    retry_initial_s: float = Field(default=1.0, gt=0, description="after a failed fetch")
+    retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
+    max_cached_schemas: int = Field(default=10_000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): use schema_registry.username "
+                f"and {ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD or schema_registry.password_file"
+            )
+        if not re.match(r"^https?://[^/\s]+", value) or "?" in value or "#" in value:
+            raise ValueError("must be an http:// or https:// URL without a query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> SchemaRegistrySettings:
+        basic = self.password is not None or self.password_file is not None
+        bearer = self.bearer_token is not None or self.bearer_token_file is not None
+        if basic and self.username is None:
+            raise ValueError("a password needs schema_registry.username")
+        if self.username is not None and not basic:
+            raise ValueError(
+                f"schema_registry.username needs {ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD "
+                f"or schema_registry.password_file"
+            )
+        if basic and bearer:
+            raise ValueError("basic auth and a bearer token: set one of them")
+        return self
+
+
 class ResultSettings(_Frozen):
     deep_link_template: str = "https://app.example.com/agent?thread=${threadUid}"
+    forward_headers: list[str] = Field(
+        default_factory=list,
+        description="event headers copied to the result record (allow-list, by name)",
+    )
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _not_ours(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name:
+                raise ValueError("a header name must not be empty")
+            if name.lower() in RESULT_HEADERS:
+                raise ValueError(f"{name!r} is the connector's own result header")
+        return names
 
     @field_validator("deep_link_template")
     @classmethod
@@ -463,6 +575,8 @@ class ConnectorSettings(BaseSettings):
     event_type_field: str = "type"
     routes: list[Route] = Field(min_length=1)
     results: ResultSettings = Field(default_factory=ResultSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
 
@@ -531,6 +645,24 @@ class ConnectorSettings(BaseSettings):
                 f"kafka.heartbeat_interval_ms ({k.heartbeat_interval_ms}) must be below "
                 f"kafka.session_timeout_ms ({k.session_timeout_ms})"
             )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _formats_usable(self) -> ConnectorSettings:
+        """Every topic given a format is an input topic; a registry format needs the URL."""
+        problems = []
+        for topic, fmt in self.input.topics.items():
+            if topic not in self.kafka.input_topics:
+                problems.append(
+                    f"input.topics.{topic}: not one of kafka.input_topics "
+                    f"({', '.join(self.kafka.input_topics)})"
+                )
+            if fmt.format in REGISTRY_FORMATS and self.schema_registry.url is None:
+                problems.append(
+                    f"input.topics.{topic}.format {fmt.format} needs schema_registry.url"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -30,10 +30,10 @@ from connector.events import (
     ThreadCreated,
     TopicPartitionKey,
     dead_letter_record,
-    parse_event,
     result_record,
 )
 from connector.exposure import Exposure
+from connector.formats import Parser
 from connector.metrics import Metrics
 from connector.offsets import OffsetTracker
 from connector.routing import Router, render_event
@@ -87,10 +87,14 @@ class Pipeline:
         caller: ThreadCaller | Apps,
         metrics: Metrics,
         exposure: Exposure | None = None,
+        parser: Parser | None = None,
     ) -> None:
         """``exposure``: the gate on calls whose results are not committed (a session
-        after a failed commit passes one that starts closed)."""
+        after a failed commit passes one that starts closed); ``parser``: records to
+        events by their topic's format (default: every topic JSON)."""
         self._s = settings
+        self._parser = parser or Parser(settings)
+        self._forward = frozenset(name.lower() for name in settings.results.forward_headers)
         self._router = router
         self._store = store
         self._caller = caller
@@ -153,7 +157,6 @@ class Pipeline:
 
     async def _handle(self, job: Job) -> Outcome:
         record = job.record
-        s = self._s
         if self._store.dead_lettered(record.tp, record.offset):
             # dead-lettered above the committed position before a restart or rebalance:
             # its dead letter is durable already (a redriven copy has a new offset)
@@ -162,14 +165,12 @@ class Pipeline:
         if record.undecodable is not None:
             rejected = EventRejected(Stage.PARSE, record.undecodable, code="undecodable_record")
             return self._dead(record, rejected)
+        parser = self._parser
         try:
-            event = parse_event(
-                record,
-                id_field=s.dedup.event_id_field,
-                id_header=s.dedup.event_id_header,
-                type_field=s.event_type_field,
-                max_id_length=s.dedup.max_event_id_length,
-            )
+            if parser.plain(record.topic):
+                event = parser.parse(record)
+            else:  # a schema-registry format: may wait for the registry
+                event = await parser.decode(record)
         except EventRejected as exc:
             return self._dead(record, exc)
         key = event.dedup_key
@@ -220,6 +221,7 @@ class Pipeline:
             if admitted:
                 self.exposure.leave()  # abandoned or cancelled: the replay is the next owner's
             raise
+        self.exposure.thread_created()
         deep_link = self._deep_link(event, route.app_uid, created)
         records = [
             result_record(
@@ -229,6 +231,7 @@ class Pipeline:
                 created=created,
                 deep_link=deep_link,
                 user_key=request.user_key,
+                forward_headers=self._forward,
             )
         ]
         changelog = self._store.remember(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from connector.config import ConnectorSettings, load_settings
+from connector.config import ConnectorSettings, _secret, load_settings
 from connector.errors import ApiKeyInvalid, ConfigError
 from connector.kafka_common import ssl_context
 from connector.threads_client import tls_context
@@ -78,7 +78,36 @@ def file_checks(settings: ConnectorSettings) -> list[Check]:
     if settings.api.ca_file is not None:
         ca_file = settings.api.ca_file
         checks.append(_tls_check("api TLS", lambda: tls_context(ca_file), "api.ca_file"))
+    checks += [Check("registry", c.status, c.detail) for c in _registry_checks(settings)]
     return checks
+
+
+def _registry_checks(settings: ConnectorSettings) -> list[Check]:
+    """The schema registry's secret and CA files (``run`` shows a problem as a red
+    readiness naming the file, once a schema is needed)."""
+    r = settings.schema_registry
+    found: list[Check] = []
+    for name, value, path in (
+        ("password", r.password, r.password_file),
+        ("bearer_token", r.bearer_token, r.bearer_token_file),
+    ):
+        if value is not None or path is not None:
+            field = f"schema_registry.{name}"
+            found.append(_secret_check(field, _reader(value, path, f"{field}_file")))
+    if r.ca_file is not None:
+        ca_file = r.ca_file
+        found.append(
+            _tls_check(
+                "schema registry TLS",
+                lambda: ssl.create_default_context(cafile=str(ca_file)),
+                "schema_registry.ca_file",
+            )
+        )
+    return found
+
+
+def _reader(value: SecretStr | None, path: Path | None, name: str) -> Callable[[], SecretStr]:
+    return lambda: _secret(value, path, name)
 
 
 def _key_check(settings: ConnectorSettings, app: str) -> Check:

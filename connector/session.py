@@ -50,7 +50,9 @@ class Session:
         self.store = self._dedup_store()
         c.window.clear()  # a new session restores what it is assigned
         self.exposure = c._exposure = c._new_exposure(healthy=c._commit_healthy)
-        self.pipeline = Pipeline(s, c.router, self.store, c.apps, c.metrics, self.exposure)
+        self.pipeline = Pipeline(
+            s, c.router, self.store, c.apps, c.metrics, self.exposure, c.parser
+        )
         c.progress.forget(c.progress.partitions())  # the last session's assignment
         self.source = Source(s, self._on_revoked, self._on_assigned, c.metrics, c.progress)
         # after a fence, rejoin under a new transactional id: reusing ours would fence the
@@ -94,7 +96,6 @@ class Session:
         """Join, work until ``stop``, drain, commit, leave. A fence or a failed commit
         raises ``FencedError`` (the caller starts a new session); what was not committed is
         forgotten with this object."""
-        s = self._c.settings
         pipeline, sink, source = self.pipeline, self.sink, self.source
         exposure = self.exposure
         async with AsyncExitStack() as stack:
@@ -109,12 +110,21 @@ class Session:
                     gauges = tasks.create_task(self._gauge_loop(source, pipeline))
                     await self._fetch_loop(source, pipeline, tasks, stop)
                     # drain: stop fetching, let HTTP attempts finish, commit, then leave
+                    deadline = self._c._deadline.start()
                     cut = await pipeline.abandon(
-                        pipeline.tracker.partitions(), s.delivery.drain_timeout_s
+                        pipeline.tracker.partitions(), deadline.left(deadline.calls_until)
                     )
                     draining.set()  # the committer finishes its cycle and makes a last one
                     gauges.cancel()
-                    await committer
+                    await asyncio.wait({committer}, timeout=deadline.left(deadline.commit_until))
+                    if not committer.done():
+                        log.error(
+                            "the last commit cycle did not finish before the drain deadline "
+                            "(%s): not committed; its events will be replayed",
+                            self._c._ready()[1],
+                        )
+                        committer.cancel()
+                        raise FencedError("the last commit cycle missed the drain deadline")
             except BaseException as exc:
                 # Entries remembered for outcomes that were never committed would drop their
                 # replays as duplicates: forget them (the changelog restores what is durable).

@@ -1,7 +1,8 @@
 """The Threads API client: one attempt of ``POST /api/v1/appuid/{appUid}/threads``.
 
-The only module that imports the HTTP library (aiohttp: chosen on measurements, see
-``bench/http_clients.py`` and docs/benchmarks.md). Its errors are translated here, most specific
+With ``registry`` (the schema registry's client) the only module that imports the HTTP
+library (aiohttp: chosen on measurements, see ``bench/http_clients.py`` and
+docs/benchmarks.md). Its errors are translated here, most specific
 first, into the connector's tree (``connector.errors``); retries live in ``calls``.
 
 Each attempt is bounded: ``request_timeout_s`` is a TOTAL deadline (connect, send,

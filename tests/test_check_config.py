@@ -259,6 +259,69 @@ def test_a_few_aliases_are_still_fine(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0, out
 
 
+# -- input formats and the schema registry -------------------------------------------------
+
+
+def test_formats_and_registry_are_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD", "registry-pw-must-not-leak")
+    data = config(
+        kafka={"input_topics": ["orders", "ce"]},
+        input={"topics": {"orders": {"format": "protobuf"}, "ce": {"cloudevents": True}}},
+        schema_registry={"url": "https://registry:8081", "username": "svc"},
+    )
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == 0, out
+    assert "input orders: protobuf\n" in out
+    assert "input ce: json, CloudEvents\n" in out
+    assert "schema registry: https://registry:8081 (basic auth)" in out
+    assert "registry-pw-must-not-leak" not in out
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        (
+            {"input": {"topics": {"orders": {"format": "avro"}}}},
+            "input.topics.orders.format avro needs schema_registry.url",
+        ),
+        (
+            {"input": {"topics": {"other": {"format": "json"}}}},
+            "input.topics.other: not one of kafka.input_topics (orders)",
+        ),
+        ({"input": {"topics": {"orders": {"format": "xml"}}}}, "input.topics.orders.format"),
+        (
+            {"schema_registry": {"url": "http://u:p@registry:8081"}},
+            "schema_registry.url: Value error, must not hold credentials (http://***@registry",
+        ),
+        ({"schema_registry": {"url": "registry:8081"}}, "schema_registry.url"),
+        (
+            {"schema_registry": {"url": "http://r:1", "username": "svc"}},
+            "schema_registry.username needs THREADS_CONNECTOR_SCHEMA_REGISTRY__PASSWORD",
+        ),
+        ({"results": {"forward_headers": ["Correlation-Id"]}}, "connector's own result header"),
+        ({"input": {"correlation_id_header": ""}}, "input.correlation_id_header"),
+    ],
+)
+def test_format_settings_are_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], words: str
+) -> None:
+    out = refused(tmp_path, capsys, config(kafka={"input_topics": ["orders"]}, **changes))
+    assert words in out
+    assert "u:p@" not in out
+
+
+def test_registry_secrets_are_refused_in_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("password", "bearer_token"):
+        data = config(schema_registry={"url": "http://r:1", name: "s3cret-in-file"})
+        out = refused(tmp_path, capsys, data)
+        assert f"schema_registry.{name}: secrets must not be written in the config file" in out
+        assert "s3cret-in-file" not in out
+
+
 # -- every file and variable run reads, attributed to where it came from (issue 21.2) ----
 
 
@@ -406,3 +469,18 @@ def test_a_missing_kafka_ca_bundle_is_named_where_run_reports_it(tmp_path: Path)
         "credentials: kafka.ssl_cafile: cannot load the CA bundle /nonexistent/ca.pem: "
         "No such file or directory"
     )
+
+
+def test_registry_files_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config(
+        schema_registry={
+            "url": "https://r:1",
+            "username": "svc",
+            "password_file": str(tmp_path / "missing"),
+            "ca_file": str(tmp_path / "missing-ca.pem"),
+        }
+    )
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == EXIT_CONFIG, out
+    assert "registry: schema_registry.password_file: cannot read" in out
+    assert "registry: schema_registry.ca_file: cannot load the CA bundle" in out

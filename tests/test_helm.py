@@ -42,6 +42,11 @@ CHART_OWNED = {
     ("kafka", "ssl_keyfile"),  # idem
     ("kafka", "group_instance_id"),  # the pod name under a StatefulSet (workloadKind)
     ("kafka", "static_members"),  # the autoscaler's minimum under a StatefulSet
+    ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
+    ("schema_registry", "password_file"),  # set by the chart
+    ("schema_registry", "bearer_token"),  # idem
+    ("schema_registry", "bearer_token_file"),  # idem
+    ("schema_registry", "ca_file"),  # set by the chart (schemaRegistry.caSecret)
 }
 
 Manifest = dict[str, Any]
@@ -709,6 +714,44 @@ def test_an_app_without_a_key_source_is_rejected() -> None:
     proc = helm("template", "rel", str(CHART), *API_KEY_SET, "--set", "secrets.apps.app-c.key=k")
     assert proc.returncode != 0
     assert "secrets.apps.app-c needs apiKey" in proc.stderr
+
+
+def test_schema_registry_secrets_are_mounted_and_named_in_the_config(tmp_path: Path) -> None:
+    from connector.config import load_settings
+
+    docs = render(
+        *API_KEY_SET,
+        "--set",
+        "config.schema_registry.url=https://registry:8081",
+        "--set",
+        "config.schema_registry.username=svc",
+        "--set",
+        "config.input.topics.domain-events.format=avro",
+        "--set",
+        "schemaRegistry.existingSecret=registry-creds",
+        "--set",
+        "schemaRegistry.passwordKey=pw",
+        "--set",
+        "schemaRegistry.caSecret=registry-ca",
+    )
+    registry = connector_config(docs)["schema_registry"]
+    assert registry["password_file"] == "/var/run/secrets/threads-connector-registry/password"
+    assert registry["ca_file"] == "/var/run/secrets/threads-connector-registry-tls/ca.crt"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
+    assert volumes["registry-auth"]["items"] == [{"key": "pw", "path": "password"}]
+    assert volumes["registry-ca"]["secretName"] == "registry-ca"
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    assert mounts["registry-auth"] == "/var/run/secrets/threads-connector-registry"
+    path = tmp_path / "connector.yaml"
+    path.write_text(config_map(docs)["data"]["connector.yaml"])
+    (tmp_path / "pw").write_text("x")
+    settings = load_settings(path)
+    assert settings.input.topics["domain-events"].format == "avro"
+    # without the values: no mounts, no files
+    default = render(*API_KEY_SET)
+    assert "registry-auth" not in {m["name"] for m in container(default)["volumeMounts"]}
+    assert connector_config(default)["schema_registry"] == {"url": None, "username": None}
 
 
 def test_a_drain_during_an_outage_is_not_blocked_by_the_budget() -> None:

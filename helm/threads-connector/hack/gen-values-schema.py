@@ -37,6 +37,11 @@ EXCLUDED = {
     ("delivery", "instance_id"),  # the pod name
     ("kafka", "group_instance_id"),  # the pod name under a StatefulSet (workloadKind)
     ("kafka", "static_members"),  # the autoscaler's minimum under a StatefulSet
+    ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
+    ("schema_registry", "password_file"),
+    ("schema_registry", "bearer_token"),
+    ("schema_registry", "bearer_token_file"),
+    ("schema_registry", "ca_file"),  # schemaRegistry.caSecret, mounted
 }
 DROPPED_KEYWORDS = {"title", "format", "writeOnly", "$defs"}
 
@@ -205,6 +210,15 @@ def values_schema() -> Schema:
                 }
             ),
             "apiTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),
+            "schemaRegistry": obj(
+                {
+                    "existingSecret": typed("string"),
+                    "passwordKey": typed("string"),
+                    "bearerTokenKey": typed("string"),
+                    "caSecret": typed("string"),
+                    "caKey": SECRET_KEY,
+                }
+            ),
             "kafkaTls": obj(
                 {
                     "caSecret": typed("string"),
@@ -301,12 +315,12 @@ def values_schema() -> Schema:
                     "enabled": typed("boolean"),
                     "maxUnavailable": INT_OR_PERCENT_OR_NULL,
                     "minAvailable": INT_OR_PERCENT_OR_NULL,
-                    "unhealthyPodEvictionPolicy": typed(
-                        ["string", "null"],
-                        enum=["AlwaysAllow", "IfHealthyBudget", None],
-                        description="AlwaysAllow: pods that are not ready may be evicted "
+                    "unhealthyPodEvictionPolicy": {
+                        "type": ["string", "null"],
+                        "enum": ["AlwaysAllow", "IfHealthyBudget", None],
+                        "description": "AlwaysAllow: pods that are not ready may be evicted "
                         "whatever the budget (a drain during an outage does not block)",
-                    ),
+                    },
                 }
             ),
             "hpa": obj(

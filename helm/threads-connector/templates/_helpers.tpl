@@ -61,6 +61,8 @@ Where things are mounted in the container.
 {{- define "threads-connector.secretDir" -}}/var/run/secrets/threads-connector{{- end }}
 {{- define "threads-connector.tlsDir" -}}/var/run/secrets/threads-connector-tls{{- end }}
 {{- define "threads-connector.apiTlsDir" -}}/var/run/secrets/threads-connector-api-tls{{- end }}
+{{- define "threads-connector.registryDir" -}}/var/run/secrets/threads-connector-registry{{- end }}
+{{- define "threads-connector.registryTlsDir" -}}/var/run/secrets/threads-connector-registry-tls{{- end }}
 {{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
 {{- define "threads-connector.appsDir" -}}/var/run/secrets/threads-connector-apps{{- end }}
 
@@ -152,6 +154,19 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- end }}
 {{- if .Values.apiTls.caSecret }}
 {{- $_ := set $cfg.api "ca_file" (printf "%s/ca.crt" (include "threads-connector.apiTlsDir" .)) }}
+{{- end }}
+{{- $registry := .Values.schemaRegistry | default dict }}
+{{- if or $registry.caSecret (and $registry.existingSecret (or $registry.passwordKey $registry.bearerTokenKey)) }}
+{{- if not (hasKey $cfg "schema_registry") }}{{- $_ := set $cfg "schema_registry" dict }}{{- end }}
+{{- if and $registry.existingSecret $registry.passwordKey }}
+{{- $_ := set $cfg.schema_registry "password_file" (printf "%s/password" (include "threads-connector.registryDir" .)) }}
+{{- end }}
+{{- if and $registry.existingSecret $registry.bearerTokenKey }}
+{{- $_ := set $cfg.schema_registry "bearer_token_file" (printf "%s/bearer-token" (include "threads-connector.registryDir" .)) }}
+{{- end }}
+{{- if $registry.caSecret }}
+{{- $_ := set $cfg.schema_registry "ca_file" (printf "%s/ca.crt" (include "threads-connector.registryTlsDir" .)) }}
+{{- end }}
 {{- end }}
 {{- if .Values.kafkaTls.caSecret }}
 {{- $_ := set $cfg.kafka "ssl_cafile" (printf "%s/ca.crt" (include "threads-connector.tlsDir" .)) }}
