@@ -22,6 +22,9 @@ Contenders:
   same events in that input format (``bench/formats.py``: written by Confluent's
   serializers, schemas in a real registry started for the run); ``eos`` is the JSON one.
   ``--only eos --formats avro,protobuf`` runs JSON, Avro and Protobuf side by side.
+- ``--traced URL``: ``traced``, the connector (``exactly_once``) with tracing on, every
+  event sampled, spans exported with OTLP/HTTP to ``URL`` (``…/v1/traces``, e.g. a Jaeger
+  started for the run: docs/tracing.md).
 
 The Threads API simulator runs in its own process at 0 ms latency (one per round). The
 broker, the simulator and the contender share the machine, so beside the contender's own
@@ -37,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -87,9 +91,12 @@ def pc_jar() -> Path | None:
     return PC_JAR
 
 
-def connector_starter(mode: str, src: str | None = None) -> Starter:
+def connector_starter(mode: str, src: str | None = None, *, traced: bool = False) -> Starter:
     def start(bootstrap: str, base_url: str, topics: Topics) -> subprocess.Popen[bytes]:
-        return start_connector(connector_config(bootstrap, base_url, topics, mode), src)
+        data = connector_config(bootstrap, base_url, topics, mode)
+        if traced:
+            data["tracing"] = {"enabled": True, "service_name": "bench-traced"}
+        return start_connector(data, src)
 
     return start
 
@@ -214,6 +221,7 @@ def main() -> int:
     parser.add_argument(
         "--compare", action="append", default=[], metavar="NAME=SRC", help="connector tree"
     )
+    parser.add_argument("--traced", metavar="URL", help="add 'traced': tracing on, to URL")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--formats", help="comma-separated subset of avro,protobuf,json_schema")
     args = parser.parse_args()
@@ -230,6 +238,11 @@ def main() -> int:
     for spec in args.compare:
         name, src = spec.split("=", 1)
         contenders[name] = connector_starter("exactly_once", src)
+    if args.traced:
+        # read by the traced contender only (tracing is off in the others' settings)
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = args.traced
+        os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+        contenders["traced"] = connector_starter("exactly_once", traced=True)
 
     loads = [load_average()]
     runs: list[Run] = []

@@ -45,6 +45,7 @@ from connector.registry import SchemaRegistry
 from connector.routing import Router
 from connector.session import Session, cancel
 from connector.topics import TopicManager
+from connector.tracing import TRACING
 
 log = logging.getLogger(__name__)
 LIVENESS_STALE_S = 60.0
@@ -196,6 +197,9 @@ class Connector:
         async with AsyncExitStack() as stack:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
+            if s.tracing.enabled:
+                TRACING.start(s.tracing.service_name)
+                stack.callback(TRACING.shutdown)  # flushes the last spans
             self.apps.start(stack)  # each app's HTTP client and caller
             if self.registry is not None:
                 stack.push_async_callback(self.registry.close)

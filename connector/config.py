@@ -48,6 +48,7 @@ _SECRET_FIELDS = {
     ("kafka", "ssl_key_password"),
     ("schema_registry", "password"),
     ("schema_registry", "bearer_token"),
+    ("kafka", "oauth_client_secret"),
 }
 # a template placeholder: ``${dotted.path}`` (or ``$name``); ``$$`` is a literal dollar
 TEMPLATE_ID = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
@@ -103,10 +104,22 @@ class KafkaSettings(_Frozen):
         "naming it; above the upstream producers' transaction.timeout.ms (60 s by default)",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     sasl_password_file: Path | None = None
+    oauth_token_url: str | None = Field(
+        default=None, description="OAUTHBEARER: the identity provider's token endpoint"
+    )
+    oauth_client_id: str | None = Field(default=None, min_length=1)
+    oauth_client_secret: SecretStr | None = None
+    oauth_client_secret_file: Path | None = None
+    oauth_scope: str | None = Field(default=None, description="space-separated scopes")
+    oauth_refresh_margin_s: float = Field(
+        default=60.0, gt=0, description="a token is replaced this long before it expires"
+    )
+    oauth_timeout_s: float = Field(default=10.0, gt=0, description="one token request")
+    oauth_ca_file: Path | None = Field(default=None, description="PEM CA of the token endpoint")
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = Field(default=None, description="client certificate (mTLS)")
     ssl_keyfile: Path | None = Field(default=None, description="its private key (PEM)")
@@ -201,6 +214,35 @@ class KafkaSettings(_Frozen):
             return gid
         ordinal = _ordinal(gid)
         return gid if ordinal is not None and ordinal < limit else None
+
+    @model_validator(mode="after")
+    def _oauth_complete(self) -> KafkaSettings:
+        oauth = self.sasl_mechanism == "OAUTHBEARER"
+        if oauth and (self.oauth_token_url is None or self.oauth_client_id is None):
+            raise ValueError(
+                "sasl_mechanism OAUTHBEARER needs oauth_token_url and oauth_client_id "
+                "(and the secret: oauth_client_secret_file or THREADS_CONNECTOR_KAFKA__"
+                "OAUTH_CLIENT_SECRET)"
+            )
+        if not oauth and (self.oauth_token_url is not None or self.oauth_client_id is not None):
+            raise ValueError("oauth_token_url / oauth_client_id are only used with OAUTHBEARER")
+        if oauth and self.sasl_username is not None:
+            raise ValueError("sasl_username is not used with OAUTHBEARER (oauth_client_id is)")
+        return self
+
+    @field_validator("oauth_token_url")
+    @classmethod
+    def _token_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): the client secret goes in "
+                "kafka.oauth_client_secret_file"
+            )
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _client_certificate(self) -> KafkaSettings:
@@ -316,6 +358,17 @@ class ApiSettings(_Frozen):
         default=1_048_576, ge=1_024, description="a longer body fails the attempt"
     )
     ca_file: Path | None = Field(default=None, description="PEM CA bundle for the API's TLS")
+    proxy_url: str | None = Field(
+        default=None,
+        description="http://host:port of a forward proxy for the API calls (else HTTPS_PROXY "
+        "/ HTTP_PROXY / NO_PROXY); credentials go in proxy_auth_file",
+    )
+    proxy_auth_file: Path | None = Field(
+        default=None, description="a mounted file holding the proxy's user:password"
+    )
+    proxy_from_env: bool = Field(
+        default=True, description="honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY"
+    )
     max_retry_after_s: float = Field(default=300.0, gt=0, description="cap on Retry-After")
     max_pause_ready_s: float = Field(
         default=60.0, gt=0, description="a longer Retry-After pause turns /readyz red"
@@ -388,6 +441,23 @@ class ApiSettings(_Frozen):
         if "?" in value or "#" in value:
             # the API's path is appended to it: a query or fragment would swallow it
             raise ValueError("must not have a query (?) or a fragment (#)")
+        return value.rstrip("/")
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): put user:password in "
+                "api.proxy_auth_file"
+            )
+        if not re.match(r"^http://[^/\s?#]+/?$", value):
+            raise ValueError(
+                "must be http://host:port (the proxy is spoken to in plain HTTP; an https:// "
+                "API goes through it with CONNECT, its TLS end to end)"
+            )
         return value.rstrip("/")
 
 
@@ -561,6 +631,17 @@ class LogSettings(_Frozen):
     format: Literal["json", "text"] = "json"
 
 
+class TracingSettings(_Frozen):
+    """OpenTelemetry tracing (docs/tracing.md). The exporter and the sampler are set by the
+    standard ``OTEL_*`` environment variables (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_TRACES_SAMPLER``...), which the OpenTelemetry SDK reads itself."""
+
+    enabled: bool = Field(default=False, description="a trace per event, exported with OTLP")
+    service_name: str = Field(
+        default="threads-connector", min_length=1, description="unless OTEL_SERVICE_NAME is set"
+    )
+
+
 class ConnectorSettings(BaseSettings):
     """The whole configuration, frozen once built."""
 
@@ -579,6 +660,7 @@ class ConnectorSettings(BaseSettings):
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -616,9 +698,14 @@ class ConnectorSettings(BaseSettings):
                     for index, app in keyless
                 )
             )
-        if self.kafka.sasl_mechanism and not (
-            self.kafka.sasl_password or self.kafka.sasl_password_file
-        ):
+        k = self.kafka
+        if k.sasl_mechanism == "OAUTHBEARER":
+            if not (k.oauth_client_secret or k.oauth_client_secret_file):
+                raise ValueError(
+                    f"kafka.oauth_client_secret ({ENV_PREFIX}KAFKA__OAUTH_CLIENT_SECRET) or "
+                    "kafka.oauth_client_secret_file is required with OAUTHBEARER"
+                )
+        elif k.sasl_mechanism and not (k.sasl_password or k.sasl_password_file):
             raise ValueError("kafka.sasl_password (env) or kafka.sasl_password_file is required")
         return self
 
@@ -711,6 +798,14 @@ class ConnectorSettings(BaseSettings):
         if k.ssl_key_password is None and k.ssl_key_password_file is None:
             return None
         return _secret(k.ssl_key_password, k.ssl_key_password_file, "kafka.ssl_key_password_file")
+
+    def oauth_client_secret(self) -> SecretStr:
+        """The OAuth client secret (OAUTHBEARER), read again at every call: a rotated
+        mounted secret is used from the next token request."""
+        k = self.kafka
+        return _secret(
+            k.oauth_client_secret, k.oauth_client_secret_file, "kafka.oauth_client_secret_file"
+        )
 
     def sasl_password(self) -> SecretStr | None:
         if self.kafka.sasl_password is None and self.kafka.sasl_password_file is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from connector import proxy
 from connector.config import ConnectorSettings, _secret, load_settings
 from connector.errors import ApiKeyInvalid, ConfigError
 from connector.kafka_common import ssl_context
@@ -68,13 +69,16 @@ def file_checks(settings: ConnectorSettings) -> list[Check]:
     checks = [_key_check(settings, app) for app in settings.app_uids()]
     k = settings.kafka
     kafka: list[Check] = []
-    if k.sasl_mechanism:
+    if k.sasl_mechanism == "OAUTHBEARER":
+        kafka.append(_secret_check("kafka.oauth_client_secret", settings.oauth_client_secret))
+    elif k.sasl_mechanism:
         kafka.append(_secret_check("kafka.sasl_password", settings.sasl_password))
     if k.ssl_key_password is not None or k.ssl_key_password_file is not None:
         kafka.append(_secret_check("kafka.ssl_key_password", settings.ssl_key_password))
     if k.security_protocol.endswith("SSL"):
         kafka.append(_tls_check("kafka TLS", lambda: ssl_context(settings), "kafka.ssl_cafile"))
     checks += [Check("kafka", c.status, c.detail) for c in kafka]
+    checks.append(_proxy_check(settings))
     if settings.api.ca_file is not None:
         ca_file = settings.api.ca_file
         checks.append(_tls_check("api TLS", lambda: tls_context(ca_file), "api.ca_file"))
@@ -108,6 +112,16 @@ def _registry_checks(settings: ConnectorSettings) -> list[Check]:
 
 def _reader(value: SecretStr | None, path: Path | None, name: str) -> Callable[[], SecretStr]:
     return lambda: _secret(value, path, name)
+
+
+def _proxy_check(settings: ConnectorSettings) -> Check:
+    """The API's egress proxy: its credentials file readable (``run`` refuses to start
+    without it, like an API key file), an environment proxy URL that is one."""
+    try:
+        found = proxy.resolve(settings.api)
+    except ConfigError as exc:
+        return Check("files", Status.FAIL, str(exc))
+    return Check("api proxy", Status.OK, found.describe() if found else "none (direct)")
 
 
 def _key_check(settings: ConnectorSettings, app: str) -> Check:

@@ -34,6 +34,9 @@ EXCLUDED = {
     ("kafka", "ssl_certfile"),  # kafkaTls.clientCertSecret, mounted
     ("kafka", "ssl_keyfile"),  # kafkaTls.clientCertSecret, mounted
     ("api", "ca_file"),  # apiTls.caSecret, mounted
+    ("api", "proxy_auth_file"),  # apiProxy.authSecret, mounted
+    ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret or existingSecret
+    ("kafka", "oauth_client_secret_file"),  # the mounted Secret
     ("delivery", "instance_id"),  # the pod name
     ("kafka", "group_instance_id"),  # the pod name under a StatefulSet (workloadKind)
     ("kafka", "static_members"),  # the autoscaler's minimum under a StatefulSet
@@ -105,10 +108,20 @@ def config_schema() -> Schema:
         "required": ["security_protocol"],
     }
     kafka["then"] = {
-        "required": ["sasl_mechanism", "sasl_username"],
-        "properties": {
-            "sasl_mechanism": {"type": "string"},
-            "sasl_username": {"type": "string", "minLength": 1},
+        "required": ["sasl_mechanism"],
+        "properties": {"sasl_mechanism": {"type": "string"}},
+        # OAUTHBEARER logs in with an OAuth client; the other mechanisms with a user name
+        "if": {"properties": {"sasl_mechanism": {"const": "OAUTHBEARER"}}},
+        "then": {
+            "required": ["oauth_token_url", "oauth_client_id"],
+            "properties": {
+                "oauth_token_url": {"type": "string", "minLength": 1},
+                "oauth_client_id": {"type": "string", "minLength": 1},
+            },
+        },
+        "else": {
+            "required": ["sasl_username"],
+            "properties": {"sasl_username": {"type": "string", "minLength": 1}},
         },
     }
     port = cfg["properties"]["server"]["properties"]["port"]
@@ -191,9 +204,11 @@ def values_schema() -> Schema:
                     "apiKeyKey": SECRET_KEY,
                     "saslPasswordKey": SECRET_KEY,
                     "sslKeyPasswordKey": SECRET_KEY,
+                    "oauthClientSecretKey": SECRET_KEY,
                     "apiKey": typed("string"),
                     "saslPassword": typed("string"),
                     "sslKeyPassword": typed("string"),
+                    "oauthClientSecret": typed("string"),
                     "rollOnChange": typed("boolean"),
                     "apps": typed(
                         "object",
@@ -219,6 +234,7 @@ def values_schema() -> Schema:
                     "caKey": SECRET_KEY,
                 }
             ),
+            "apiProxy": obj({"authSecret": typed("string"), "authKey": SECRET_KEY}),
             "kafkaTls": obj(
                 {
                     "caSecret": typed("string"),

@@ -65,6 +65,7 @@ Where things are mounted in the container.
 {{- define "threads-connector.registryTlsDir" -}}/var/run/secrets/threads-connector-registry-tls{{- end }}
 {{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
 {{- define "threads-connector.appsDir" -}}/var/run/secrets/threads-connector-apps{{- end }}
+{{- define "threads-connector.apiProxyDir" -}}/var/run/secrets/threads-connector-api-proxy{{- end }}
 
 {{/*
 Is the default API key (secrets.apiKey, or secrets.apiKeyKey in secrets.existingSecret)
@@ -80,7 +81,7 @@ Does the connector's Secret volume mount anything (the default key, the SASL pas
 client key's password)? Not with per-app keys only and no SASL.
 */}}
 {{- define "threads-connector.secretVolume" -}}
-{{- if or (include "threads-connector.defaultApiKey" .) (include "threads-connector.saslEnabled" .) .Values.kafkaTls.clientKeyEncrypted }}true{{- end }}
+{{- if or (include "threads-connector.defaultApiKey" .) (include "threads-connector.saslEnabled" .) (include "threads-connector.oauthEnabled" .) .Values.kafkaTls.clientKeyEncrypted }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -106,7 +107,13 @@ The Secret holding the API key and the SASL password.
 
 {{- define "threads-connector.saslEnabled" -}}
 {{- $kafka := .Values.config.kafka | default dict }}
-{{- if $kafka.sasl_mechanism }}true{{- end }}
+{{- if and $kafka.sasl_mechanism (ne $kafka.sasl_mechanism "OAUTHBEARER") }}true{{- end }}
+{{- end }}
+
+{{/* SASL/OAUTHBEARER: a client secret (secrets.oauthClientSecret) instead of a password. */}}
+{{- define "threads-connector.oauthEnabled" -}}
+{{- $kafka := .Values.config.kafka | default dict }}
+{{- if eq ($kafka.sasl_mechanism | default "") "OAUTHBEARER" }}true{{- end }}
 {{- end }}
 
 {{- define "threads-connector.tlsEnabled" -}}
@@ -152,6 +159,9 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- if include "threads-connector.saslEnabled" . }}
 {{- $_ := set $cfg.kafka "sasl_password_file" (printf "%s/sasl-password" (include "threads-connector.secretDir" .)) }}
 {{- end }}
+{{- if include "threads-connector.oauthEnabled" . }}
+{{- $_ := set $cfg.kafka "oauth_client_secret_file" (printf "%s/oauth-client-secret" (include "threads-connector.secretDir" .)) }}
+{{- end }}
 {{- if .Values.apiTls.caSecret }}
 {{- $_ := set $cfg.api "ca_file" (printf "%s/ca.crt" (include "threads-connector.apiTlsDir" .)) }}
 {{- end }}
@@ -167,6 +177,9 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- if $registry.caSecret }}
 {{- $_ := set $cfg.schema_registry "ca_file" (printf "%s/ca.crt" (include "threads-connector.registryTlsDir" .)) }}
 {{- end }}
+{{- end }}
+{{- if .Values.apiProxy.authSecret }}
+{{- $_ := set $cfg.api "proxy_auth_file" (printf "%s/proxy-auth" (include "threads-connector.apiProxyDir" .)) }}
 {{- end }}
 {{- if .Values.kafkaTls.caSecret }}
 {{- $_ := set $cfg.kafka "ssl_cafile" (printf "%s/ca.crt" (include "threads-connector.tlsDir" .)) }}
@@ -214,6 +227,12 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- end }}
 {{- if and (include "threads-connector.saslEnabled" .) (not .Values.secrets.existingSecret) (not .Values.secrets.saslPassword) }}
 {{- $errors = append $errors "secrets.saslPassword is required when config.kafka.sasl_mechanism is set (or name a Secret you manage in secrets.existingSecret)" }}
+{{- end }}
+{{- if and (include "threads-connector.oauthEnabled" .) (not .Values.secrets.existingSecret) (not .Values.secrets.oauthClientSecret) }}
+{{- $errors = append $errors "secrets.oauthClientSecret is required when config.kafka.sasl_mechanism is OAUTHBEARER (or name a Secret you manage in secrets.existingSecret)" }}
+{{- end }}
+{{- if and (include "threads-connector.oauthEnabled" .) .Values.keda.enabled }}
+{{- $errors = append $errors "keda.enabled: the chart's KEDA Kafka trigger logs in with a SASL password; with OAUTHBEARER use hpa (or a TriggerAuthentication of your own)" }}
 {{- end }}
 {{- if and .Values.kafkaTls.clientCertSecret (not (include "threads-connector.tlsEnabled" .)) }}
 {{- $errors = append $errors "kafkaTls.clientCertSecret needs config.kafka.security_protocol SSL or SASL_SSL" }}
