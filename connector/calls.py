@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 
 from connector.config import ApiSettings
 from connector.errors import (
+    ApiError,
     ApiKeyInvalid,
     AuthError,
     EventRejected,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 Admit = Callable[[], Awaitable[None]]
+Probe = Callable[[], Awaitable[int]]  # the status of a request that cannot create a thread
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
@@ -96,9 +98,12 @@ class ThreadCaller:
         auth_gate: AuthGate | None = None,
         breaker: CircuitBreaker | None = None,
         stop_gate: StopGate | None = None,
+        probe: Probe | None = None,
     ) -> None:
         """``stop_gate``: shared by the apps (``api.on_error: stop`` stops every call);
-        none given, the caller makes its own in that mode."""
+        none given, the caller makes its own in that mode. ``probe``: a request of the
+        app's that cannot create a thread, its status (``ThreadsClient.probe``): proves
+        the app's path and key while events answered with a 4xx wait for that proof."""
         self._attempt = attempt
         self._settings = settings
         self._bucket = bucket
@@ -113,8 +118,14 @@ class ThreadCaller:
             settings.breaker_failure_threshold, settings.breaker_probe_interval_s
         )
         # api.on_error: pause counts 4xx runs by route; stop closes the stop gate at the first
+        self._probe = probe
         self.systemic = (
-            Systemic(settings.pause_after_failures, settings.pause_probe_interval_s, self._metrics)
+            Systemic(
+                settings.pause_after_failures,
+                settings.pause_probe_interval_s,
+                self._metrics,
+                self._prove if probe is not None else None,
+            )
             if settings.on_error == "pause"
             else None
         )
@@ -248,6 +259,20 @@ class ThreadCaller:
                     probe.abandon_probe()
                 elif route_probe and route is not None:  # an answer that says nothing of it
                     route.abandon_probe()
+
+    async def _prove(self) -> bool:
+        """Whether the app's path and key work, by a request that cannot create a thread
+        (400 or 422 to an invalid body), under the rate limit like any call."""
+        if self._probe is None:
+            return False
+        if not self._bucket.take_now():
+            await self._bucket.acquire()
+        try:
+            status = await self._probe()
+        except ApiError:
+            return False  # no answer: nothing proven
+        self._metrics.api_responses.labels(status_class(status), str(status)).inc()
+        return status in (400, 422)
 
     async def _pass_gates(self, route: RouteGate | None = None) -> Gate | None:
         """Wait until every gate is open, or this caller is the probe of a closed one."""

@@ -6,10 +6,15 @@ a wrong ``api.base_url`` answers 404 to every call, a route's agent that does no
 lettering each would drain the backlog into the dead-letter topic while the pod looks
 healthy. So, for ``api.on_error: pause`` (the default), per app:
 
-- **An app's calls are proven by a success** (its path and key work). Until then, an
-  event answered with a 4xx is *held*, not dead-lettered: it waits for the app's first
-  success (then it is tried once more, and a failure then is its own) or for its route to
-  pause (then it waits with the route's other events).
+- **An app's calls are proven by a success** (its path and key work), or by a probe that
+  cannot create a thread (``ThreadsClient.probe``: an invalid body, which the API answers
+  400 after the path and the key; a wrong path answers 404 to it too). Until then, an
+  event answered with a 4xx is *held*, not dead-lettered: while events are held, one of
+  them sends that probe every ``api.pause_probe_interval_s``; the event waits for the
+  app's proof (then it is tried once more, and a failure then is its own) or for its
+  route to pause (then it waits with the route's other events). Without the probe, an
+  app's lone event failing on its own waited for the app's next success, for ever on a
+  quiet app, and its partition's commit, then the whole buffer, with it.
 - **A run pauses a route** (``RouteGate``). ``api.pause_after_failures`` distinct events
   of one route answered with the same status, with no success of the route in between,
   is a configuration fault: the route's calls wait, readiness names the app, the route,
@@ -31,7 +36,10 @@ gate's (``connector.gates``): neither is an event's fault in any mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from enum import Enum
 
 from connector.errors import PermanentApiError
@@ -39,6 +47,9 @@ from connector.gates import Gate
 from connector.metrics import AppMetrics
 
 log = logging.getLogger(__name__)
+
+# True when a request that cannot create a thread proves the app's path and key work
+Prove = Callable[[], Awaitable[bool]]
 
 
 class Verdict(Enum):
@@ -106,7 +117,15 @@ class Systemic:
     """One app's route gates, and whether its calls are proven to work. Each pause and
     resume is logged once and shown by ``route_paused_status{app,route}``."""
 
-    def __init__(self, threshold: int, probe_interval_s: float, metrics: AppMetrics) -> None:
+    def __init__(
+        self,
+        threshold: int,
+        probe_interval_s: float,
+        metrics: AppMetrics,
+        prove: Prove | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.threshold = threshold
         self.probe_interval_s = probe_interval_s
         self.proven = False
@@ -114,6 +133,10 @@ class Systemic:
         self._metrics = metrics
         self._routes: dict[str, RouteGate] = {}
         self._changed = asyncio.Event()
+        self._prove = prove
+        self._proving = False
+        self._next_proof = 0.0  # when a held event may send the next probe
+        self._clock = clock
 
     def gate(self, route: str) -> RouteGate:
         gate = self._routes.get(route)
@@ -167,10 +190,38 @@ class Systemic:
         log.warning(message, self._metrics.app, extra={"app": self._metrics.app})
 
     async def hold(self, gate: RouteGate) -> None:
-        """Wait until the app is proven or the route paused (then try again)."""
+        """Wait until the app is proven or the route paused (then try again). One held
+        event at a time probes the app's path and key, every ``probe_interval_s``."""
         self.held += 1
         try:
             while not self.proven and gate.is_open:
-                await self._changed.wait()
+                wait_s: float | None = None  # until something changes
+                if self._prove is not None and not self._proving:
+                    wait_s = self._next_proof - self._clock()
+                    if wait_s <= 0:
+                        await self._try_proof(self._prove)
+                        continue
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await changed.wait()
         finally:
             self.held -= 1
+
+    async def _try_proof(self, prove: Prove) -> None:
+        self._proving = True
+        try:
+            proven = await prove()
+        finally:
+            self._proving = False
+            self._next_proof = self._clock() + self.probe_interval_s
+            self._notify()  # a cancelled prover hands the probe over
+        if proven and not self.proven:
+            self.proven = True
+            self._notify()
+            log.info(
+                "app %s: a probe proves its path and key (HTTP 400 to an invalid body): "
+                "events answered with a 4xx are tried once more, then dead-lettered",
+                self._metrics.app,
+                extra={"app": self._metrics.app},
+            )

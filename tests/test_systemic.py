@@ -219,3 +219,34 @@ async def test_calls_without_an_answer_trip_the_breaker_and_the_event_waits() ->
     assert h.delays[1:] == [3.0] * 5  # after the breaker opened: the probe's waits
     assert all(r and "circuit breaker" in r and "no complete answer" in r for r in reasons[1:])
     assert h.caller.breaker.is_open
+
+
+async def test_held_events_probe_the_app_one_at_a_time_until_it_is_proven() -> None:
+    """Events held on an unproven app send one probe at a time (a request that cannot
+    create a thread), at most one per ``pause_probe_interval_s``; once it proves the app
+    every held event goes on. Before, nothing probed: a held event waited for the app's
+    next success, for ever on a quiet app."""
+    interval_s = 0.05
+    proofs: list[bool] = []
+    running = 0
+    most = 0
+    proven_after = 4
+
+    async def prove() -> bool:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        proofs.append(len(proofs) + 1 >= proven_after)
+        return proofs[-1]
+
+    systemic = Systemic(20, interval_s, AppMetrics(Metrics(), "demo-app"), prove)
+    gate = systemic.gate("*/order.shipped")
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(asyncio.gather(*(systemic.hold(gate) for _ in range(10))), 5)
+    took_s = asyncio.get_running_loop().time() - started
+    assert systemic.proven and systemic.held == 0
+    assert proofs == [False, False, False, True]  # not one per held event
+    assert most == 1
+    assert took_s >= (proven_after - 1) * interval_s

@@ -1,0 +1,122 @@
+"""A hostile review of the systemic-failure pause (issue 21 item 1) on a real broker: the
+cases its first tests did not try."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator.settings import DEFAULT_AGENTS, AppSpec
+from tests.harness import (
+    API_KEY,
+    ROUTES,
+    Names,
+    event,
+    make_settings,
+    produce,
+    read_all,
+    results,
+    running,
+    wait_until_committed,
+)
+from tests.test_hostile_api import readyz
+
+pytestmark = pytest.mark.integration
+
+QUIET_ROUTE = {
+    **ROUTES[0],
+    "event_type": "order.cancelled",
+    "app_uid": "quiet-app",
+    "agent_uid": "${data.agent}",
+}
+
+
+@pytest.fixture
+async def two_apps() -> ThreadsApiSimulator:
+    """demo-app, and quiet-app (same key) whose only agent is ``agent-quiet``."""
+    apps = {
+        "demo-app": AppSpec(api_key=SecretStr(API_KEY), agents=list(DEFAULT_AGENTS)),
+        "quiet-app": AppSpec(api_key=SecretStr(API_KEY), agents=["agent-quiet"]),
+    }
+    async with ThreadsApiSimulator(SimulatorSettings(seed=5, apps=apps)) as simulator:
+        yield simulator
+
+
+def header(record: Any, name: str) -> str:
+    return dict(record.headers)[name].decode()
+
+
+async def test_a_quiet_apps_first_event_failing_on_its_own_does_not_stall_the_connector(
+    kafka_bootstrap: str, two_apps: ThreadsApiSimulator
+) -> None:
+    """The first event of an app that gets little traffic names an agent the API does not
+    have (404, the event's own fault), and no other event of that app follows. Before, it
+    was held for the app's first success, for ever: its partition's committed offset
+    stopped at it, the events of the busy app behind it stayed buffered, and once
+    ``delivery.max_buffered_events`` of them waited every partition stopped fetching. The
+    whole connector made no thread while /readyz said 200. Now a probe that cannot create
+    a thread (an invalid body, answered 400) proves the app's path and key, and the event
+    is dead-lettered: every other event makes its thread and every offset is committed."""
+    names = Names.fresh("quiet")
+    settings = make_settings(
+        kafka_bootstrap,
+        two_apps.base_url,
+        names,
+        partitions=1,
+        routes=[dict(ROUTES[0]), QUIET_ROUTE],
+        delivery={"max_buffered_events": 10},
+        api={"pause_probe_interval_s": 0.5},
+    )
+    bad = event("q-bad", type="order.cancelled", data={"orderId": "A", "agent": "agent-gone"})
+    busy = [f"b-{i}" for i in range(40)]
+    records = [(b"k", bad)] + [(b"k", event(i)) for i in busy]
+    async with running(settings) as connector:
+        await produce(kafka_bootstrap, names.input, records)
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=30)
+        assert (await readyz(connector))[0] == 200
+    (dead,) = await read_all(kafka_bootstrap, names.dead)
+    assert header(dead, "dlq-event-id") == "q-bad"
+    assert header(dead, "dlq-code") == "http_404"
+    made = sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results))
+    assert made == sorted(busy)
+    assert len(two_apps.store) == len(busy)
+
+
+async def test_a_wrong_path_is_not_proven_by_the_probe(
+    kafka_bootstrap: str, two_apps: ThreadsApiSimulator
+) -> None:
+    """The probe that proves an app must not prove a wrong ``api.base_url``: it answers
+    404 there too, so a few events of a wrong path are held, not dead-lettered, and stay
+    held (nothing dead-lettered) while the probe keeps failing."""
+    names = Names.fresh("qpath")
+    settings = make_settings(
+        kafka_bootstrap,
+        two_apps.base_url + "/api/v1",
+        names,
+        partitions=1,
+        api={"pause_probe_interval_s": 0.2},
+    )
+    ids = [f"w-{i}" for i in range(3)]  # fewer than api.pause_after_failures
+    async with running(settings) as connector:
+        await produce(kafka_bootstrap, names.input, [(b"k", event(i)) for i in ids])
+        deadline = time.monotonic() + 20
+        registry = connector.metrics.registry
+        while registry.get_sample_value("threads_connector_calls_held", {"app": "demo-app"}) < len(
+            ids
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        labels = {"status_class": "4xx", "code": "404", "app": "demo-app"}
+        sample = "threads_connector_api_responses_total"
+        before = registry.get_sample_value(sample, labels) or 0
+        deadline = time.monotonic() + 20
+        while (registry.get_sample_value(sample, labels) or 0) < before + 3:  # probes go on
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    assert await read_all(kafka_bootstrap, names.dead) == []
+    assert len(two_apps.store) == 0
