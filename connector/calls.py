@@ -174,11 +174,14 @@ class ThreadCaller:
             waited_from = time.monotonic()
             probe = await self._pass_gates(route)
             route_probe = probe is not None and probe is route  # settled by an answer
+            call = 0
             try:
                 if probe is not None:
                     await self._sleep(probe.probe_interval_s)
                 paused_s += time.monotonic() - waited_from
                 attempts += 1
+                # its place in the route's start order: a run of 4xx waits for older calls
+                call = route.begin() if route is not None else 0
                 try:
                     thread = await self._one_attempt(
                         request, event_id, correlation_id, guard, admit
@@ -195,7 +198,8 @@ class ThreadCaller:
                     probe = None
                     if systemic is not None and route is not None and exc.status is not None:
                         was_probe, route_probe = route_probe, False  # its answer settles it
-                        verdict = systemic.failure(route, event_id, exc, was_probe)
+                        verdict = systemic.failure(route, event_id, exc, was_probe, call)
+                        call = 0
                         if verdict is Verdict.WAIT:
                             attempts -= 1  # the route's fault, or not decided yet
                             waited_from = time.monotonic()
@@ -244,8 +248,8 @@ class ThreadCaller:
                 self._answered(probe)
                 probe = None
                 if systemic is not None and route is not None:
-                    systemic.success(route, route_probe)
-                    route_probe = False
+                    systemic.success(route, route_probe, call)
+                    route_probe, call = False, 0
                 self._metrics.event_attempts.observe(attempts)
                 return ThreadCreated(
                     thread_uid=thread.thread_uid,
@@ -255,6 +259,8 @@ class ThreadCaller:
                     latency_ms=(time.monotonic() - started) * 1000,
                 )
             finally:
+                if call and systemic is not None and route is not None:
+                    systemic.ended(route, call)  # no verdict on the route: a run may be due
                 if probe is not None:  # left without an answer (abandoned, cancelled)
                     probe.abandon_probe()
                 elif route_probe and route is not None:  # an answer that says nothing of it

@@ -60,7 +60,12 @@ class Verdict(Enum):
 
 
 class RouteGate(Gate):
-    """One route's calls: open, or paused by a run of one status (``status``)."""
+    """One route's calls: open, or paused by a run of one status (``status``).
+
+    "No success between" is judged in the order the calls *started*: 4xx answers that come
+    back at once do not pause the route while a call of it started before them is still
+    under way (a slower success of the same fetch would break the run). Until those
+    answer, the run is ``deciding`` and its failing events wait."""
 
     def __init__(self, route: str, threshold: int, probe_interval_s: float) -> None:
         super().__init__(probe_interval_s)
@@ -68,33 +73,82 @@ class RouteGate(Gate):
         self.threshold = threshold
         self.status: int | None = None  # the status that paused it
         self._runs: dict[int | None, set[str]] = {}  # failing event ids since a success
+        self._newest: dict[int | None, int] = {}  # a run's newest failure, in start order
+        self._last: dict[int | None, PermanentApiError] = {}  # a run's last answer
+        self._started = 0
+        self._calls: set[int] = set()  # the route's calls under way, in start order
 
-    def success(self, was_probe: bool) -> bool:
+    def begin(self) -> int:
+        """A call of the route starts: its place in start order (for ``end``)."""
+        self._started += 1
+        self._calls.add(self._started)
+        return self._started
+
+    @property
+    def deciding(self) -> bool:
+        """A run is long enough to pause, but older calls of the route are under way."""
+        return any(len(run) >= self.threshold for run in self._runs.values())
+
+    def _clear(self) -> None:
+        self._runs.clear()
+        self._newest.clear()
+        self._last.clear()
+
+    def success(self, was_probe: bool, call: int = 0) -> bool:
         """A call of the route went through. True when it was paused until now."""
+        self._calls.discard(call)
         if self._runs:
-            self._runs.clear()
+            self._clear()
         if not self._closed and not was_probe:
             return False  # the common case, once per call: nothing to wake
         self.status = None
         return self.succeed(was_probe)
 
-    def failure(self, event_id: str, exc: PermanentApiError, was_probe: bool) -> bool:
+    def failure(
+        self, event_id: str, exc: PermanentApiError, was_probe: bool, call: int = 0
+    ) -> bool:
         """Count one event's failure; True when it pauses the route now."""
+        self._calls.discard(call)
         if self._closed:
             if exc.status == self.status:
                 self.fail(was_probe)  # still the same: stays paused, the probe ends
                 return False
             self.succeed(was_probe)  # another answer: what paused it is gone
             self.status = None
-            self._runs.clear()
+            self._clear()
         run = self._runs.setdefault(exc.status, set())
         run.add(event_id)
+        self._newest[exc.status] = max(self._newest.get(exc.status, 0), call)
+        self._last[exc.status] = exc
         if len(run) < self.threshold:
             return False
-        self._runs.clear()
-        self.status = exc.status
+        due = self._due()
+        return due is not None and self._pause(due, was_probe)
+
+    def ended(self, call: int) -> bool:
+        """A call ended without a verdict on the route (no answer, 401/403, 429, 5xx,
+        abandoned): True when a run that waited for it pauses the route now."""
+        self._calls.discard(call)
+        if self._closed or not self._runs:
+            return False
+        due = self._due()
+        return due is not None and self._pause(due, False)
+
+    def _due(self) -> int | None:
+        """The status of a run that pauses the route now, or None."""
+        for status, run in self._runs.items():
+            if len(run) >= self.threshold:
+                newest = self._newest[status]
+                if not any(call < newest for call in self._calls):
+                    return status
+        return None
+
+    def _pause(self, status: int | None, was_probe: bool) -> bool:
+        count, exc = len(self._runs[status]), self._last[status]
+        self._clear()
+        self.status = status
         reason = (
-            f"route {self.route} paused: {len(run)} events in a row answered {exc}, with no "
+            f"route {self.route} paused: {count} events in a row answered {exc}, with no "
             f"success between (a configuration fault? api.base_url, the route's agent_uid "
             f"or templates); its events wait, one probes every {self.probe_interval_s:g}s"
         )
@@ -151,52 +205,69 @@ class Systemic:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def success(self, gate: RouteGate, was_probe: bool) -> None:
-        """A call of the route went through."""
+    def success(self, gate: RouteGate, was_probe: bool, call: int = 0) -> None:
+        """A call of the route went through (``call``: from ``gate.begin()``)."""
         if not self.proven:
             self.proven = True
             self._notify()
         status = gate.status
-        if gate.success(was_probe) and status is not None:
+        deciding = gate.deciding
+        if gate.success(was_probe, call) and status is not None:
             self._resumed(gate, f"route {gate.route} of app %s answers again: calls resumed")
+        elif deciding:
+            self._notify()  # the run that waited is broken: its events go on
 
     def failure(
-        self, gate: RouteGate, event_id: str, exc: PermanentApiError, was_probe: bool
+        self,
+        gate: RouteGate,
+        event_id: str,
+        exc: PermanentApiError,
+        was_probe: bool,
+        call: int = 0,
     ) -> Verdict:
         """The verdict on one event's 4xx (counted toward its route's run)."""
         status = gate.status
-        tripped = gate.failure(event_id, exc, was_probe)
+        tripped = gate.failure(event_id, exc, was_probe, call)
         if status is not None and gate.status != status:
             self._resumed(gate, f"route {gate.route} of app %s no longer answers HTTP {status}")
         if tripped:
-            self.proven = False
-            self._notify()
-            self._metrics.route_paused_status(gate.route).set(exc.status or 0)
-            log.error(
-                "app %s: %s",
-                self._metrics.app,
-                gate.reason,
-                extra={"app": self._metrics.app, "route": gate.route, "status": exc.status},
-            )
+            self._paused(gate)
         may_exist = exc.status is not None and 200 <= exc.status < 300
         if may_exist:  # a thread may exist: never retried
             return Verdict.DEAD_LETTER
-        if not gate.is_open or not self.proven:
+        if not gate.is_open or not self.proven or gate.deciding:
             return Verdict.WAIT
         return Verdict.DEAD_LETTER
+
+    def ended(self, gate: RouteGate, call: int) -> None:
+        """A call of the route ended without a verdict on it (see ``RouteGate.ended``)."""
+        if gate.ended(call):
+            self._paused(gate)
+
+    def _paused(self, gate: RouteGate) -> None:
+        self.proven = False
+        self._notify()
+        self._metrics.route_paused_status(gate.route).set(gate.status or 0)
+        log.error(
+            "app %s: %s",
+            self._metrics.app,
+            gate.reason,
+            extra={"app": self._metrics.app, "route": gate.route, "status": gate.status},
+        )
 
     def _resumed(self, gate: RouteGate, message: str) -> None:
         self._metrics.route_paused_status(gate.route).set(0)
         log.warning(message, self._metrics.app, extra={"app": self._metrics.app})
 
     async def hold(self, gate: RouteGate) -> None:
-        """Wait until the app is proven or the route paused (then try again). One held
-        event at a time probes the app's path and key, every ``probe_interval_s``."""
+        """Wait until the app is proven and its route's run decided, or the route paused
+        (then try again). One held event at a time probes the app's path and key, every
+        ``probe_interval_s``."""
         self.held += 1
         try:
-            while not self.proven and gate.is_open:
+            while gate.is_open and (not self.proven or gate.deciding):
                 wait_s: float | None = None  # until something changes
-                if self._prove is not None and not self._proving:
+                if not self.proven and self._prove is not None and not self._proving:
                     wait_s = self._next_proof - self._clock()
                     if wait_s <= 0:
                         await self._try_proof(self._prove)

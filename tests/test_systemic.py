@@ -250,3 +250,27 @@ async def test_held_events_probe_the_app_one_at_a_time_until_it_is_proven() -> N
     assert proofs == [False, False, False, True]  # not one per held event
     assert most == 1
     assert took_s >= (proven_after - 1) * interval_s
+
+
+def test_a_run_waits_for_the_routes_older_calls_and_their_success_breaks_it() -> None:
+    """4xx answers that come back at once while an older call of the route is under way
+    (a success takes longer than a 404) do not pause the route: before, a fetch of 20 bad
+    events interleaved with 20 good ones paused it (an ERROR line naming a configuration
+    fault, /readyz red) until the first success answered."""
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    older = gate.begin()
+    for i in range(3):
+        assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
+    assert gate.is_open and gate.deciding  # its events wait for the older call
+    assert not gate.success(False, older)
+    assert gate.is_open and not gate.deciding
+
+
+def test_a_run_pauses_once_the_older_calls_end_without_a_success() -> None:
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    older = gate.begin()
+    for i in range(3):
+        assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
+    assert gate.ended(older)  # e.g. a 503 or a timeout: no success came
+    assert not gate.is_open and gate.status == 404
+    assert "3 events in a row answered HTTP 404" in gate.reason

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
-from connector.simulator.settings import DEFAULT_AGENTS, AppSpec
+from connector.simulator.settings import DEFAULT_AGENTS, AppSpec, LatencySpec
 from tests.harness import (
     API_KEY,
     ROUTES,
@@ -120,3 +120,40 @@ async def test_a_wrong_path_is_not_proven_by_the_probe(
             await asyncio.sleep(0.05)
     assert await read_all(kafka_bootstrap, names.dead) == []
     assert len(two_apps.store) == 0
+
+
+async def test_bad_events_interleaved_with_good_ones_never_pause_the_route(
+    kafka_bootstrap: str, two_apps: ThreadsApiSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 events naming a missing agent interleaved with 20 good ones on one route, at
+    the default ``api.pause_after_failures`` (20): each bad one is its own failure. The
+    API answers a 404 at once and a success after its latency, so the 404s all come back
+    before the first success of the same fetch: that must not pause the route (no pause
+    line, no ``route_paused_status``), and the 20 are dead-lettered."""
+    names = Names.fresh("mix")
+    routes = [{**ROUTES[0], "agent_uid": "${data.agent}"}]
+    settings = make_settings(
+        kafka_bootstrap,
+        two_apps.base_url,
+        names,
+        partitions=1,
+        routes=routes,
+        api={"ramp_up_s": 0},
+    )
+    two_apps.set_latency(LatencySpec(distribution="fixed", median_ms=200))
+    good = [f"g-{i}" for i in range(20)]
+    bad = [f"x-{i}" for i in range(20)]
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for g, b in zip(good, bad, strict=True):
+        records.append((b"k", event(g, data={"orderId": "A", "agent": "agent-orders"})))
+        records.append((b"k", event(b, data={"orderId": "A", "agent": "agent-gone"})))
+    caplog.set_level("WARNING", logger="connector.systemic")
+    async with running(settings) as connector:
+        await produce(kafka_bootstrap, names.input, records)
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+        assert (await readyz(connector))[0] == 200
+    assert [r.getMessage() for r in caplog.records if "paused" in r.getMessage()] == []
+    dead = await read_all(kafka_bootstrap, names.dead)
+    assert sorted(header(d, "dlq-event-id") for d in dead) == sorted(bad)
+    made = sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results))
+    assert made == sorted(good)
