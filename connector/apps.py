@@ -22,7 +22,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from connector.calls import Admit, Attempt, CallGuard, Probe, ThreadCaller
+from connector.calls import Admit, Attempt, CallGuard, Probe, Release, ThreadCaller
 from connector.config import ApiSettings, CachedSecret, ConnectorSettings
 from connector.events import ThreadCreated
 from connector.gates import AuthGate, CircuitBreaker
@@ -179,10 +179,13 @@ class Apps:
         correlation_id: str,
         guard: CallGuard | None = None,
         admit: Admit | None = None,
+        release: Release | None = None,
     ) -> ThreadCreated:
         """``ThreadCaller.call`` under the policy of the request's app."""
         caller = self.caller(request.app_uid)
-        return await caller.call(request, event_id, correlation_id, guard=guard, admit=admit)
+        return await caller.call(
+            request, event_id, correlation_id, guard=guard, admit=admit, release=release
+        )
 
     def pause_reason(self) -> str | None:
         """Which apps' calls are paused, and why (None: none is): for /readyz."""

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 Admit = Callable[[], Awaitable[None]]
+Release = Callable[[], None]
 Probe = Callable[[], Awaitable[int]]  # the status of a request that cannot create a thread
 OVERLOAD_STATUSES = frozenset({429, 503})
 
@@ -159,11 +160,14 @@ class ThreadCaller:
         correlation_id: str,
         guard: CallGuard | None = None,
         admit: Admit | None = None,
+        release: Release | None = None,
     ) -> ThreadCreated:
         """Raise EventRejected(stage=api) when the API refuses or the budget runs out, and
         Abandoned when ``guard.abandoned`` is set before an attempt could start.
         ``admit`` is awaited in the concurrency slot before each attempt takes its token
-        (the pipeline's duplicate-exposure gate)."""
+        (the pipeline's duplicate-exposure gate); ``release`` gives that unit back when
+        the event waits after a 4xx (no thread exists: a paused route's events must not
+        hold the exposure every other route needs)."""
         guard = guard or _NoGuard()
         systemic = self.systemic
         route = systemic.gate(request.route) if systemic is not None else None
@@ -202,6 +206,8 @@ class ThreadCaller:
                         call = 0
                         if verdict is Verdict.WAIT:
                             attempts -= 1  # the route's fault, or not decided yet
+                            if release is not None:
+                                release()
                             waited_from = time.monotonic()
                             await systemic.hold(route)
                             paused_s += time.monotonic() - waited_from

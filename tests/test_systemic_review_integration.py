@@ -157,3 +157,57 @@ async def test_bad_events_interleaved_with_good_ones_never_pause_the_route(
     assert sorted(header(d, "dlq-event-id") for d in dead) == sorted(bad)
     made = sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results))
     assert made == sorted(good)
+
+
+async def test_a_paused_route_keeps_no_exposure_units_and_sigterm_while_paused_loses_nothing(
+    kafka_bootstrap: str, two_apps: ThreadsApiSimulator
+) -> None:
+    """A route whose agent is missing pauses; its events wait. Before, every event
+    answered 404 kept its unit of ``delivery.max_uncommitted_threads`` while it waited
+    (no thread exists for a 404): with a cap of 10, ten of them closed the exposure gate
+    for good and the other route of the same app made no thread at all. Now a 4xx gives
+    its unit back. Then a drain while paused ends within the drain deadline, commits
+    nothing past the waiting events, and a restart with the route fixed makes every
+    thread once."""
+    names = Names.fresh("expo")
+    bad_route = {**ROUTES[0], "event_type": "order.cancelled", "agent_uid": "agent-nobody"}
+    settings = make_settings(
+        kafka_bootstrap,
+        two_apps.base_url,
+        names,
+        partitions=1,
+        routes=[dict(ROUTES[0]), bad_route],
+        delivery={"max_uncommitted_threads": 10},
+        api={"pause_after_failures": 5},
+    )
+    bad = [f"c-{i}" for i in range(20)]
+    good = [f"s-{i}" for i in range(20)]
+    records = [(b"k", event(i, type="order.cancelled")) for i in bad]
+    records += [(b"k", event(i)) for i in good]
+    async with running(settings) as connector:
+        await produce(kafka_bootstrap, names.input, records)
+        deadline = time.monotonic() + 20
+        while len(two_apps.store) < len(good):
+            assert time.monotonic() < deadline, f"{len(two_apps.store)} threads of {len(good)}"
+            await asyncio.sleep(0.05)
+        status, detail = await readyz(connector)
+        assert status == 503 and "route */order.cancelled paused" in detail
+        drain_started = time.monotonic()
+    drained_s = time.monotonic() - drain_started
+    assert drained_s < settings.delivery.drain_timeout_s
+    dead = await read_all(kafka_bootstrap, names.dead)
+    assert len(dead) <= 4  # pause_after_failures - 1
+    fixed = make_settings(
+        kafka_bootstrap,
+        two_apps.base_url,
+        names,
+        partitions=1,
+        routes=[dict(ROUTES[0]), {**bad_route, "agent_uid": "agent-orders"}],
+    )
+    async with running(fixed):
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=30)
+    dead_ids = {header(d, "dlq-event-id") for d in dead}
+    made = sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results))
+    assert made == sorted(set(good + bad) - dead_ids)
+    assert set(two_apps.store.count_by_event_id().values()) == {1}
+    print(f"\ndrain while paused: {drained_s:.2f}s, {len(dead)} dead letters")
