@@ -417,7 +417,9 @@ class ThreadCaller:
     def _transport_failed(self, probe: Gate | None, exc: RetriableApiError) -> None:
         if probe is self.auth_gate:  # no answer: nothing learnt about the key
             self.auth_gate.abandon_probe()
-        if exc.status is not None:
+        if exc.kind == "redirect":
+            what = str(exc)  # says to check api.base_url, with the path called
+        elif exc.status is not None:
             what = f"HTTP {exc.status}"
         elif exc.kind in ("timeout", "protocol_error"):
             what = f"{exc.kind}: {exc}"  # e.g. no complete answer within 10s

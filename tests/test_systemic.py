@@ -221,6 +221,29 @@ async def test_calls_without_an_answer_trip_the_breaker_and_the_event_waits() ->
     assert h.caller.breaker.is_open
 
 
+async def test_a_redirect_storm_opens_the_breaker_naming_the_redirect_and_path() -> None:
+    """``api.base_url`` on http:// where the API redirects to https:// (307 each call):
+    the breaker opens and /readyz says it is a redirect, with the path called. Before, it
+    said only "(last: HTTP 307)": nothing pointed at api.base_url."""
+    redirect = RetriableApiError(
+        f"HTTP 307: redirected, not followed (is api.base_url right?) (POST {PATH})",
+        status=307,
+        kind="redirect",
+        path=PATH,
+    )
+    h = harness([redirect] * 3 + [OK], breaker_failure_threshold=2)
+    reasons: list[str | None] = []
+
+    async def look(seconds: float) -> None:
+        reasons.append(h.caller.pause_reason())
+
+    h.before_sleep = look
+    await h.call("e1")
+    last = reasons[-1] or ""
+    assert "circuit breaker open" in last
+    assert "redirected, not followed (is api.base_url right?)" in last and f"POST {PATH}" in last
+
+
 async def test_held_events_probe_the_app_one_at_a_time_until_it_is_proven() -> None:
     """Events held on an unproven app send one probe at a time (a request that cannot
     create a thread), at most one per ``pause_probe_interval_s``; once it proves the app
