@@ -218,7 +218,10 @@ class ThreadCaller:
                         code=f"http_{exc.status}" if exc.status else "request_error",
                         status=exc.status,
                     )
-                    if self._stopping(rejected, request):
+                    # a 2xx without a threadUid may have made a thread: stop, but never
+                    # keep it for a retry after the restart (a second thread)
+                    may_exist = exc.status is not None and 200 <= exc.status < 300
+                    if self._stopping(rejected, request) and not may_exist:
                         attempts -= 1
                         continue
                     self._metrics.event_attempts.observe(attempts)

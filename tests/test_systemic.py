@@ -170,6 +170,25 @@ async def test_a_2xx_without_a_thread_uid_is_never_held() -> None:
     assert exc.code == "http_201"
 
 
+async def test_stop_mode_dead_letters_a_2xx_without_a_thread_uid_and_stops() -> None:
+    """``api.on_error: stop`` kept every erring event for a retry after the restart,
+    this one too: the thread it may have created got a second one. Now it is
+    dead-lettered (never retried, as in the other modes) and every call stops."""
+    h = harness(
+        [PermanentApiError("200 without a threadUid: the thread may exist", status=200), OK],
+        on_error="stop",
+    )
+    async with asyncio.timeout(5):  # before, it waited for a restart
+        exc = await h.rejected()
+    assert exc.code == "http_200"
+    reason = h.caller.pause_reason()
+    assert reason is not None and reason.startswith("stopped (api.on_error=stop)")
+    later = asyncio.create_task(h.call("e2"))
+    assert await stuck(later)
+    later.cancel()
+    await asyncio.gather(later, return_exceptions=True)
+
+
 async def test_dead_letter_mode_dead_letters_every_one_and_never_pauses() -> None:
     h = harness([http(404)] * 5, on_error="dead_letter")
     dead = [await h.rejected_as(f"e{i}") for i in range(5)]
