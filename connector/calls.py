@@ -181,7 +181,7 @@ class ThreadCaller:
             call = 0
             try:
                 if probe is not None:
-                    await self._sleep(probe.probe_interval_s)
+                    await self._probe_wait(probe)
                 paused_s += time.monotonic() - waited_from
                 attempts += 1
                 # its place in the route's start order: a run of 4xx waits for older calls
@@ -274,6 +274,18 @@ class ThreadCaller:
                     probe.abandon_probe()
                 elif route_probe and route is not None:  # an answer that says nothing of it
                     route.abandon_probe()
+
+    async def _probe_wait(self, probe: Gate) -> None:
+        """The probe's wait before it tries, cut short when the gate opens meanwhile (an
+        answer to a call already under way): waiting on would hold its event, and its
+        partition's commit, for nothing."""
+        sleeping = asyncio.ensure_future(self._sleep(probe.probe_interval_s))
+        opened = asyncio.ensure_future(_until_open(probe))
+        try:
+            await asyncio.wait((sleeping, opened), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            opened.cancel()
 
     async def _prove(self) -> bool:
         """Whether the app's path and key work, by a request that cannot create a thread
@@ -478,6 +490,11 @@ class ThreadCaller:
 
     def _adaptive_update(self) -> None:
         self._metrics.rate_limit_rate.set(self._bucket.rate)
+
+
+async def _until_open(gate: Gate) -> None:
+    while not gate.is_open:
+        await gate.changed()
 
 
 def _code(exc: RetriableApiError) -> str:

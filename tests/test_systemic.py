@@ -316,3 +316,19 @@ def test_a_run_pauses_once_the_older_calls_end_without_a_success() -> None:
     assert gate.ended(older)  # e.g. a 503 or a timeout: no success came
     assert not gate.is_open and gate.status == 404
     assert "3 events in a row answered HTTP 404" in gate.reason
+
+
+async def test_a_probe_goes_at_once_when_another_answer_opens_its_gate() -> None:
+    """A probe waits ``probe_interval_s`` before trying; when a call already under way
+    answers meanwhile and opens the gate, the probe goes at once. Before, it slept on:
+    after a brief pause its event (and its partition's commit) waited the whole interval
+    (30 s for a route, 38 s instead of 8 s for the interleaved run of the review)."""
+    h = harness([OK], breaker_probe_interval_s=30.0)
+    h.caller._sleep = asyncio.sleep  # real time: the wait is what is measured
+    h.caller.breaker.fail(False, "circuit breaker open: a test")
+    task = asyncio.create_task(h.call("e1"))
+    assert await stuck(task)
+    h.caller.breaker.succeed(False)  # an answer to a call already under way
+    async with asyncio.timeout(2):
+        created = await task
+    assert created.thread_uid == OK.thread_uid
