@@ -87,7 +87,8 @@ class RouteGate(Gate):
     @property
     def deciding(self) -> bool:
         """A run is long enough to pause, but older calls of the route are under way."""
-        return any(len(run) >= self.threshold for run in self._runs.values())
+        runs = self._runs  # empty but for a run: no generator on the hot path
+        return bool(runs) and any(len(run) >= self.threshold for run in runs.values())
 
     def _clear(self) -> None:
         self._runs.clear()
