@@ -211,3 +211,34 @@ async def test_a_paused_route_keeps_no_exposure_units_and_sigterm_while_paused_l
     assert made == sorted(set(good + bad) - dead_ids)
     assert set(two_apps.store.count_by_event_id().values()) == {1}
     print(f"\ndrain while paused: {drained_s:.2f}s, {len(dead)} dead letters")
+
+
+async def test_readiness_says_when_a_paused_routes_events_stop_every_partition(
+    kafka_bootstrap: str, two_apps: ThreadsApiSimulator
+) -> None:
+    """A paused route keeps its events, and no offset can be committed past them: the
+    events fetched behind them (any route's) stay buffered, and once
+    ``delivery.max_buffered_events`` are, every partition stops fetching. Measured (3
+    partitions, buffer 40, 30 events of a route whose agent is missing then 200 of a
+    working one): 34 threads of 200 in 15 s, then none. /readyz named the route's pause
+    but not that every other route had stopped with it; now it says so."""
+    names = Names.fresh("buf")
+    bad_route = {**ROUTES[0], "event_type": "order.cancelled", "agent_uid": "agent-nobody"}
+    settings = make_settings(
+        kafka_bootstrap,
+        two_apps.base_url,
+        names,
+        routes=[dict(ROUTES[0]), bad_route],
+        delivery={"max_buffered_events": 40},
+        api={"pause_after_failures": 5},
+    )
+    records = [(str(i).encode(), event(f"c-{i}", type="order.cancelled")) for i in range(30)]
+    records += [(str(i).encode(), event(f"s-{i}")) for i in range(200)]
+    async with running(settings) as connector:
+        await produce(kafka_bootstrap, names.input, records)
+        deadline = time.monotonic() + 30
+        while "stopped fetching" not in (detail := (await readyz(connector))[1]):
+            assert time.monotonic() < deadline, detail
+            await asyncio.sleep(0.1)
+    assert "route */order.cancelled paused" in detail
+    assert "delivery.max_buffered_events (40)" in detail
