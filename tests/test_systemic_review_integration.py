@@ -242,3 +242,49 @@ async def test_readiness_says_when_a_paused_routes_events_stop_every_partition(
             await asyncio.sleep(0.1)
     assert "route */order.cancelled paused" in detail
     assert "delivery.max_buffered_events (40)" in detail
+
+
+async def test_a_rebalance_while_a_route_is_paused_loses_nothing(
+    kafka_bootstrap: str, two_apps: ThreadsApiSimulator
+) -> None:
+    """A route paused on one replica, a second replica joins (a rebalance moves some of
+    the waiting events to it, which learns the pause on its own), both leave; a restart
+    with the route fixed makes every thread once. Dead letters: at most
+    ``pause_after_failures - 1`` per replica, before each one's pause."""
+    names = Names.fresh("rebal")
+    bad_route = {**ROUTES[0], "event_type": "order.cancelled", "agent_uid": "agent-nobody"}
+
+    def settings_with(agent: str) -> Any:
+        return make_settings(
+            kafka_bootstrap,
+            two_apps.base_url,
+            names,
+            routes=[dict(ROUTES[0]), {**bad_route, "agent_uid": agent}],
+            api={"pause_after_failures": 3, "pause_probe_interval_s": 0.5},
+        )
+
+    bad = [f"c-{i}" for i in range(30)]
+    good = [f"s-{i}" for i in range(30)]
+    records = [(str(i).encode(), event(i, type="order.cancelled")) for i in bad]
+    records += [(str(i).encode(), event(i)) for i in good]
+    async with running(settings_with("agent-nobody")) as first:
+        await produce(kafka_bootstrap, names.input, records)
+        deadline = time.monotonic() + 30
+        while "order.cancelled paused" not in (await readyz(first))[1]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        async with running(settings_with("agent-nobody")) as second:
+            deadline = time.monotonic() + 60
+            while not (first._assigned and second._assigned):  # the rebalance is done
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)  # a few probes of the moved events fail (0.5 s each)
+    dead = await read_all(kafka_bootstrap, names.dead)
+    assert len(dead) <= 2 * 2
+    async with running(settings_with("agent-orders")):
+        await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
+    dead_ids = {header(d, "dlq-event-id") for d in dead}
+    made = sorted(r["eventId"] for r in await results(kafka_bootstrap, names.results))
+    assert made == sorted(set(good + bad) - dead_ids)
+    assert set(two_apps.store.count_by_event_id().values()) == {1}
+    print(f"\nrebalance while paused: {len(dead)} dead letters")
