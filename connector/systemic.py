@@ -121,9 +121,9 @@ class RouteGate(Gate):
         run.add(event_id)
         self._newest[exc.status] = max(self._newest.get(exc.status, 0), call)
         self._last[exc.status] = exc
-        if len(run) < self.threshold:
-            return False
-        due = self._due()
+        if len(run) < self.threshold and not self.deciding:
+            return False  # the common case: no run is long enough
+        due = self._due()  # this answer's run, or one that waited for this call
         return due is not None and self._pause(due, was_probe)
 
     def ended(self, call: int) -> bool:

@@ -332,3 +332,15 @@ async def test_a_probe_goes_at_once_when_another_answer_opens_its_gate() -> None
     async with asyncio.timeout(2):
         created = await task
     assert created.thread_uid == OK.thread_uid
+
+
+def test_a_run_waiting_for_an_older_call_pauses_when_it_ends_with_another_4xx() -> None:
+    """The older call a run waits for ends with another status (a 422 among 404s): the
+    run is decided (no success came) and pauses the route. Checked only when the
+    answer's own run was long enough, it waited for ever with its events held."""
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    older = gate.begin()
+    for i in range(3):
+        assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
+    assert gate.failure("other", http(422, "Validation error"), False, older)
+    assert gate.status == 404
