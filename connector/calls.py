@@ -174,6 +174,7 @@ class ThreadCaller:
         started = time.monotonic()
         paused_s = 0.0  # spent at a closed gate: not the event's retry budget
         attempts = 0
+        first = 0  # the route's start order of this event's first call: its place in a run
         while True:
             waited_from = time.monotonic()
             probe = await self._pass_gates(route)
@@ -186,6 +187,7 @@ class ThreadCaller:
                 attempts += 1
                 # its place in the route's start order: a run of 4xx waits for older calls
                 call = route.begin() if route is not None else 0
+                first = first or call
                 try:
                     thread = await self._one_attempt(
                         request, event_id, correlation_id, guard, admit
@@ -202,7 +204,7 @@ class ThreadCaller:
                     probe = None
                     if systemic is not None and route is not None and exc.status is not None:
                         was_probe, route_probe = route_probe, False  # its answer settles it
-                        verdict = systemic.failure(route, event_id, exc, was_probe, call)
+                        verdict = systemic.failure(route, event_id, exc, was_probe, call, first)
                         call = 0
                         if verdict is Verdict.WAIT:
                             attempts -= 1  # the route's fault, or not decided yet
@@ -257,7 +259,7 @@ class ThreadCaller:
                 self._answered(probe)
                 probe = None
                 if systemic is not None and route is not None:
-                    systemic.success(route, route_probe, call)
+                    systemic.success(route, route_probe, call, first)
                     route_probe, call = False, 0
                 self._metrics.event_attempts.observe(attempts)
                 return ThreadCreated(

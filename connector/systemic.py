@@ -62,20 +62,23 @@ class Verdict(Enum):
 class RouteGate(Gate):
     """One route's calls: open, or paused by a run of one status (``status``).
 
-    "No success between" is judged in the order the calls *started*: 4xx answers that come
-    back at once do not pause the route while a call of it started before them is still
-    under way (a slower success of the same fetch would break the run). Until those
-    answer, the run is ``deciding`` and its failing events wait."""
+    "No success between" is judged in the order the events' calls *started* (an event
+    keeps the place of its first attempt when it tries again): a success breaks the run
+    for the failures of events that started before it, whenever their answers came
+    back, and 4xx answers do not pause the route while a call of it started before them
+    is still under way. Until those answer, the run is ``deciding`` and its failing
+    events wait."""
 
     def __init__(self, route: str, threshold: int, probe_interval_s: float) -> None:
         super().__init__(probe_interval_s)
         self.route = route
         self.threshold = threshold
         self.status: int | None = None  # the status that paused it
-        self._runs: dict[int | None, set[str]] = {}  # failing event ids since a success
-        self._newest: dict[int | None, int] = {}  # a run's newest failure, in start order
+        # failing events since a success, by status: event id -> its place in start order
+        self._runs: dict[int | None, dict[str, int]] = {}
         self._last: dict[int | None, PermanentApiError] = {}  # a run's last answer
         self._started = 0
+        self._succeeded = 0  # the latest place in start order of a success
         self._calls: set[int] = set()  # the route's calls under way, in start order
 
     def begin(self) -> int:
@@ -92,24 +95,43 @@ class RouteGate(Gate):
 
     def _clear(self) -> None:
         self._runs.clear()
-        self._newest.clear()
         self._last.clear()
 
-    def success(self, was_probe: bool, call: int = 0) -> bool:
-        """A call of the route went through. True when it was paused until now."""
+    def success(self, was_probe: bool, call: int = 0, order: int = 0) -> bool:
+        """A call of the route went through (``order``: its event's place in start
+        order, ``call`` by default). True when it was paused until now."""
         self._calls.discard(call)
+        order = order or call
+        if order > self._succeeded:
+            self._succeeded = order
         if self._runs:
-            self._clear()
+            self._drop_before(order)
         if not self._closed and not was_probe:
             return False  # the common case, once per call: nothing to wake
         self.status = None
         return self.succeed(was_probe)
 
+    def _drop_before(self, order: int) -> None:
+        """A success breaks the runs of the events that started before it."""
+        for status in list(self._runs):
+            run = {e: o for e, o in self._runs[status].items() if o > order}
+            if run:
+                self._runs[status] = run
+            else:
+                del self._runs[status]
+                self._last.pop(status, None)
+
     def failure(
-        self, event_id: str, exc: PermanentApiError, was_probe: bool, call: int = 0
+        self,
+        event_id: str,
+        exc: PermanentApiError,
+        was_probe: bool,
+        call: int = 0,
+        order: int = 0,
     ) -> bool:
         """Count one event's failure; True when it pauses the route now."""
         self._calls.discard(call)
+        order = order or call
         if self._closed:
             if exc.status == self.status:
                 self.fail(was_probe)  # still the same: stays paused, the probe ends
@@ -117,11 +139,10 @@ class RouteGate(Gate):
             self.succeed(was_probe)  # another answer: what paused it is gone
             self.status = None
             self._clear()
-        run = self._runs.setdefault(exc.status, set())
-        run.add(event_id)
-        self._newest[exc.status] = max(self._newest.get(exc.status, 0), call)
-        self._last[exc.status] = exc
-        if len(run) < self.threshold and not self.deciding:
+        if not order or order > self._succeeded:  # else a success started after it
+            self._runs.setdefault(exc.status, {})[event_id] = order
+            self._last[exc.status] = exc
+        if not self.deciding:
             return False  # the common case: no run is long enough
         due = self._due()  # this answer's run, or one that waited for this call
         return due is not None and self._pause(due, was_probe)
@@ -139,7 +160,7 @@ class RouteGate(Gate):
         """The status of a run that pauses the route now, or None."""
         for status, run in self._runs.items():
             if len(run) >= self.threshold:
-                newest = self._newest[status]
+                newest = max(run.values())
                 if not any(call < newest for call in self._calls):
                     return status
         return None
@@ -206,14 +227,15 @@ class Systemic:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def success(self, gate: RouteGate, was_probe: bool, call: int = 0) -> None:
-        """A call of the route went through (``call``: from ``gate.begin()``)."""
+    def success(self, gate: RouteGate, was_probe: bool, call: int = 0, order: int = 0) -> None:
+        """A call of the route went through (``call``: from ``gate.begin()``; ``order``:
+        the event's first call's)."""
         if not self.proven:
             self.proven = True
             self._notify()
         status = gate.status
         deciding = gate.deciding
-        if gate.success(was_probe, call) and status is not None:
+        if gate.success(was_probe, call, order) and status is not None:
             self._resumed(gate, f"route {gate.route} of app %s answers again: calls resumed")
         elif deciding:
             self._notify()  # the run that waited is broken: its events go on
@@ -225,10 +247,11 @@ class Systemic:
         exc: PermanentApiError,
         was_probe: bool,
         call: int = 0,
+        order: int = 0,
     ) -> Verdict:
         """The verdict on one event's 4xx (counted toward its route's run)."""
         status = gate.status
-        tripped = gate.failure(event_id, exc, was_probe, call)
+        tripped = gate.failure(event_id, exc, was_probe, call, order)
         if status is not None and gate.status != status:
             self._resumed(gate, f"route {gate.route} of app %s no longer answers HTTP {status}")
         if tripped:

@@ -295,16 +295,32 @@ async def test_held_events_probe_the_app_one_at_a_time_until_it_is_proven() -> N
 
 
 def test_a_run_waits_for_the_routes_older_calls_and_their_success_breaks_it() -> None:
-    """4xx answers that come back at once while an older call of the route is under way
-    (a success takes longer than a 404) do not pause the route: before, a fetch of 20 bad
-    events interleaved with 20 good ones paused it (an ERROR line naming a configuration
-    fault, /readyz red) until the first success answered."""
+    """Events interleaved as bad, good, bad, bad (in the order their calls started); the
+    404s come back at once, the success later. Before, the 404s paused the route (an
+    ERROR line naming a configuration fault, /readyz red) until the success answered;
+    now the run waits for the older call, and its success breaks the run."""
     gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
-    older = gate.begin()
-    for i in range(3):
-        assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
+    bad_1, good, bad_2, bad_3 = (gate.begin() for _ in range(4))
+    for event_id, call in (("b1", bad_1), ("b2", bad_2), ("b3", bad_3)):
+        assert not gate.failure(event_id, http(404), False, call)
     assert gate.is_open and gate.deciding  # its events wait for the older call
-    assert not gate.success(False, older)
+    assert not gate.success(False, good)
+    assert gate.is_open and not gate.deciding
+
+
+def test_an_event_tried_again_keeps_its_place_before_a_success() -> None:
+    """Held events are tried again after the app's proof: their failures then come after
+    every success of the fetch, but the events started before those successes, so they
+    make no run. Before, 20 held events tried again after the last success paused the
+    route under CPU load."""
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    firsts = {}
+    for i in range(3):
+        firsts[f"b{i}"] = gate.begin()
+        gate.begin()  # a good event between
+    assert not gate.success(False, gate._started)  # the last good one
+    for event_id, first in firsts.items():  # tried again: a new call, the first's place
+        assert not gate.failure(event_id, http(404), False, gate.begin(), first)
     assert gate.is_open and not gate.deciding
 
 
