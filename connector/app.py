@@ -7,8 +7,9 @@ commit ends the session without committing, and a new one starts from the commit
 offsets (what was not committed is replayed and deduplicated).
 
 Shutdown (``stop`` set, e.g. by SIGTERM): stop fetching, cancel jobs that are not inside
-an HTTP attempt, let attempts finish up to ``delivery.drain_timeout_s``, run a last commit
-cycle, leave the group.
+an HTTP attempt, let attempts finish, run a last commit cycle, leave the group -- all within
+``delivery.drain_timeout_s`` of the stop, whatever the state (a commit cycle waiting for a
+deleted topic, a broker that does not answer): ``StopDeadline`` below.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from connector.apps import Apps
+from connector.changelog_watch import ChangelogWatch
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
@@ -35,6 +37,7 @@ from connector.dedup import (
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.exposure import Exposure
+from connector.formats import Parser
 from connector.health import HealthServer
 from connector.kafka_common import (
     BootstrapNoise,
@@ -47,10 +50,12 @@ from connector.kafka_common import (
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
 from connector.progress import PartitionProgress
+from connector.registry import SchemaRegistry
 from connector.routing import Router
 from connector.sink import Sink
 from connector.source import Source, TopicReader
 from connector.topics import TopicManager
+from connector.tracing import TRACING
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_MS = 200
@@ -75,6 +80,13 @@ class Connector:
         self.metrics = metrics or Metrics()
         self.router = Router(settings.routes)
         self.apps = Apps(settings, self.metrics)  # one call policy per app (connector.apps)
+        # records to events by their topic's format; the registry only if a format needs it
+        self.registry = (
+            SchemaRegistry(settings.schema_registry, self.metrics)
+            if settings.schema_registry.url is not None
+            else None
+        )
+        self.parser = Parser(settings, self.registry)
         self.health = HealthServer(
             settings.server.host,
             settings.server.port,
@@ -93,6 +105,7 @@ class Connector:
         self._exposure = self._new_exposure(healthy=True)
         self.metrics.uncommitted_threads.set_function(lambda: self._exposure.held)
         self.metrics.calls_gate_closed.set_function(lambda: 0 if self._exposure.is_open else 1)
+        self.metrics.threads_awaiting_commit.set_function(lambda: self._exposure.created)
         self.input_partitions: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
         self._assigned: list[TopicPartitionKey] = []
@@ -122,6 +135,7 @@ class Connector:
         # stopped until its first cycle succeeds (``Exposure``)
         self._commit_healthy = True
         self.sessions = 0
+        self._deadline = StopDeadline(settings.delivery.drain_timeout_s)
         self.started = asyncio.Event()
         # why Kafka cannot be used right now (None: no known problem); read by /readyz
         self.kafka_problem: str | None = None
@@ -132,6 +146,8 @@ class Connector:
         # output topics a stuck commit cycle waits for (deleted with auto-create off): the
         # producer retries them silently and forever
         self.outputs_missing: list[str] | None = None
+        # the dedup changelogs' configuration, re-checked while running
+        self.changelogs = ChangelogWatch(settings, lambda: self.input_partitions)
 
     # -- health -------------------------------------------------------------------------
 
@@ -152,6 +168,9 @@ class Connector:
             return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
         if not self._joined:
             return False, "not in the consumer group yet"
+        changelog = self.changelogs.problem
+        if changelog is not None:
+            return False, changelog
         paused = self.apps.pause_reason()
         if paused is not None:
             if self._fetch_paused:  # the waiting events' offsets hold every later one
@@ -161,6 +180,9 @@ class Connector:
                     "behind the paused ones, other routes included"
                 )
             return False, paused
+        registry = self.registry
+        if registry is not None and registry.problem is not None:
+            return False, registry.problem
         if self.outputs_missing:
             return False, (
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
@@ -177,11 +199,40 @@ class Connector:
     # -- run ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop``; then return within ``delivery.drain_timeout_s`` (what is
+        not committed by then is replayed by the next owner)."""
+        self._deadline = StopDeadline(self.settings.delivery.drain_timeout_s)
+        body = asyncio.ensure_future(self._run(stop))
+        try:
+            await _first_done(body, stop)
+            if not body.done():
+                self._deadline.start()
+                await asyncio.wait({body}, timeout=self._deadline.left(self._deadline.cancel_at))
+            if not body.done():
+                log.error(
+                    "shutdown did not finish within delivery.drain_timeout_s (%gs): stopping "
+                    "now; what was not committed will be replayed",
+                    self.settings.delivery.drain_timeout_s,
+                )
+                body.cancel()
+                await asyncio.wait({body}, timeout=self._deadline.left())
+        except asyncio.CancelledError:
+            body.cancel()
+            raise
+        if body.done() and not body.cancelled():
+            body.result()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
+            if s.tracing.enabled:
+                TRACING.start(s.tracing.service_name)
+                stack.callback(TRACING.shutdown)  # flushes the last spans
             self.apps.start(stack)  # each app's HTTP client and caller
+            if self.registry is not None:
+                stack.push_async_callback(self.registry.close)
             aiokafka_log = logging.getLogger("aiokafka")
             for quiet in (BootstrapNoise(), OutageNoise()):
                 # our one line per attempt replaces aiokafka's; its reconnects are sampled
@@ -201,6 +252,9 @@ class Connector:
             self.started.set()
             probe = asyncio.create_task(self._probe_kafka(stop))
             stack.push_async_callback(_cancel, probe)
+            if s.dedup.store == "changelog":
+                watch = asyncio.create_task(self.changelogs.run(stop))
+                stack.push_async_callback(_cancel, watch)
             while not stop.is_set():
                 self.sessions += 1
                 try:
@@ -304,7 +358,7 @@ class Connector:
         self._fatal = None  # a hook's failure as the last session left the group was its own
         self._generation += 1
         exposure = self._exposure = self._new_exposure(healthy=self._commit_healthy)
-        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure)
+        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure, self.parser)
         self.pipeline = pipeline
         self.progress.forget(self.progress.partitions())  # the last session's assignment
         source = Source(s, self._on_revoked, self._on_assigned, self.metrics, self.progress)
@@ -327,12 +381,21 @@ class Connector:
                     gauges = tasks.create_task(self._gauge_loop(source, pipeline))
                     await self._fetch_loop(source, pipeline, tasks, stop)
                     # drain: stop fetching, let HTTP attempts finish, commit, then leave
+                    deadline = self._deadline.start()
                     cut = await pipeline.abandon(
-                        pipeline.tracker.partitions(), s.delivery.drain_timeout_s
+                        pipeline.tracker.partitions(), deadline.left(deadline.calls_until)
                     )
                     draining.set()  # the committer finishes its cycle and makes a last one
                     gauges.cancel()
-                    await committer
+                    await asyncio.wait({committer}, timeout=deadline.left(deadline.commit_until))
+                    if not committer.done():
+                        log.error(
+                            "the last commit cycle did not finish before the drain deadline "
+                            "(%s): not committed; its events will be replayed",
+                            self._ready()[1],
+                        )
+                        committer.cancel()
+                        raise FencedError("the last commit cycle missed the drain deadline")
             except BaseException as exc:
                 # Entries remembered for outcomes that were never committed would drop their
                 # replays as duplicates: forget them (the changelog restores what is durable).
@@ -619,6 +682,33 @@ class Connector:
     def _apply_share(self) -> None:
         """Each app's share of its own group rate (``connector.apps``)."""
         self.apps.apply_share(len(self._assigned), sum(self.input_partitions.values()))
+
+
+class StopDeadline:
+    """The shutdown's time line, from the stop to ``drain_timeout_s`` after it: calls under
+    way may finish until ``calls_until``, the last commit cycle until ``commit_until``, then
+    the session is cancelled (``cancel_at``); the command line exits the process at the
+    end whatever is left (``connector.cli``). Offsets in seconds after the stop."""
+
+    def __init__(self, drain_s: float) -> None:
+        reserve = min(2.0, drain_s * 0.1)
+        self.total = drain_s
+        self.calls_until = drain_s - 2 * reserve
+        self.commit_until = drain_s - reserve
+        self.cancel_at = drain_s - reserve / 2
+        self._started: float | None = None
+
+    def start(self) -> StopDeadline:
+        """The stop happened now (a second call keeps the first time)."""
+        if self._started is None:
+            self._started = time.monotonic()
+        return self
+
+    def left(self, offset_s: float | None = None) -> float:
+        """Seconds until ``offset_s`` after the stop (the end by default), at least 0."""
+        started = self._started if self._started is not None else time.monotonic()
+        end = self.total if offset_s is None else offset_s
+        return max(0.0, started + end - time.monotonic())
 
 
 def _only_fenced(exc: BaseException) -> BaseException:
