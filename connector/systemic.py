@@ -238,7 +238,10 @@ class Systemic:
         if gate.success(was_probe, call, order) and status is not None:
             self._resumed(gate, f"route {gate.route} of app %s answers again: calls resumed")
         elif deciding:
-            self._notify()  # the run that waited is broken: its events go on
+            if gate.ended(0):  # the rest of the run started after it: decided now
+                self._paused(gate)
+            else:
+                self._notify()  # the run that waited is broken: its events go on
 
     def failure(
         self,

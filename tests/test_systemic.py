@@ -360,3 +360,22 @@ def test_a_run_waiting_for_an_older_call_pauses_when_it_ends_with_another_4xx() 
         assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
     assert gate.failure("other", http(422, "Validation error"), False, older)
     assert gate.status == 404
+
+
+async def test_a_run_that_outlasts_the_success_it_waited_for_pauses_then() -> None:
+    """bad, good, bad, bad, bad (start order), threshold 3: the success breaks the run of
+    the one bad event before it only; the three after it are a run, decided now that no
+    older call is under way. Before, the run stayed ``deciding`` and its held events
+    waited for another answer that might never come."""
+    systemic = Systemic(3, PAUSE_PROBE_S, AppMetrics(Metrics(), "demo-app"))
+    systemic.proven = True
+    gate = systemic.gate("*/order.shipped")
+    b1, good, b2, b3, b4 = (gate.begin() for _ in range(5))
+    verdicts = [
+        systemic.failure(gate, event_id, http(404), False, call)
+        for event_id, call in (("b1", b1), ("b2", b2), ("b3", b3), ("b4", b4))
+    ]
+    assert verdicts[2:] == [Verdict.WAIT, Verdict.WAIT]  # deciding: they wait
+    assert gate.is_open
+    systemic.success(gate, False, good)
+    assert not gate.is_open and gate.status == 404
