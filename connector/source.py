@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]
 READER_FETCH_MAX_BYTES = 16 * 1024 * 1024
 READER_BATCH_RECORDS = 2_000
+# a partition's last-fetch figures (LSO, high watermark) older than this are asked for
+# again before they say it is blocked (``watch_progress``)
+FRESH_MS = 5_000
 
 
 class _Listener:
@@ -96,7 +99,12 @@ class Source:
         # the way past records aiokafka cannot decode
         self._guard = FetchGuard(self._consumer)
         self._resets = PositionResets(
-            self._consumer, settings, metrics, self.progress, self._guard.moved
+            self._consumer,
+            settings,
+            metrics,
+            self.progress,
+            self._guard.moved,
+            lambda: self._guard.epoch,
         )
 
         async def revoked(tps: list[TopicPartitionKey]) -> None:
@@ -183,20 +191,45 @@ class Source:
         return int(value) if value is not None else None
 
     async def watch_progress(self) -> None:
-        """Tell ``progress`` each assigned partition's position, last stable offset and
-        high watermark as last fetched. A paused partition is not fetched (its figures are
-        stale): it counts as progressing."""
+        """Tell ``progress`` each assigned partition's position, last stable offset (LSO)
+        and high watermark. Being paused is no verdict: backpressure keeps every partition
+        paused most of the time while another one has a backlog, and aiokafka then fetches
+        none of them. So where the last fetch's figures are older than ``FRESH_MS`` and
+        show records beyond the LSO, the LSO is asked for again (a ``read_committed``
+        ListOffsets): the same LSO with the position at it is still blocked, a new one is
+        not (the high watermark only grows). Not known (the request failed): the last
+        verdict holds."""
         consumer = self._consumer
-        paused = consumer.paused()
+        epoch = self._guard.epoch  # a rebalance during an await: its figures are gone
+        now_ms = time.time() * 1000
+        figures: dict[TopicPartition, tuple[int | None, int | None]] = {}
+        stale: list[TopicPartition] = []
         for tp in list(consumer.assignment()):
-            key = (tp.topic, tp.partition)
             try:
                 lso, high = consumer.last_stable_offset(tp), consumer.highwater(tp)
+                fetched_ms = consumer.last_poll_timestamp(tp)
             except (AssertionError, IllegalStateError):
                 continue  # revoked meanwhile
+            figures[tp] = (lso, high)
+            old = fetched_ms is None or now_ms - fetched_ms > FRESH_MS
+            if old and lso is not None and high is not None and high > lso:
+                stale.append(tp)
+        unknown: set[TopicPartition] = set()
+        if stale:
+            try:
+                lsos = await asyncio.wait_for(consumer.end_offsets(stale), FRESH_MS / 1000)
+            except (KafkaError, TimeoutError, AssertionError):
+                unknown.update(stale)
+            else:
+                for tp, lso in lsos.items():
+                    figures[tp] = (lso, figures[tp][1])
+        for tp, (lso, high) in figures.items():
+            key = (tp.topic, tp.partition)
             position = None
-            if tp not in paused and lso is not None and high is not None and high > lso:
-                position = await self.position(key)  # known: the partition was fetched
+            if tp not in unknown and lso is not None and high is not None and high > lso:
+                position = await self.position(key)
+            if self._guard.epoch != epoch:
+                return  # revoked meanwhile: observed, it would be named as ours again
             self.progress.observe(key, position, lso, high)
 
     async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:
