@@ -148,6 +148,12 @@ class Connector:
             return False, changelog
         paused = self.apps.pause_reason()
         if paused is not None:
+            if self._fetch_paused:  # the waiting events' offsets hold every later one
+                paused += (
+                    "; every partition stopped fetching: delivery.max_buffered_events "
+                    f"({self.settings.delivery.max_buffered_events}) fetched events wait "
+                    "behind the paused ones, other routes included"
+                )
             return False, paused
         registry = self.registry
         if registry is not None and registry.problem is not None:

@@ -226,16 +226,30 @@ class Pipeline:
         admitted = False
 
         async def admit() -> None:
-            """The exposure unit is taken once, in the concurrency slot before the first
-            token: calls queued for a slot or a token are not exposure yet."""
+            """The exposure unit is taken in the concurrency slot before the first token
+            (again after a ``release``): calls queued for a slot or a token are not
+            exposure yet."""
             nonlocal admitted
             if not admitted:
                 await self._enter_gate()
                 admitted = True
 
+        def release() -> None:
+            """The event waits after a 4xx: no thread, its unit goes back until it tries
+            again (a paused route's events must not starve the others)."""
+            nonlocal admitted
+            if admitted:
+                admitted = False
+                self.exposure.leave()
+
         try:
             created = await self._caller.call(
-                request, event.event_id, event.correlation_id, guard=job, admit=admit
+                request,
+                event.event_id,
+                event.correlation_id,
+                guard=job,
+                admit=admit,
+                release=release,
             )
         except EventRejected as exc:
             if admitted:
