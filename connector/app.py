@@ -148,7 +148,8 @@ class Connector:
             return False, changelog
         paused = self.apps.pause_reason()
         if paused is not None:
-            if self._fetch_paused:  # the waiting events' offsets hold every later one
+            session = self.session
+            if session is not None and session.fetch_paused:  # they hold every later offset
                 paused += (
                     "; every partition stopped fetching: delivery.max_buffered_events "
                     f"({self.settings.delivery.max_buffered_events}) fetched events wait "
