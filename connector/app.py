@@ -32,7 +32,7 @@ from connector.dedup import (
     MemoryDedupStore,
     changelog_topic,
 )
-from connector.errors import FencedError
+from connector.errors import FencedError, TopicError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.exposure import Exposure
 from connector.health import HealthServer
@@ -50,6 +50,7 @@ from connector.progress import PartitionProgress
 from connector.routing import Router
 from connector.sink import Sink
 from connector.source import Source, TopicReader
+from connector.startup_checks import StartupChecks
 from connector.topics import TopicManager
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Connector:
         self.metrics = metrics or Metrics()
         self.router = Router(settings.routes)
         self.apps = Apps(settings, self.metrics)  # one call policy per app (connector.apps)
+        self.checks = StartupChecks(settings, self.apps)  # check-config --online's, at start
         self.health = HealthServer(
             settings.server.host,
             settings.server.port,
@@ -126,12 +128,14 @@ class Connector:
         # why Kafka cannot be used right now (None: no known problem); read by /readyz
         self.kafka_problem: str | None = None
         self.kafka_attempts = 0  # consecutive failed attempts to start / to keep a session
+        self.kafka_category = "kafka"  # kafka_problem's readiness category ("topic_missing")
         # set by the reachability probe while a session runs: aiokafka retries a lost broker
         # quietly for ever, and an idle pipeline's commit cycles need no broker
         self.kafka_unreachable: str | None = None
         # output topics a stuck commit cycle waits for (deleted with auto-create off): the
         # producer retries them silently and forever
         self.outputs_missing: list[str] | None = None
+        self.metrics.init_not_ready(lambda: self._not_ready()[0])
 
     # -- health -------------------------------------------------------------------------
 
@@ -144,29 +148,40 @@ class Connector:
     # Called from the health server's own thread: read simple attributes only.
 
     def _ready(self) -> tuple[bool, str]:
+        category, reason = self._not_ready()
+        return category is None, reason
+
+    def _not_ready(self) -> tuple[str | None, str]:
+        """``(category, reason)``: the category (None when ready) is one of
+        ``metrics.NOT_READY_REASONS``, the ``not_ready{reason}`` gauge's bounded label."""
         lost = self.kafka_unreachable
         if lost is not None:
-            return False, f"kafka: {lost} (probed every {self.settings.kafka.probe_interval_s:g}s)"
+            interval = self.settings.kafka.probe_interval_s
+            return "kafka", f"kafka: {lost} (probed every {interval:g}s)"
+        failed = self.checks.reason()  # a missing ACL: says more than the failure it causes
+        if failed is not None:
+            return failed
         problem = self.kafka_problem
         if problem is not None and not self._joined:
-            return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
-        if not self._joined:
-            return False, "not in the consumer group yet"
-        paused = self.apps.pause_reason()
+            attempt = f"(attempt {self.kafka_attempts}, retrying)"
+            return self.kafka_category, f"kafka: {problem} {attempt}"
+        paused = self.apps.pause()  # before joining too: the start-up probe's pauses
         if paused is not None:
-            return False, paused
+            return paused
+        if not self._joined:
+            return "joining", "not in the consumer group yet"
         if self.outputs_missing:
-            return False, (
+            return "topic_missing", (
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
                 f"commit cycles wait for them"
             )
         stuck = self.progress.summary
         if stuck is not None:
-            return False, stuck
+            return "partition_blocked", stuck
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
-            return False, f"no successful commit cycle for {age:.0f}s"
-        return True, f"{len(self._assigned)} partitions assigned"
+            return "commit_stalled", f"no successful commit cycle for {age:.0f}s"
+        return None, f"{len(self._assigned)} partitions assigned"
 
     # -- run ----------------------------------------------------------------------------
 
@@ -176,6 +191,8 @@ class Connector:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
             self.apps.start(stack)  # each app's HTTP client and caller
+            if s.api.startup_probe:  # before any event: a wrong path or key pauses its app
+                self._background(stack, self.checks.probe_api(stop))
             aiokafka_log = logging.getLogger("aiokafka")
             for quiet in (BootstrapNoise(), OutageNoise()):
                 # our one line per attempt replaces aiokafka's; its reconnects are sampled
@@ -193,8 +210,9 @@ class Connector:
                 },
             )
             self.started.set()
-            probe = asyncio.create_task(self._probe_kafka(stop))
-            stack.push_async_callback(_cancel, probe)
+            self._background(stack, self._probe_kafka(stop))
+            if s.kafka.startup_checks:  # the permissions (missing ACLs) named by /readyz
+                self._background(stack, self.checks.check_kafka(stop))
             while not stop.is_set():
                 self.sessions += 1
                 try:
@@ -210,6 +228,12 @@ class Connector:
                     self._joined = False
                     await self._kafka_failed("session", exc, stop)
         log.info("connector stopped")
+
+    @staticmethod
+    def _background(stack: AsyncExitStack, work: Awaitable[None]) -> None:
+        """Run ``work`` until it ends or the connector stops (cancelled with ``stack``)."""
+        task = asyncio.ensure_future(work)
+        stack.push_async_callback(_cancel, task)
 
     async def _probe_kafka(self, stop: asyncio.Event) -> None:
         """Open a connection to the bootstrap servers every ``kafka.probe_interval_s``
@@ -268,6 +292,8 @@ class Connector:
             cause = await diagnose(self.settings) or cause  # aiokafka only logged the cause
         self.kafka_attempts += 1
         self.kafka_problem = cause
+        # a topic the connector may not create (an input, or create_topics false)
+        self.kafka_category = "topic_missing" if isinstance(exc, TopicError) else "kafka"
         k = self.settings.kafka
         delay = min(k.retry_max_s, k.retry_initial_s * 2 ** min(self.kafka_attempts - 1, 30))
         delay *= 0.8 + 0.4 * random.random()

@@ -39,6 +39,11 @@ class ConfigError(ConnectorError):
     """The configuration is invalid; the message names each offending field."""
 
 
+class TopicError(ConfigError):
+    """A topic the settings name is missing or unsound, and the connector may not (or
+    cannot) create or fix it."""
+
+
 REASON_MAX = 1000  # characters of a rejection's reason (it may quote the event's values)
 
 

@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.dedup import changelog_topic
-from connector.errors import ConfigError
+from connector.errors import TopicError
 from connector.kafka_common import client_kwargs
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class TopicManager:
         inputs = await self.partitions(list(k.input_topics))
         missing = [t for t in k.input_topics if t not in inputs]
         if missing:
-            raise ConfigError(f"kafka.input_topics: topic(s) {', '.join(missing)} do not exist")
+            raise TopicError(f"kafka.input_topics: topic(s) {', '.join(missing)} do not exist")
         outputs = [k.results_topic, k.dead_letter_topic]
         if s.dedup.store == "changelog":
             outputs += await self._ensure_changelogs(inputs)
@@ -83,7 +83,7 @@ class TopicManager:
                 log.warning("cannot read max.message.bytes of topic %s; not checked", topic)
                 continue
             if int(raw) < limit:
-                raise ConfigError(
+                raise TopicError(
                     f"kafka.max_request_size is {limit} bytes but topic {topic} has "
                     f"max.message.bytes={raw}: the broker would refuse records the connector "
                     f"may write. Raise the topic's max.message.bytes to at least {limit} or "
@@ -121,7 +121,7 @@ class TopicManager:
             existing = await self.partitions(list(specs))
         for name, spec in specs.items():
             if existing.get(name) != spec.partitions:
-                raise ConfigError(
+                raise TopicError(
                     f"dedup changelog {name} has {existing.get(name)} partitions but its input "
                     f"topic has {spec.partitions}: they must be co-partitioned (delete the "
                     f"changelog, or set dedup.changelog_suffix to start a new one)"
@@ -130,7 +130,7 @@ class TopicManager:
         for name, config in configs.items():
             policy = config.get("cleanup.policy", "")
             if "compact" not in policy.split(","):
-                raise ConfigError(
+                raise TopicError(
                     f"dedup changelog {name} has cleanup.policy={policy}; it must include 'compact'"
                 )
         return list(specs)
@@ -142,7 +142,7 @@ class TopicManager:
         for name, code, message in response.topic_errors:
             # 37 INVALID_PARTITIONS: another replica grew it first (re-checked by the caller)
             if code not in (0, 37):
-                raise ConfigError(f"dedup changelog {name}: cannot add partitions: {message}")
+                raise TopicError(f"dedup changelog {name}: cannot add partitions: {message}")
         log.warning("grew dedup changelogs to their input topics' partitions %s", counts)
 
     async def _create_missing(self, specs: list[TopicSpec], *, allow: bool) -> None:
@@ -152,7 +152,7 @@ class TopicManager:
             return
         if not allow:
             names = ", ".join(s.name for s in todo)
-            raise ConfigError(f"kafka.create_topics is false and topic(s) {names} do not exist")
+            raise TopicError(f"kafka.create_topics is false and topic(s) {names} do not exist")
         rf = self._settings.kafka.replication_factor
         new = [NewTopic(s.name, s.partitions, rf, topic_configs=s.config) for s in todo]
         try:
@@ -160,7 +160,7 @@ class TopicManager:
         except TopicAlreadyExistsError:
             pass  # another replica created it at the same moment
         except KafkaError as exc:
-            raise ConfigError(f"cannot create topics {[s.name for s in todo]}: {exc}") from exc
+            raise TopicError(f"cannot create topics {[s.name for s in todo]}: {exc}") from exc
         log.info("created topics %s", [s.name for s in todo])
         await self._wait_visible([s.name for s in todo])
 
@@ -173,7 +173,7 @@ class TopicManager:
                 return
             if asyncio.get_running_loop().time() > deadline:
                 missing = [n for n in names if n not in found]
-                raise ConfigError(f"topics {missing} were created but never became visible")
+                raise TopicError(f"topics {missing} were created but never became visible")
             await asyncio.sleep(0.1)
 
     async def _topic_configs(self, topics: list[str]) -> dict[str, dict[str, str]]:
