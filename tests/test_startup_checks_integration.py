@@ -206,6 +206,9 @@ async def test_a_probe_without_an_answer_pauses_nothing(kafka_bootstrap: str) ->
     settings = make_settings(kafka_bootstrap, "http://127.0.0.1:9", names, partitions=1)
     async with running(settings) as connector:
         await asyncio.wait_for(connector.checks.api_done.wait(), 15)  # the probe settled
+        # and the permission checks of a sound setup pass, once (no load after)
+        await asyncio.wait_for(connector.checks.kafka_done.wait(), 30)
+        assert connector.checks.reason() is None
         await until(lambda: _ready(connector), 30, "never ready")
         assert connector.apps.pause_reason() is None
         assert connector.apps.breaker.consecutive == 0
