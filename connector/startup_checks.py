@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 from connector.apps import Apps
 from connector.config import ConnectorSettings
@@ -94,9 +93,9 @@ class StartupChecks:
     async def check_kafka(self, stop: asyncio.Event) -> None:
         """Run the permission checks until every one passes."""
         interval = self._settings.kafka.permission_recheck_s
-        # a transactional id of this host's own: replicas starting together would fence
-        # each other's check with one shared id
-        suffix = f"{CHECK_SUFFIX}-{socket.gethostname()}"
+        # a transactional id of this replica's own (delivery.instance_id, the host name by
+        # default): replicas starting together would fence each other's check with one id
+        suffix = f"{CHECK_SUFFIX}-{self._settings.delivery.instance_id}"
         while True:
             checks = await kafka_checks(self._settings, KAFKA_CHECK_TIMEOUT_S, check_suffix=suffix)
             # the topics are run's own (created or refused at start): permissions only here
