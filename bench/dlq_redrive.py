@@ -68,6 +68,7 @@ async def run(bootstrap: str, records: int) -> None:
             "results_topic": f"bench-{tag}-results",
             "dead_letter_topic": f"bench-{tag}-dlq",
             "topic_partitions": 3,
+            "create_input_topics": True,
         },
         dedup={"store": "memory"},
         api={"api_key": "unused"},

@@ -92,6 +92,7 @@ def settings_dict(bootstrap: str, base_url: str, tag: str, rate: float) -> dict[
             "results_topic": f"{tag}-results",
             "dead_letter_topic": f"{tag}-dlq",
             "topic_partitions": PARTITIONS,
+            "create_input_topics": True,
             "session_timeout_ms": 10_000,
         },
         "delivery": {"commit_interval_ms": 200},

@@ -7,8 +7,9 @@ commit ends the session without committing, and a new one starts from the commit
 offsets (what was not committed is replayed and deduplicated).
 
 Shutdown (``stop`` set, e.g. by SIGTERM): stop fetching, cancel jobs that are not inside
-an HTTP attempt, let attempts finish up to ``delivery.drain_timeout_s``, run a last commit
-cycle, leave the group.
+an HTTP attempt, let attempts finish, run a last commit cycle, leave the group -- all within
+``delivery.drain_timeout_s`` of the stop, whatever the state (a commit cycle waiting for a
+deleted topic, a broker that does not answer): ``StopDeadline`` below.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from connector.apps import Apps
+from connector.changelog_watch import ChangelogWatch
 from connector.config import ConnectorSettings
 from connector.dedup import (
     ChangelogDedupStore,
@@ -35,6 +37,7 @@ from connector.dedup import (
 from connector.errors import FencedError, TopicError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.exposure import Exposure
+from connector.formats import Parser
 from connector.health import HealthServer
 from connector.kafka_common import (
     BootstrapNoise,
@@ -47,11 +50,13 @@ from connector.kafka_common import (
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
 from connector.progress import PartitionProgress
+from connector.registry import SchemaRegistry
 from connector.routing import Router
 from connector.sink import Sink
 from connector.source import Source, TopicReader
 from connector.startup_checks import StartupChecks
 from connector.topics import TopicManager
+from connector.tracing import TRACING
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_MS = 200
@@ -77,6 +82,13 @@ class Connector:
         self.router = Router(settings.routes)
         self.apps = Apps(settings, self.metrics)  # one call policy per app (connector.apps)
         self.checks = StartupChecks(settings, self.apps)  # check-config --online's, at start
+        # records to events by their topic's format; the registry only if a format needs it
+        self.registry = (
+            SchemaRegistry(settings.schema_registry, self.metrics)
+            if settings.schema_registry.url is not None
+            else None
+        )
+        self.parser = Parser(settings, self.registry)
         self.health = HealthServer(
             settings.server.host,
             settings.server.port,
@@ -95,6 +107,7 @@ class Connector:
         self._exposure = self._new_exposure(healthy=True)
         self.metrics.uncommitted_threads.set_function(lambda: self._exposure.held)
         self.metrics.calls_gate_closed.set_function(lambda: 0 if self._exposure.is_open else 1)
+        self.metrics.threads_awaiting_commit.set_function(lambda: self._exposure.created)
         self.input_partitions: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
         self._assigned: list[TopicPartitionKey] = []
@@ -124,6 +137,7 @@ class Connector:
         # stopped until its first cycle succeeds (``Exposure``)
         self._commit_healthy = True
         self.sessions = 0
+        self._deadline = StopDeadline(settings.delivery.drain_timeout_s)
         self.started = asyncio.Event()
         # why Kafka cannot be used right now (None: no known problem); read by /readyz
         self.kafka_problem: str | None = None
@@ -135,6 +149,8 @@ class Connector:
         # output topics a stuck commit cycle waits for (deleted with auto-create off): the
         # producer retries them silently and forever
         self.outputs_missing: list[str] | None = None
+        # the dedup changelogs' configuration, re-checked while running
+        self.changelogs = ChangelogWatch(settings, lambda: self.input_partitions)
         self.metrics.init_not_ready(lambda: self._not_ready()[0])
 
     # -- health -------------------------------------------------------------------------
@@ -170,6 +186,12 @@ class Connector:
             return paused
         if not self._joined:
             return "joining", "not in the consumer group yet"
+        changelog = self.changelogs.problem
+        if changelog is not None:
+            return "changelog", changelog
+        registry = self.registry
+        if registry is not None and registry.problem is not None:
+            return "registry", registry.problem
         if self.outputs_missing:
             return "topic_missing", (
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
@@ -186,13 +208,42 @@ class Connector:
     # -- run ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop``; then return within ``delivery.drain_timeout_s`` (what is
+        not committed by then is replayed by the next owner)."""
+        self._deadline = StopDeadline(self.settings.delivery.drain_timeout_s)
+        body = asyncio.ensure_future(self._run(stop))
+        try:
+            await _first_done(body, stop)
+            if not body.done():
+                self._deadline.start()
+                await asyncio.wait({body}, timeout=self._deadline.left(self._deadline.cancel_at))
+            if not body.done():
+                log.error(
+                    "shutdown did not finish within delivery.drain_timeout_s (%gs): stopping "
+                    "now; what was not committed will be replayed",
+                    self.settings.delivery.drain_timeout_s,
+                )
+                body.cancel()
+                await asyncio.wait({body}, timeout=self._deadline.left())
+        except asyncio.CancelledError:
+            body.cancel()
+            raise
+        if body.done() and not body.cancelled():
+            body.result()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
+            if s.tracing.enabled:
+                TRACING.start(s.tracing.service_name)
+                stack.callback(TRACING.shutdown)  # flushes the last spans
             self.apps.start(stack)  # each app's HTTP client and caller
             if s.api.startup_probe:  # before any event: a wrong path or key pauses its app
                 self._background(stack, self.checks.probe_api(stop))
+            if self.registry is not None:
+                stack.push_async_callback(self.registry.close)
             aiokafka_log = logging.getLogger("aiokafka")
             for quiet in (BootstrapNoise(), OutageNoise()):
                 # our one line per attempt replaces aiokafka's; its reconnects are sampled
@@ -213,6 +264,8 @@ class Connector:
             self._background(stack, self._probe_kafka(stop))
             if s.kafka.startup_checks:  # the permissions (missing ACLs) named by /readyz
                 self._background(stack, self.checks.check_kafka(stop))
+            if s.dedup.store == "changelog":
+                self._background(stack, self.changelogs.run(stop))
             while not stop.is_set():
                 self.sessions += 1
                 try:
@@ -292,8 +345,9 @@ class Connector:
             cause = await diagnose(self.settings) or cause  # aiokafka only logged the cause
         self.kafka_attempts += 1
         self.kafka_problem = cause
-        # a topic the connector may not create (an input, or create_topics false)
-        self.kafka_category = "topic_missing" if isinstance(exc, TopicError) else "kafka"
+        # a topic the connector may not create (an input, or create_topics false), an
+        # unsound one, a changelog that breaks its contract
+        self.kafka_category = exc.category if isinstance(exc, TopicError) else "kafka"
         k = self.settings.kafka
         delay = min(k.retry_max_s, k.retry_initial_s * 2 ** min(self.kafka_attempts - 1, 30))
         delay *= 0.8 + 0.4 * random.random()
@@ -324,7 +378,7 @@ class Connector:
         self._fatal = None  # a hook's failure as the last session left the group was its own
         self._generation += 1
         exposure = self._exposure = self._new_exposure(healthy=self._commit_healthy)
-        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure)
+        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure, self.parser)
         self.pipeline = pipeline
         self.progress.forget(self.progress.partitions())  # the last session's assignment
         source = Source(s, self._on_revoked, self._on_assigned, self.metrics, self.progress)
@@ -347,12 +401,21 @@ class Connector:
                     gauges = tasks.create_task(self._gauge_loop(source, pipeline))
                     await self._fetch_loop(source, pipeline, tasks, stop)
                     # drain: stop fetching, let HTTP attempts finish, commit, then leave
+                    deadline = self._deadline.start()
                     cut = await pipeline.abandon(
-                        pipeline.tracker.partitions(), s.delivery.drain_timeout_s
+                        pipeline.tracker.partitions(), deadline.left(deadline.calls_until)
                     )
                     draining.set()  # the committer finishes its cycle and makes a last one
                     gauges.cancel()
-                    await committer
+                    await asyncio.wait({committer}, timeout=deadline.left(deadline.commit_until))
+                    if not committer.done():
+                        log.error(
+                            "the last commit cycle did not finish before the drain deadline "
+                            "(%s): not committed; its events will be replayed",
+                            self._ready()[1],
+                        )
+                        committer.cancel()
+                        raise FencedError("the last commit cycle missed the drain deadline")
             except BaseException as exc:
                 # Entries remembered for outcomes that were never committed would drop their
                 # replays as duplicates: forget them (the changelog restores what is durable).
@@ -639,6 +702,33 @@ class Connector:
     def _apply_share(self) -> None:
         """Each app's share of its own group rate (``connector.apps``)."""
         self.apps.apply_share(len(self._assigned), sum(self.input_partitions.values()))
+
+
+class StopDeadline:
+    """The shutdown's time line, from the stop to ``drain_timeout_s`` after it: calls under
+    way may finish until ``calls_until``, the last commit cycle until ``commit_until``, then
+    the session is cancelled (``cancel_at``); the command line exits the process at the
+    end whatever is left (``connector.cli``). Offsets in seconds after the stop."""
+
+    def __init__(self, drain_s: float) -> None:
+        reserve = min(2.0, drain_s * 0.1)
+        self.total = drain_s
+        self.calls_until = drain_s - 2 * reserve
+        self.commit_until = drain_s - reserve
+        self.cancel_at = drain_s - reserve / 2
+        self._started: float | None = None
+
+    def start(self) -> StopDeadline:
+        """The stop happened now (a second call keeps the first time)."""
+        if self._started is None:
+            self._started = time.monotonic()
+        return self
+
+    def left(self, offset_s: float | None = None) -> float:
+        """Seconds until ``offset_s`` after the stop (the end by default), at least 0."""
+        started = self._started if self._started is not None else time.monotonic()
+        end = self.total if offset_s is None else offset_s
+        return max(0.0, started + end - time.monotonic())
 
 
 def _only_fenced(exc: BaseException) -> BaseException:

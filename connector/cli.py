@@ -20,6 +20,7 @@ from connector.preflight import load_checked
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
+EXIT_DRAIN_OVERRUN = 3  # the drain outlived delivery.drain_timeout_s: exited regardless
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def run(settings: ConnectorSettings) -> int:
-    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run until SIGTERM/SIGINT; a second signal exits at once, and so does the end of
+    ``delivery.drain_timeout_s`` after the first (the connector's own drain returns before
+    it: this is the bound when something it awaits does not give way)."""
     from connector.app import Connector
 
     stop = asyncio.Event()
@@ -134,6 +137,16 @@ async def run(settings: ConnectorSettings) -> int:
             os._exit(128 + signum)
         log.info("signal %s: draining", signal.Signals(signum).name)
         stop.set()
+        loop.call_later(settings.delivery.drain_timeout_s, drain_overrun)
+
+    def drain_overrun() -> None:
+        log.error(
+            "the drain did not end within delivery.drain_timeout_s (%gs): exiting now; "
+            "uncommitted work will be replayed",
+            settings.delivery.drain_timeout_s,
+        )
+        logging.shutdown()
+        os._exit(EXIT_DRAIN_OVERRUN)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):

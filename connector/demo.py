@@ -174,6 +174,7 @@ def _demo_settings(config: Path, bootstrap: str, base_url: str) -> ConnectorSett
         "KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA__GROUP_ID": group,
         "KAFKA__TOPIC_PARTITIONS": "3",
+        "KAFKA__CREATE_INPUT_TOPICS": "true",  # the demo's own broker and topic
         "API__BASE_URL": base_url,
         "API__API_KEY": DEFAULT_API_KEY,
         "API__RATE_LIMIT_PER_S": "50",

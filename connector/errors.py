@@ -40,8 +40,22 @@ class ConfigError(ConnectorError):
 
 
 class TopicError(ConfigError):
-    """A topic the settings name is missing or unsound, and the connector may not (or
-    cannot) create or fix it."""
+    """A topic the settings name is missing, and the connector may not (or cannot) create
+    it. ``category``: its readiness category (``metrics.NOT_READY_REASONS``)."""
+
+    category = "topic_missing"
+
+
+class TopicConfigError(TopicError):
+    """An output topic's configuration would make the broker refuse our records."""
+
+    category = "topic_config"
+
+
+class ChangelogError(TopicError):
+    """A dedup changelog is missing, lost, or breaks its contract."""
+
+    category = "changelog"
 
 
 REASON_MAX = 1000  # characters of a rejection's reason (it may quote the event's values)
@@ -82,7 +96,8 @@ class RetriableApiError(ApiError):
     ``outcome_unknown`` is true when the request may have reached the API (a read timeout
     after the body was sent): the thread may exist even though we never saw its id.
     ``kind`` names a failure without a status (``connect_error``, ``tls_error``,
-    ``timeout``, ``protocol_error``, ``body_too_large``), or ``redirect``: a bounded label.
+    ``timeout``, ``protocol_error``, ``body_too_large``, ``proxy_error``: the egress proxy
+    is unreachable or refused us), or ``redirect``: a bounded label.
     """
 
     def __init__(
@@ -117,7 +132,9 @@ class RetriableApiError(ApiError):
         return self.kind in TRANSPORT_KINDS
 
 
-TRANSPORT_KINDS = frozenset({"connect_error", "tls_error", "timeout", "protocol_error"})
+TRANSPORT_KINDS = frozenset(
+    {"connect_error", "tls_error", "timeout", "protocol_error", "proxy_error"}
+)
 
 
 class PermanentApiError(ApiError):

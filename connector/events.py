@@ -6,6 +6,7 @@ in one place (and the API key or the system message text can never slip into it)
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class InputRecord:
                 found = value
         return found
 
+    def header_values(self, name: str) -> list[bytes]:
+        """Every header of that name (case-insensitive), in order."""
+        lowered = name.lower()
+        return [value for key, value in self.headers if key.lower() == lowered]
+
 
 EventId = str | int
 
@@ -68,6 +74,7 @@ class Event:
     record: InputRecord
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     event_id_value: EventId | None = None  # None: the same as ``event_id`` (a string)
+    time_field: str | None = None  # the event time's path when the route names none
 
     @property
     def id_value(self) -> EventId:
@@ -79,7 +86,10 @@ class Event:
 
 
 def dedup_key(event_id: EventId) -> str:
-    """The id's JSON encoding: ``"5"`` for the string, ``5`` for the integer."""
+    """The id's JSON encoding: ``"5"`` for the string, ``5`` for the integer (its decimal
+    digits, of any length: orjson encodes only 64-bit integers)."""
+    if isinstance(event_id, int):
+        return str(event_id)
     return orjson.dumps(event_id).decode()
 
 
@@ -125,22 +135,50 @@ def parse_event(
     id_header: str,
     type_field: str,
     max_id_length: int = 256,
+    correlation_id: str | None = None,
 ) -> Event:
-    """Decode the record's JSON and find its event id and type, or raise EventRejected.
-
-    The id is the body's ``id_field`` (a string or an integer) or, when the body has none,
-    the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
-    than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
-    a bool or an object to text would make different events collide.
-    """
+    """Decode the record's JSON and find its event id and type, or raise EventRejected
+    (``event_from_body`` says how)."""
     if record.value is None:
         raise EventRejected(Stage.PARSE, "record has no value (tombstone)", code="empty_value")
     try:
         body = orjson.loads(record.value)
     except orjson.JSONDecodeError as exc:
+        if not record.value.strip():
+            raise EventRejected(Stage.PARSE, "record value is empty", code="empty_value") from None
         raise EventRejected(
             Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
         ) from exc
+    return event_from_body(
+        record,
+        body,
+        id_field=id_field,
+        id_header=id_header,
+        type_field=type_field,
+        max_id_length=max_id_length,
+        correlation_id=correlation_id,
+    )
+
+
+def event_from_body(
+    record: InputRecord,
+    body: Any,
+    *,
+    id_field: str,
+    id_header: str,
+    type_field: str,
+    max_id_length: int = 256,
+    correlation_id: str | None = None,
+    time_field: str | None = None,
+) -> Event:
+    """The event of a decoded body (JSON, or a schema-registry format decoded alike).
+
+    The id is the body's ``id_field`` (a string or an integer) or, when the body has none,
+    the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
+    than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
+    a bool or an object to text would make different events collide. ``time_field``: the
+    event time's path when the route names none (a CloudEvent's ``time``).
+    """
     if not isinstance(body, dict):
         raise EventRejected(
             Stage.PARSE,
@@ -160,7 +198,9 @@ def parse_event(
         event_type=event_type,
         body=body,
         record=record,
+        correlation_id=correlation_id or uuid.uuid4().hex,
         event_id_value=event_id if isinstance(event_id, int) else None,
+        time_field=time_field,
     )
 
 
@@ -176,8 +216,10 @@ def _event_id(
     except KeyError:
         value = _MISSING
     where = f"field '{id_field}'"
+    if isinstance(value, float):
+        value = _exact_number(record, id_field, value)
     if value is _MISSING:
-        raw = record.header(id_header)
+        raw = _header_id(record, id_header)
         if raw is None:
             raise EventRejected(
                 Stage.VALIDATE,
@@ -218,6 +260,34 @@ def _event_id(
     return value
 
 
+def _exact_number(record: InputRecord, id_field: str, parsed: float) -> Any:
+    """The id as the input wrote it when orjson read it as a float: orjson reads an
+    integer beyond 64 bits as a float, so the value is parsed again with the standard
+    library, which keeps integers exact (only for float ids: the common path is untouched).
+    A real float (``1.5``, ``1e30``) stays a float and is refused by the caller."""
+    if record.value is None:
+        return parsed
+    try:
+        exact = lookup(json.loads(record.value), id_field)
+    except (ValueError, KeyError, RecursionError):  # digits over Python's int limit
+        return parsed
+    return exact if isinstance(exact, int) and not isinstance(exact, bool) else parsed
+
+
+def _header_id(record: InputRecord, name: str) -> bytes | None:
+    """The id header's value; copies that disagree are refused (``ambiguous_event_id``):
+    with the last one winning, the same two headers in the other order were another
+    event. Copies that agree (the same id, around white space) are one."""
+    values = record.header_values(name)
+    if len(values) > 1 and len({v.strip() for v in values}) > 1:
+        raise EventRejected(
+            Stage.VALIDATE,
+            f"{len(values)} '{name}' headers with different values",
+            code="ambiguous_event_id",
+        )
+    return values[-1] if values else None
+
+
 def _scalar(body: dict[str, Any], path: str) -> str | None:
     try:
         value = lookup(body, path)
@@ -250,8 +320,11 @@ def result_record(
     created: ThreadCreated,
     deep_link: str,
     user_key: str,
+    forward_headers: frozenset[str] = frozenset(),
 ) -> OutRecord:
-    """The results-topic record (DESIGN.md §7). Keyed by the user for per-user order."""
+    """The results-topic record (DESIGN.md §7). Keyed by the user for per-user order.
+    ``forward_headers``: lower-case names of the event's headers copied to it, as they are
+    (``results.forward_headers``)."""
     src = event.record
     value = {
         "schemaVersion": RESULT_SCHEMA_VERSION,
@@ -267,13 +340,30 @@ def result_record(
         "latencyMs": round(created.latency_ms, 1),
         "source": {"topic": src.topic, "partition": src.partition, "offset": src.offset},
     }
-    headers = (
+    headers: Headers = (
         # whole: the id is bounded by dedup.max_event_id_length (characters), and 256 of
         # them can be 1,024 bytes; a cut id correlates the result with another event
         ("event-id", event.event_id.encode("utf-8", "replace")),
         ("correlation-id", header_text(event.correlation_id)),
     )
-    return OutRecord(topic, user_key.encode(), orjson.dumps(value), headers)
+    if forward_headers:
+        headers += tuple(h for h in src.headers if h[0].lower() in forward_headers)
+    return OutRecord(topic, user_key.encode(), _dumps_result(value), headers)
+
+
+_BIG_INT = "\x00event-id\x00"  # stands for the digits of an integer id beyond 64 bits
+
+
+def _dumps_result(value: dict[str, Any]) -> bytes:
+    """orjson encodes integers of 64 bits at most: a longer integer id is written as its
+    own digits in the place of a placeholder."""
+    event_id = value["eventId"]
+    if not isinstance(event_id, int) or -(2**63) <= event_id < 2**64:
+        return orjson.dumps(value)
+    # the first occurrence is the id's: ``eventId`` comes before every other string field
+    placeholder = orjson.dumps(_BIG_INT)
+    encoded = orjson.dumps({**value, "eventId": _BIG_INT})
+    return encoded.replace(placeholder, str(event_id).encode(), 1)
 
 
 def dead_letter_record(

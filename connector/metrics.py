@@ -44,10 +44,18 @@ ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 # its first increment in ``increase()`` (tests/test_observability.py keeps the list in step
 # with the code).
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
-    "parse": ("empty_value", "invalid_json", "not_an_object", "undecodable_record"),
+    "parse": (
+        "empty_value",
+        "invalid_json",
+        "not_an_object",
+        "undecodable_record",
+        "schema_error",
+        "invalid_cloudevent",
+    ),
     "validate": (
         "no_event_id",
         "invalid_event_id",
+        "ambiguous_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
@@ -60,16 +68,21 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
 }
 # Why /readyz is red, as a bounded label (``not_ready{reason}``); the line itself is in
 # /readyz. kafka: unreachable or refused; topic_missing: an input (or, with create_topics
-# false, an output) topic; joining: not in the group yet; kafka_acl: a start-up permission
-# check failed; api_path / api_key: the start-up probe (or the calls) found a wrong
-# base_url or key; api_unreachable: the circuit breaker is open; api_throttled: a long
-# Retry-After; api_stopped: api.on_error stop; route_paused: a run of one API error;
+# false, an output) topic; topic_config: an output's max.message.bytes too small;
+# changelog: a dedup changelog missing, lost or breaking its contract; joining: not in the
+# group yet; kafka_acl: a start-up permission check failed; registry: the schema registry;
+# api_path / api_key: the start-up probe (or the calls) found a wrong base_url or key;
+# api_unreachable: the circuit breaker is open; api_throttled: a long Retry-After;
+# api_stopped: api.on_error stop; route_paused: a run of one API error;
 # partition_blocked: a partition stopped or held by an open transaction; commit_stalled.
 NOT_READY_REASONS = (
     "kafka",
     "topic_missing",
+    "topic_config",
+    "changelog",
     "joining",
     "kafka_acl",
+    "registry",
     "api_path",
     "api_key",
     "api_unreachable",
@@ -228,10 +241,16 @@ class Metrics:
             "delivery.max_uncommitted_threads.",
             registry=r,
         )
+        self.threads_awaiting_commit = Gauge(
+            f"{p}_threads_awaiting_commit",
+            "Threads created whose results are not committed yet (the uncommitted window: "
+            "the part of uncommitted_threads that is no longer on the wire).",
+            registry=r,
+        )
         self.calls_gate_closed = Gauge(
             f"{p}_calls_gate_closed",
-            "1 while no call may start: the uncommitted cap is reached, or commit cycles fail "
-            "or stall.",
+            "1 while no call may start: the uncommitted cap or window is reached, or a commit "
+            "cycle failed or is overdue.",
             registry=r,
         )
         self.events_in_progress = Gauge(
@@ -389,6 +408,18 @@ class Metrics:
         )
         self.rebalances = Counter(
             f"{p}_rebalances_total", "Partition assignments and revocations.", ["kind"], registry=r
+        )
+        self.schema_registry_up = Gauge(
+            f"{p}_schema_registry_up",
+            "0 while the schema registry cannot be used (records of its formats wait); "
+            "1 after its last fetch worked or when no fetch was needed yet.",
+            registry=r,
+        )
+        self.schema_registry_up.set(1)
+        self.schema_registry_failures = Counter(
+            f"{p}_schema_registry_failures_total",
+            "Schema fetches that failed for the registry's reasons (retried).",
+            registry=r,
         )
         self.up = Gauge(
             f"{p}_ready",

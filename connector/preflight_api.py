@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from connector.config import ConnectorSettings, mask_url
 from connector.errors import ApiError, ConfigError
 from connector.preflight import Check, Status
+from connector.proxy import resolve
 from connector.threads_client import ThreadsClient
 
 PROBE_TIMEOUT_S = 15.0
@@ -37,11 +38,19 @@ class Probe:
 
 
 async def api_checks(settings: ConnectorSettings) -> list[Check]:
+    try:
+        resolve(settings.api)
+    except ConfigError as exc:  # one line for every app
+        return [Check("api", Status.SKIPPED, f"the egress proxy: {exc}")]
     return [(await probe_app(settings, app)).check for app in settings.app_uids()]
 
 
 async def probe_app(settings: ConnectorSettings, app: str) -> Probe:
     """The app's probe; never raises for what it finds."""
+    try:
+        proxy = resolve(settings.api)
+    except ConfigError as exc:
+        return Probe(app, None, Check("api", Status.SKIPPED, f"the egress proxy: {exc}"))
     api = settings.api.for_app(app)
     try:
         key = settings.app_key(app)
@@ -54,6 +63,7 @@ async def probe_app(settings: ConnectorSettings, app: str) -> Probe:
         request_timeout_s=min(api.request_timeout_s, PROBE_TIMEOUT_S),
         max_in_flight=1,
         ca_file=api.ca_file,
+        proxy=proxy,
     )
     async with client:
         try:
@@ -75,6 +85,12 @@ def _api_verdict(app: str, status: int, url: str) -> Check:
     if status == 403:
         return Check(
             "api", Status.FAIL, f"{where}: the API key does not belong to this app (api.apps.{app})"
+        )
+    if status == 407:
+        return Check(
+            "api",
+            Status.FAIL,
+            f"{where}: from the egress proxy, which wants credentials (api.proxy_auth_file)",
         )
     if status in WRONG_PATH:
         return Check(

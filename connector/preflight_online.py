@@ -41,11 +41,13 @@ from aiokafka.errors import (
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from connector.changelog_contract import breaches, creation_config
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.dedup import changelog_topic
 from connector.kafka_common import client_kwargs, describe_failure, diagnose
 from connector.preflight import Check, Status
 from connector.preflight_api import api_checks
+from connector.registry import RegistryUnavailable, SchemaRegistry
 
 log = logging.getLogger(__name__)
 CHECK_SUFFIX = "check-config"
@@ -56,7 +58,21 @@ async def online_checks(settings: ConnectorSettings, timeout_s: float = 15.0) ->
     """Every online check; never raises for what it finds (each is a Check)."""
     checks = await kafka_checks(settings, timeout_s)
     checks += await api_checks(settings)  # after Kafka: its failures are the likelier
+    checks += await registry_checks(settings)
     return checks
+
+
+async def registry_checks(settings: ConnectorSettings) -> list[Check]:
+    """The schema registry answers a request with the configured credentials and TLS."""
+    url = settings.schema_registry.url
+    if url is None:
+        return []
+    async with SchemaRegistry(settings.schema_registry) as registry:
+        try:
+            await registry.check()
+        except RegistryUnavailable as exc:
+            return [Check("registry", Status.FAIL, f"{url}: {exc}")]
+    return [Check("registry", Status.OK, f"{url}: answers with these credentials")]
 
 
 async def kafka_checks(
@@ -133,6 +149,8 @@ class TopicChecks:
                         f"input topic {topic} exists ({partitions[topic]} partitions)",
                     )
                 )
+            elif k.create_input_topics and topic not in hidden:
+                checks.append(await self._creatable(topic, k.topic_partitions, {}))
             else:
                 checks.append(Check("topics", Status.FAIL, _missing_input(topic, topic in hidden)))
         size = {"max.message.bytes": str(k.max_request_size)}
@@ -144,7 +162,7 @@ class TopicChecks:
         if s.dedup.store == "changelog":
             for topic, count in self.inputs.items():
                 name = changelog_topic(k.group_id, topic, s.dedup.changelog_suffix)
-                changelogs[name] = (count, {**size, "cleanup.policy": "compact,delete"})
+                changelogs[name] = (count, creation_config(s.dedup.ttl_s, k.max_request_size))
         present = [t for t in [*outputs, *changelogs] if t in partitions]
         configs = await self._configs(present) if present else {}
         for name, (count, config) in {**outputs, **changelogs}.items():
@@ -152,7 +170,7 @@ class TopicChecks:
                 checks.append(
                     self._sound(name, partitions[name], configs.get(name, {}), changelogs.get(name))
                 )
-            elif name in changelogs or k.create_topics:
+            elif k.create_topics:  # a changelog too: never created when false
                 checks.append(await self._creatable(name, count, config))
             else:
                 checks.append(
@@ -201,9 +219,17 @@ class TopicChecks:
                 problems.append(
                     f"{count} partitions, its input topic has {changelog[0]} (they must be equal)"
                 )
-            policy = config.get("cleanup.policy", "")
-            if "compact" not in policy.split(","):
-                problems.append(f"cleanup.policy={policy} must include compact")
+            found = breaches(name, config, self._settings.dedup.ttl_s)
+            if found and self._settings.kafka.create_topics:
+                fixes = ", ".join(f"{b.setting} {b.value} -> {b.wanted}" for b in found)
+                note = f"; run will correct {fixes} (kafka.create_topics; AlterConfigs ACL)"
+                if not problems:
+                    return Check(
+                        "topics", Status.OK, f"topic {name} exists ({count} partitions){note}"
+                    )
+                problems.append(note.lstrip("; "))
+            else:
+                problems += [f"{b.setting}={b.value} {b.why}" for b in found]
         if problems:
             return Check("topics", Status.FAIL, f"topic {name}: " + "; ".join(problems))
         return Check("topics", Status.OK, f"topic {name} exists ({count} partitions)")
@@ -246,7 +272,10 @@ class TopicChecks:
 def _missing_input(topic: str, hidden: bool) -> str:
     if hidden:
         return f"input topic {topic}: not authorized (missing ACL: Describe on Topic {topic})"
-    return f"input topic {topic} does not exist (kafka.input_topics): a typo, or create it"
+    return (
+        f"input topic {topic} does not exist (kafka.input_topics): a typo, or create it "
+        f"(run creates input topics only with kafka.create_input_topics: true)"
+    )
 
 
 async def group_check(settings: ConnectorSettings, admin: AIOKafkaAdminClient) -> list[Check]:

@@ -11,12 +11,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from connector.changelog_contract import Breach, breaches, corrected, creation_config
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.dedup import changelog_topic
-from connector.errors import TopicError
+from connector.errors import ChangelogError, TopicConfigError, TopicError
 from connector.kafka_common import client_kwargs
 
 log = logging.getLogger(__name__)
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source of a topic-level override
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,27 @@ class TopicManager:
         }
 
     async def ensure(self) -> dict[str, int]:
-        """Create missing topics (when allowed); check changelogs; return input partitions."""
+        """Check the input topics (create them only with ``kafka.create_input_topics``),
+        create missing output topics (when allowed), check the changelogs; return the
+        input topics' partition counts."""
         s = self._settings
         k = s.kafka
-        size = {"max.message.bytes": str(k.max_request_size)}
-        wanted = [TopicSpec(t, k.topic_partitions, {}) for t in k.input_topics] + [
-            TopicSpec(t, k.topic_partitions, size) for t in (k.results_topic, k.dead_letter_topic)
-        ]
-        await self._create_missing(wanted, allow=k.create_topics)
+        if k.create_input_topics:
+            inputs_wanted = [TopicSpec(t, k.topic_partitions, {}) for t in k.input_topics]
+            await self._create_missing(inputs_wanted, allow=True)
         inputs = await self.partitions(list(k.input_topics))
         missing = [t for t in k.input_topics if t not in inputs]
         if missing:
-            raise TopicError(f"kafka.input_topics: topic(s) {', '.join(missing)} do not exist")
+            raise TopicError(
+                f"input topic(s) {', '.join(missing)} do not exist (kafka.input_topics); the "
+                f"connector creates input topics only with kafka.create_input_topics: true, "
+                f"and starts when they appear"
+            )
+        size = {"max.message.bytes": str(k.max_request_size)}
+        wanted = [
+            TopicSpec(t, k.topic_partitions, size) for t in (k.results_topic, k.dead_letter_topic)
+        ]
+        await self._create_missing(wanted, allow=k.create_topics)
         outputs = [k.results_topic, k.dead_letter_topic]
         if s.dedup.store == "changelog":
             outputs += await self._ensure_changelogs(inputs)
@@ -83,32 +94,53 @@ class TopicManager:
                 log.warning("cannot read max.message.bytes of topic %s; not checked", topic)
                 continue
             if int(raw) < limit:
-                raise TopicError(
+                raise TopicConfigError(
                     f"kafka.max_request_size is {limit} bytes but topic {topic} has "
                     f"max.message.bytes={raw}: the broker would refuse records the connector "
                     f"may write. Raise the topic's max.message.bytes to at least {limit} or "
                     f"lower kafka.max_request_size to at most {raw}"
                 )
 
+    def changelog_specs(self, inputs: dict[str, int]) -> dict[str, TopicSpec]:
+        """Each input topic's changelog, by name: co-partitioned with its input."""
+        s = self._settings
+        config = creation_config(s.dedup.ttl_s, s.kafka.max_request_size)
+        group, suffix = s.kafka.group_id, s.dedup.changelog_suffix
+        names = {topic: changelog_topic(group, topic, suffix) for topic in inputs}
+        return {names[t]: TopicSpec(names[t], n, config) for t, n in inputs.items()}
+
     async def _ensure_changelogs(self, inputs: dict[str, int]) -> list[str]:
         s = self._settings
         if s.delivery.mode is not DeliveryMode.EXACTLY_ONCE:
             log.info("dedup changelog without transactions: written after results, not with them")
-        retention_ms = str(int(s.dedup.ttl_s * 1000))
-        specs = {
-            changelog_topic(s.kafka.group_id, topic, s.dedup.changelog_suffix): TopicSpec(
-                changelog_topic(s.kafka.group_id, topic, s.dedup.changelog_suffix),
-                partitions,
-                {
-                    "cleanup.policy": "compact,delete",
-                    "retention.ms": retention_ms,
-                    "max.message.bytes": str(s.kafka.max_request_size),
-                },
-            )
-            for topic, partitions in inputs.items()
-        }
-        await self._create_missing(list(specs.values()), allow=True)
+        specs = self.changelog_specs(inputs)
         existing = await self.partitions(list(specs))
+        absent = [spec for name, spec in specs.items() if name not in existing]
+        if absent:
+            if not s.kafka.create_topics:
+                raise ChangelogError(
+                    "kafka.create_topics is false and "
+                    + "; ".join(_missing_changelog(spec) for spec in absent)
+                )
+            await self._refuse_lost_changelogs(absent, inputs)
+            await self._create_missing(absent, allow=True)
+        problems = await self.check_changelogs(inputs, fix=s.kafka.create_topics)
+        if problems:
+            raise ChangelogError("; ".join(problems))
+        return list(specs)
+
+    async def check_changelogs(self, inputs: dict[str, int], *, fix: bool) -> list[str]:
+        """What breaks the dedup guarantee in the changelogs (none is created here: one
+        missing now was deleted). Partitions added to an input are added to its changelog;
+        with ``fix``, a breached setting is corrected with AlterConfigs and logged."""
+        specs = self.changelog_specs(inputs)
+        existing = await self.partitions(list(specs))
+        problems = [
+            f"{_missing_changelog(spec)}. Deleted? Its dedup state is lost: commit cycles wait "
+            f"for it, and replays of events processed before may create second threads"
+            for name, spec in specs.items()
+            if name not in existing
+        ]
         short = {
             name: spec.partitions
             for name, spec in specs.items()
@@ -120,20 +152,66 @@ class TopicManager:
             await self._grow(short)
             existing = await self.partitions(list(specs))
         for name, spec in specs.items():
-            if existing.get(name) != spec.partitions:
-                raise TopicError(
-                    f"dedup changelog {name} has {existing.get(name)} partitions but its input "
+            if name in existing and existing[name] != spec.partitions:
+                problems.append(
+                    f"dedup changelog {name} has {existing[name]} partitions but its input "
                     f"topic has {spec.partitions}: they must be co-partitioned (delete the "
                     f"changelog, or set dedup.changelog_suffix to start a new one)"
                 )
-        configs = await self._topic_configs(list(specs))
-        for name, config in configs.items():
-            policy = config.get("cleanup.policy", "")
-            if "compact" not in policy.split(","):
-                raise TopicError(
-                    f"dedup changelog {name} has cleanup.policy={policy}; it must include 'compact'"
+        present = [name for name in specs if name in existing]
+        configs, dynamic = await self._topic_configs_with_overrides(present)
+        ttl_s = self._settings.dedup.ttl_s
+        for name in present:
+            found = breaches(name, configs.get(name, {}), ttl_s)
+            if found and fix:
+                await self._correct(name, dynamic.get(name, {}), found)
+                again, _ = await self._topic_configs_with_overrides([name])
+                found = breaches(name, again.get(name, {}), ttl_s)
+            problems += [str(b) for b in found]
+        return problems
+
+    async def _correct(self, name: str, dynamic: dict[str, str], found: list[Breach]) -> None:
+        config = corrected(dynamic, found)
+        resource = ConfigResource(ConfigResourceType.TOPIC, name, configs=config)
+        try:
+            responses = await self._admin.alter_configs([resource])
+        except KafkaError as exc:
+            log.warning("cannot correct dedup changelog %s: %s", name, exc)
+            return
+        for response in responses:
+            for code, message, _type, _name in response.resources:
+                if code != 0:
+                    log.warning("cannot correct dedup changelog %s: %s", name, message or code)
+                    return
+        log.warning(
+            "corrected dedup changelog %s (kafka.create_topics is true): %s",
+            name,
+            ", ".join(f"{b.setting} {b.value} -> {b.wanted}" for b in found),
+        )
+
+    async def _refuse_lost_changelogs(
+        self, absent: list[TopicSpec], inputs: dict[str, int]
+    ) -> None:
+        """A changelog missing while the group has committed offsets on its input held
+        dedup state that is gone: created empty, replays of events already turned into
+        threads would make second ones. The operator decides (creating it by hand)."""
+        group = self._settings.kafka.group_id
+        offsets = await self._admin.list_consumer_group_offsets(group)
+        consumed = {tp.topic for tp, meta in offsets.items() if meta.offset > 0}
+        specs = self.changelog_specs(inputs)
+        by_name = {spec.name: topic for topic, spec in zip(inputs, specs.values(), strict=True)}
+        lost = [spec for spec in absent if by_name[spec.name] in consumed]
+        if lost:
+            raise ChangelogError(
+                "; ".join(
+                    f"dedup changelog {spec.name} does not exist but group {group} has "
+                    f"committed offsets on {by_name[spec.name]}: its dedup state is lost and "
+                    f"the connector will not create it empty. Replays of events processed "
+                    f"in the last dedup.ttl_s may create second threads; to accept that, "
+                    f"{_create_command(spec)}"
+                    for spec in lost
                 )
-        return list(specs)
+            )
 
     async def _grow(self, counts: dict[str, int]) -> None:
         response = await self._admin.create_partitions(
@@ -142,7 +220,7 @@ class TopicManager:
         for name, code, message in response.topic_errors:
             # 37 INVALID_PARTITIONS: another replica grew it first (re-checked by the caller)
             if code not in (0, 37):
-                raise TopicError(f"dedup changelog {name}: cannot add partitions: {message}")
+                raise ChangelogError(f"dedup changelog {name}: cannot add partitions: {message}")
         log.warning("grew dedup changelogs to their input topics' partitions %s", counts)
 
     async def _create_missing(self, specs: list[TopicSpec], *, allow: bool) -> None:
@@ -178,11 +256,42 @@ class TopicManager:
 
     async def _topic_configs(self, topics: list[str]) -> dict[str, dict[str, str]]:
         """Each topic's effective configuration (``describe_configs``)."""
+        return (await self._topic_configs_with_overrides(topics))[0]
+
+    async def _topic_configs_with_overrides(
+        self, topics: list[str]
+    ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+        """Each topic's effective configuration, and its topic-level overrides."""
+        if not topics:
+            return {}, {}
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
         responses = await self._admin.describe_configs(resources)
         configs: dict[str, dict[str, str]] = {}
+        overrides: dict[str, dict[str, str]] = {}
         for response in responses:
             for resource in response.resources:
                 _err, _msg, _type, name, entries = resource[:5]
                 configs[name] = {entry[0]: entry[1] for entry in entries}
-        return configs
+                overrides[name] = {
+                    entry[0]: entry[1]
+                    for entry in entries
+                    if _is_override(response.API_VERSION, entry[3])
+                }
+        return configs, overrides
+
+
+def _is_override(version: int, source: int | bool) -> bool:
+    """Version 0 says ``is_default``; later versions the source (1: a topic override)."""
+    return not source if version == 0 else source == DYNAMIC_TOPIC_CONFIG
+
+
+def _create_command(spec: TopicSpec) -> str:
+    configs = " ".join(f"--config {k}={v}" for k, v in spec.config.items())
+    return (
+        f"create it: kafka-topics.sh --create --topic {spec.name} "
+        f"--partitions {spec.partitions} {configs}"
+    )
+
+
+def _missing_changelog(spec: TopicSpec) -> str:
+    return f"dedup changelog {spec.name} does not exist; {_create_command(spec)}"

@@ -61,6 +61,7 @@ def make_settings(
             "results_topic": names.results,
             "dead_letter_topic": names.dead,
             "topic_partitions": partitions,
+            "create_input_topics": True,  # tests produce to fresh topics
             "session_timeout_ms": 10_000,
             "heartbeat_interval_ms": 1_000,
         },

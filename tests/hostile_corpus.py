@@ -50,6 +50,8 @@ NEEDS_EVENT_ID_RULES = frozenset(
         "id_10000_chars",
         "id_257_chars",
         "id_huge_float_number",
+        "id_integer_beyond_64_bits",
+        "id_headers_that_disagree",
         "id_string_of_an_integer_id",
     }
 )
@@ -184,8 +186,8 @@ def hostile_corpus(seed: int = 9) -> list[Case]:
             b'{"id":"' + eid("utf8").encode() + b'\xff\xfe","type":"order.shipped"}',
             dead("parse", "invalid_json"),
         ),
-        Case("empty_value", b"", dead("parse", "invalid_json")),
-        Case("whitespace_value", b"  \n\t ", dead("parse", "invalid_json")),
+        Case("empty_value", b"", dead("parse", "empty_value")),
+        Case("whitespace_value", b"  \n\t ", dead("parse", "empty_value")),
         Case("tombstone", None, dead("parse", "empty_value"), key=b"tombstone"),
         Case("json_null", b"null", dead("parse", "not_an_object")),
         Case("json_array", b'[{"id":"a"}]', dead("parse", "not_an_object")),
@@ -252,9 +254,30 @@ def hostile_corpus(seed: int = 9) -> list[Case]:
             result("18446744073709551615"),
         ),
         Case(
+            # orjson reads an integer beyond 64 bits as a float: the input's digits are kept
+            "id_integer_beyond_64_bits",
+            order(orjson.Fragment(b"1000000000000000000000000000000")),
+            result("1000000000000000000000000000000"),
+        ),
+        Case(
             "id_huge_float_number",
-            order(orjson.Fragment(b"100000000000000000000000")),
+            order(orjson.Fragment(b"1e30")),
             dead("validate", "invalid_event_id"),
+        ),
+        Case(
+            "id_headers_that_disagree",
+            order(_MISSING),
+            dead("validate", "ambiguous_event_id"),
+            headers=(("event-id", eid("hdr-a").encode()), ("Event-ID", eid("hdr-b").encode())),
+        ),
+        Case(
+            "id_headers_that_agree",
+            order(_MISSING),
+            result(eid("hdr-same")),
+            headers=(
+                ("event-id", eid("hdr-same").encode()),
+                ("event-id", eid("hdr-same").encode()),
+            ),
         ),
         Case("id_float", order(1.5), dead("validate", "invalid_event_id")),
         Case("id_bool", order(True), dead("validate", "invalid_event_id")),

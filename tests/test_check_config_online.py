@@ -70,7 +70,10 @@ async def test_a_sound_setup_passes_and_nothing_is_created(kafka_bootstrap: str)
 async def test_missing_and_unsound_topics_are_named(kafka_bootstrap: str) -> None:
     names = Names.fresh("pre-topics")
     settings = make_settings(
-        kafka_bootstrap, "http://127.0.0.1:1", names, kafka={"create_topics": False}
+        kafka_bootstrap,
+        "http://127.0.0.1:1",
+        names,
+        kafka={"create_topics": False, "create_input_topics": False},
     )
     changelog = changelog_topic(names.group, names.input, settings.dedup.changelog_suffix)
     checks = await online_checks(settings)

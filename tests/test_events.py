@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -107,9 +108,64 @@ def test_id_falls_back_to_the_header() -> None:
     assert parse(rec).event_id == "hdr-1"  # case-insensitive name, value stripped
 
 
-def test_last_header_of_a_name_wins() -> None:
-    rec = record({"type": "t"}, headers=(("event-id", b"first"), ("event-id", b"second")))
-    assert parse(rec).event_id == "second"
+def test_id_headers_that_disagree_are_ambiguous() -> None:
+    """With the last one winning, the same pair in the other order was another event."""
+    for pair in ((b"first", b"second"), (b"second", b"first")):
+        rec = record({"type": "t"}, headers=(("event-id", pair[0]), ("Event-Id", pair[1])))
+        exc = rejected(rec)
+        assert (exc.stage, exc.code) == (Stage.VALIDATE, "ambiguous_event_id")
+
+
+def test_id_headers_that_agree_are_one_id() -> None:
+    rec = record({"type": "t"}, headers=(("event-id", b"same"), ("event-id", b" same ")))
+    assert parse(rec).event_id == "same"
+
+
+def test_id_headers_are_not_read_when_the_body_has_the_id() -> None:
+    rec = record({"id": "body", "type": "t"}, headers=(("event-id", b"a"), ("event-id", b"b")))
+    assert parse(rec).event_id == "body"
+
+
+@pytest.mark.parametrize(
+    "digits",
+    [
+        "1000000000000000000000000000000",
+        "-1000000000000000000000000000000",
+        "18446744073709551616",  # one over u64
+        "123456789012345678901234567890123456789",
+    ],
+)
+def test_an_integer_id_beyond_64_bits_keeps_its_digits(digits: str) -> None:
+    """orjson reads such an integer as a float; the id is the input's own digits."""
+    rec = record(raw=b'{"type": "t", "id": ' + digits.encode() + b"}")
+    event = parse(rec)
+    assert event.id_value == int(digits)
+    assert event.event_id == digits
+    assert event.dedup_key == digits
+    created = ThreadCreated("th-1", "hu-1", "agent-x", 1, 1.0)
+    out = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
+    assert b'"eventId":' + digits.encode() + b"," in (out.value or b"")
+    assert json.loads(out.value or b"")["eventId"] == int(digits)
+    assert dict(out.headers)["event-id"] == digits.encode()
+
+
+@pytest.mark.parametrize("literal", [b"1e30", b"1.0", b"100000000000000000000000.5", b"-1e19"])
+def test_a_float_literal_is_still_refused(literal: bytes) -> None:
+    exc = rejected(record(raw=b'{"type": "t", "id": ' + literal + b"}"))
+    assert exc.code == "invalid_event_id"
+
+
+def test_an_integer_id_and_a_string_of_its_digits_differ_beyond_64_bits() -> None:
+    big = "1000000000000000000000000000000"
+    as_int = parse(record(raw=b'{"type": "t", "id": ' + big.encode() + b"}"))
+    as_str = parse(record({"type": "t", "id": big}))
+    assert as_int.dedup_key != as_str.dedup_key
+
+
+@pytest.mark.parametrize("value", [b"", b"  \n\t "])
+def test_an_empty_value_is_empty_value(value: bytes) -> None:
+    exc = rejected(record(raw=value))
+    assert (exc.stage, exc.code) == (Stage.PARSE, "empty_value")
 
 
 def test_id_field_takes_precedence_over_the_header() -> None:
@@ -304,3 +360,32 @@ def test_a_results_event_id_header_holds_the_whole_id() -> None:
     created = ThreadCreated("th-1", "hu-1", "agent-x", attempts=1, latency_ms=1.0)
     out = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
     assert dict(out.headers)["event-id"].decode() == event_id
+
+
+def test_result_record_forwards_only_the_allowed_headers() -> None:
+    headers = (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"), ("secret", b"s"))
+    event = parse(record({"id": "e", "type": "t"}, headers=headers))
+    created = ThreadCreated("th", "hu", "ag", 1, 1.0)
+    out = result_record(
+        "r",
+        event,
+        app_uid="a",
+        created=created,
+        deep_link="d",
+        user_key="k",
+        forward_headers=frozenset({"traceparent", "x-tenant"}),
+    )
+    assert out.headers[2:] == (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"))
+    plain = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
+    assert [name for name, _ in plain.headers] == ["event-id", "correlation-id"]
+
+
+def test_a_given_correlation_id_is_kept() -> None:
+    event = parse_event(
+        record({"id": "e", "type": "t"}),
+        id_field="id",
+        id_header="event-id",
+        type_field="type",
+        correlation_id="req-1",
+    )
+    assert event.correlation_id == "req-1"

@@ -64,3 +64,60 @@ def test_a_stalled_cycle_closes_the_gate_and_a_new_session_can_start_closed() ->
     exposure.cycle_succeeded(results=0)
     assert exposure.is_open
     assert not Exposure(10, 5.0, healthy=False).is_open
+
+
+def measured(exposure: Exposure, clock: Clock, cycle_s: float, results: int, n: int = 20) -> None:
+    for _ in range(n):
+        exposure.cycle_started()
+        clock.now += cycle_s
+        exposure.cycle_succeeded(results=results)
+
+
+def test_an_overdue_cycle_stops_calls_long_before_stall_s() -> None:
+    """Calls went on for commit_stall_s (5 s) after commits stopped: a broker outage
+    piled up hundreds of created threads for a crash to duplicate."""
+    clock = Clock()
+    exposure = Exposure(1000, 5.0, clock=clock)
+    measured(exposure, clock, 0.05, results=5)
+    exposure.cycle_started()
+    clock.now += 0.2
+    assert exposure.is_open
+    clock.now += 0.1  # past 4 x 0.05 s, and the 0.25 s floor
+    assert exposure.stalled and not exposure.is_open
+    exposure.cycle_succeeded(results=0)
+    assert exposure.is_open
+
+
+def test_the_overdue_time_follows_slow_cycles_up_to_stall_s() -> None:
+    clock = Clock()
+    exposure = Exposure(1000, 5.0, clock=clock)
+    measured(exposure, clock, 0.5, results=5)
+    assert exposure.overdue_s == 2.0
+    measured(exposure, clock, 3.0, results=5)
+    assert exposure.overdue_s == 5.0
+
+
+async def test_the_uncommitted_window_is_bounded_by_cycles_worth_of_results() -> None:
+    clock = Clock()
+    exposure = Exposure(10_000, 5.0, clock=clock)
+    measured(exposure, clock, 0.05, results=100)
+    window = exposure.window_cap
+    assert 290 <= window <= 300  # 3 cycles' worth
+    for _ in range(window):
+        await exposure.enter()
+        exposure.thread_created()
+    assert not exposure.is_open
+    waiting = asyncio.create_task(exposure.enter())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    exposure.cycle_started()
+    exposure.cycle_succeeded(results=100)
+    await asyncio.wait_for(waiting, 1)
+    assert exposure.created == window - 100
+
+
+def test_the_window_has_a_floor_for_slow_flows() -> None:
+    clock = Clock()
+    exposure = Exposure(1000, 5.0, clock=clock)
+    measured(exposure, clock, 0.05, results=1)
+    assert exposure.window_cap == 64

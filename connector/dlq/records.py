@@ -29,6 +29,7 @@ NOT_REDRIVABLE_BY_DEFAULT = frozenset(
         "not_an_object",
         "no_event_id",
         "invalid_event_id",
+        "ambiguous_event_id",
         "no_event_type",
         "invalid_request",
         "invalid_identifier",
