@@ -380,6 +380,9 @@ class Pipeline:
             self._jobs.pop(tp, None)
         gone = set(tps)
         self._key_tails = {k: v for k, v in self._key_tails.items() if k[0] not in gone}
+        # an outcome left for a partition no longer ours is the next owner's to replay:
+        # published, it would be a result no offset of ours commits (a duplicate)
+        self._outcomes = [o for o in self._outcomes if o.tp not in gone]
 
     # -- commit -------------------------------------------------------------------------
 
@@ -407,7 +410,14 @@ class Pipeline:
             def finish() -> dict[TopicPartitionKey, int]:
                 for outcome in outcomes:
                     tracker.done(outcome.tp, outcome.offset)
-                return tracker.uncommitted() or probe
+                positions = tracker.uncommitted() or probe
+                if not positions and records and sink.mode == "transaction":
+                    # the broker checks that we are still the partitions' owner (KIP-447,
+                    # ``fencing``) only on the offsets in a transaction: records whose
+                    # positions did not move (behind a gap) go with the positions already
+                    # committed, or a zombie's transaction would commit them unchecked
+                    positions = tracker.committed_positions()
+                return positions
 
             started = time.monotonic()
             exposure.cycle_started()
