@@ -16,7 +16,7 @@ from aiohttp import ClientSession, web
 
 from connector.app import Connector
 from connector.localkafka import LocalKafka
-from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator import ThreadsApiSimulator
 from tests.harness import (
     API_KEY,
     Names,
@@ -26,6 +26,7 @@ from tests.harness import (
     read_all,
     results,
     running,
+    simulator_fixture,
     wait_until_committed,
 )
 from tests.kafka_helpers import create_topics
@@ -35,10 +36,7 @@ from tests.test_hostile_api import readyz
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def sim() -> ThreadsApiSimulator:
-    async with ThreadsApiSimulator(SimulatorSettings(seed=5)) as simulator:
-        yield simulator
+sim = simulator_fixture(seed=5)
 
 
 class Gateway:

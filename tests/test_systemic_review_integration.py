@@ -17,6 +17,7 @@ from tests.harness import (
     ROUTES,
     Names,
     event,
+    header,
     make_settings,
     produce,
     read_all,
@@ -45,10 +46,6 @@ async def two_apps() -> ThreadsApiSimulator:
     }
     async with ThreadsApiSimulator(SimulatorSettings(seed=5, apps=apps)) as simulator:
         yield simulator
-
-
-def header(record: Any, name: str) -> str:
-    return dict(record.headers)[name].decode()
 
 
 async def test_a_quiet_apps_first_event_failing_on_its_own_does_not_stall_the_connector(
