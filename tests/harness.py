@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,6 +169,19 @@ async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll ``check`` every 0.1 s; ``TimeoutError(what)`` past ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    timeout_s: float = 30,
+    what: str = "the condition never held",
+) -> None:
+    """Await ``check`` every 0.1 s until it holds; ``TimeoutError(what)`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         await asyncio.sleep(0.1)

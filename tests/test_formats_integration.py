@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,7 +25,15 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, ti
 from connector.app import Connector
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.apicurio import Apicurio
-from tests.harness import Names, header, make_settings, produce, running, wait_for_records
+from tests.harness import (
+    Names,
+    eventually,
+    header,
+    make_settings,
+    produce,
+    running,
+    wait_for_records,
+)
 from tests.kafka_helpers import consume_all
 from tests.test_hostile_api import readyz
 
@@ -114,14 +121,6 @@ def protobuf_class() -> Any:
     pool.AddSerializedFile(timestamp_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(file)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("shop.OrderShipped"))
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition never held")
-        await asyncio.sleep(0.1)
 
 
 def dead_letter_count(connector: Connector, stage: str, reason: str) -> float:
