@@ -20,7 +20,6 @@ from connector.config import ConnectorSettings
 from connector.metrics import Metrics
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from connector.topics import TopicManager
-from tests.kafka_helpers import consume_all
 
 API_KEY = "demo-key"
 
@@ -206,30 +205,6 @@ async def block_partition_0(upstream: AIOKafkaProducer, names: Names) -> None:
     open: a read_committed consumer reads nothing past it until it ends."""
     await upstream.begin_transaction()
     await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
-
-
-def raw_header(record: Any, name: str) -> bytes | None:
-    """The record's first header ``name`` as sent; ``None`` when it has none."""
-    for key, value in record.headers:
-        if key == name:
-            return value
-    return None
-
-
-def header(record: Any, name: str) -> str | None:
-    """The record's last header ``name``, decoded; ``None`` when it has none."""
-    found = [v.decode() for k, v in record.headers if k == name]
-    return found[-1] if found else None
-
-
-async def wait_for_records(bootstrap: str, topic: str, n: int, timeout_s: float = 60) -> list[Any]:
-    """The topic's records once there are ``n`` of them, or what is there at ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = await consume_all(bootstrap, topic)
-        if len(records) >= n or time.monotonic() > deadline:
-            return records
-        await asyncio.sleep(0.3)
 
 
 async def produce(

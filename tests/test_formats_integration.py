@@ -25,16 +25,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, ti
 from connector.app import Connector
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.apicurio import Apicurio
-from tests.harness import (
-    Names,
-    eventually,
-    header,
-    make_settings,
-    produce,
-    running,
-    wait_for_records,
-)
-from tests.kafka_helpers import consume_all
+from tests.harness import Names, eventually, make_settings, produce, running
+from tests.kafka_helpers import consume_all, header, wait_for_records
 from tests.test_hostile_api import readyz
 
 pytestmark = pytest.mark.integration

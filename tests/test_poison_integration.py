@@ -24,14 +24,13 @@ from tests.harness import (
     Names,
     event,
     make_settings,
-    raw_header,
     read_all,
     results,
     running,
     simulator_fixture,
     wait_until_committed,
 )
-from tests.kafka_helpers import create_topics
+from tests.kafka_helpers import create_topics, raw_header
 
 pytestmark = pytest.mark.integration
 BIG_TOPIC_BYTES = 8 * 1024 * 1024  # input topics that accept what a careless producer sends

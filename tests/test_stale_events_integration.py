@@ -15,7 +15,8 @@ from connector.dlq.plan import RedriveOptions
 from connector.dlq.records import Filter
 from connector.dlq.redrive import redrive
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
-from tests.harness import Names, header, make_settings, running, wait_for_records
+from tests.harness import Names, make_settings, running
+from tests.kafka_helpers import header, wait_for_records
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,6 @@ from tests.harness import (
     ROUTES,
     Names,
     event,
-    header,
     make_settings,
     produce,
     read_all,
@@ -25,6 +24,7 @@ from tests.harness import (
     running,
     wait_until_committed,
 )
+from tests.kafka_helpers import header
 from tests.test_hostile_api import readyz
 
 pytestmark = pytest.mark.integration

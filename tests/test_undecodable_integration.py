@@ -18,13 +18,13 @@ from tests.harness import (
     ensure_topics,
     event,
     make_settings,
-    raw_header,
     read_all,
     results,
     running,
     simulator_fixture,
     wait_until_committed,
 )
+from tests.kafka_helpers import raw_header
 from tests.raw_batches import batch, send_raw
 
 pytestmark = pytest.mark.integration
