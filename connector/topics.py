@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from connector.changelog_contract import Breach, breaches, corrected, creation_config
 from connector.config import ConnectorSettings, DeliveryMode
@@ -47,8 +49,17 @@ class TopicManager:
         await self._admin.close()
 
     async def partitions(self, topics: list[str]) -> dict[str, int]:
-        """Partition counts of existing topics (missing topics are absent)."""
-        described = await self._admin.describe_topics(topics)
+        """Partition counts of existing topics (missing topics are absent). Asked with
+        auto-creation off: ``describe_topics`` asks for it, and a broker with
+        ``auto.create.topics.enable=true`` (Apache Kafka's default) then created every
+        topic described -- a typo'd input, outputs with ``create_topics: false``, and a
+        deleted changelog re-created empty, which the refusal below never saw."""
+        if not topics:
+            return {}
+        request = MetadataRequest(topics, allow_auto_topic_creation=False)
+        # the admin client's own request path: describe_topics cannot turn creation off
+        response = await self._admin._send_request(request)
+        described: list[dict[str, Any]] = response.to_object()["topics"]
         return {
             t["topic"]: len(t["partitions"])
             for t in described
