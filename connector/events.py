@@ -314,16 +314,27 @@ def result_record(
         ("event-id", event.event_id.encode("utf-8", "replace")),
         ("correlation-id", header_text(event.correlation_id)),
     )
-    return OutRecord(topic, user_key.encode(), _dumps_result(value), headers)
+    return OutRecord(topic, user_key.encode(), dumps_result(value), headers)
 
 
 _BIG_INT = "\x00event-id\x00"  # stands for the digits of an integer id beyond 64 bits
 
 
-def _dumps_result(value: dict[str, Any]) -> bytes:
+def loads_result(raw: bytes) -> dict[str, Any]:
+    """A result record's value read back (to cut it down): orjson reads an integer id
+    beyond 64 bits as a float, so such an id is read again exactly (``_exact_number``)."""
+    value: dict[str, Any] = orjson.loads(raw)
+    if isinstance(value.get("eventId"), float):
+        exact = json.loads(raw).get("eventId")
+        if isinstance(exact, int) and not isinstance(exact, bool):
+            value["eventId"] = exact
+    return value
+
+
+def dumps_result(value: dict[str, Any]) -> bytes:
     """orjson encodes integers of 64 bits at most: a longer integer id is written as its
     own digits in the place of a placeholder."""
-    event_id = value["eventId"]
+    event_id = value.get("eventId")
     if not isinstance(event_id, int) or -(2**63) <= event_id < 2**64:
         return orjson.dumps(value)
     # the first occurrence is the id's: ``eventId`` comes before every other string field
