@@ -7,6 +7,8 @@ in one place (and the API key or the system message text can never slip into it)
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -149,9 +151,11 @@ def parse_event(
     except orjson.JSONDecodeError as exc:
         if not record.value.strip():
             raise EventRejected(Stage.PARSE, "record value is empty", code="empty_value") from None
-        raise EventRejected(
-            Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
-        ) from exc
+        body = _with_long_id(record.value, exc, id_field)
+        if body is _MISSING:
+            raise EventRejected(
+                Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
+            ) from exc
     if not isinstance(body, dict):
         raise EventRejected(
             Stage.PARSE,
@@ -243,6 +247,35 @@ def _exact_number(record: InputRecord, id_field: str, parsed: float) -> Any:
     except (ValueError, KeyError, RecursionError):  # digits over Python's int limit
         return parsed
     return exact if isinstance(exact, int) and not isinstance(exact, bool) else parsed
+
+
+def _with_long_id(raw: bytes, refused: orjson.JSONDecodeError, id_field: str) -> Any:
+    """orjson refuses an integer of 309 digits or more ("number is infinity when parsed as
+    double"): when that integer is the event id (an id of any length), the value is read
+    again with the standard library, which keeps integers exact. Anything else stays
+    refused (``_MISSING``): such a number in another field, a float out of range,
+    ``NaN``, a lone surrogate, bad syntax."""
+    if "infinity" not in str(refused):
+        return _MISSING
+    try:
+        body = json.loads(raw, parse_float=_finite, parse_constant=_not_json)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises
+        event_id = lookup(body, id_field)
+    except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeError: a ValueError
+        return _MISSING
+    is_int = isinstance(event_id, int) and not isinstance(event_id, bool)
+    return body if is_int and abs(event_id) > sys.float_info.max else _MISSING
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number {literal[:20]}... is infinity when parsed as double")
+    return value
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
 
 
 def _header_id(record: InputRecord, name: str) -> bytes | None:
