@@ -12,12 +12,14 @@ created too, and ``kafka.create_topics: false`` created the results topic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from connector.app import Connector
 from connector.dedup import changelog_topic
@@ -25,6 +27,7 @@ from connector.localkafka import LocalKafka
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import Names, ensure_topics, event, make_settings, produce, running
 from tests.harness import wait_until_committed as committed
+from tests.kafka_helpers import create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -131,3 +134,47 @@ async def test_describing_topics_creates_none(autocreate_kafka: str) -> None:
             await asyncio.wait_for(task, 30)
         present = set(await topics_of(bootstrap))
         assert not present & {names.input, names.results, names.dead}, present
+
+
+async def test_a_retention_inherited_from_the_broker_is_judged(autocreate_kafka: str) -> None:
+    """A changelog without a retention.ms of its own takes the cluster's default
+    (log.retention.ms, set here as the broker's dynamic configuration): the effective value
+    is the one judged."""
+    bootstrap = autocreate_kafka
+    names = Names.fresh("inherit")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    (broker,) = [str(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]]
+    cluster = ConfigResource(
+        ConfigResourceType.BROKER, broker, configs={"log.retention.ms": "5000"}
+    )
+    try:
+        async with ThreadsApiSimulator(SimulatorSettings(seed=44)) as sim:
+            settings = make_settings(
+                bootstrap,
+                sim.base_url,
+                names,
+                partitions=1,
+                kafka={"create_topics": False, "retry_initial_s": 0.2, "retry_max_s": 0.5},
+                dedup={"ttl_s": 3600},
+            )
+            changelog = changelog_topic(names.group, names.input, settings.dedup.changelog_suffix)
+            await create_topics(bootstrap, {names.input: 1, names.results: 1, names.dead: 1})
+            await create_topics(
+                bootstrap, {changelog: 1}, config={"cleanup.policy": "compact,delete"}
+            )
+            await admin.alter_configs([cluster])
+            connector = Connector(settings)
+            stop = asyncio.Event()
+            task = asyncio.create_task(connector.run(stop))
+            try:
+                await until_not_ready(connector, changelog, "retention.ms=5000", "3600000")
+                assert not connector.started.is_set()
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+    finally:
+        cluster = ConfigResource(ConfigResourceType.BROKER, broker, configs={})
+        with contextlib.suppress(Exception):
+            await admin.alter_configs([cluster])
+        await admin.close()
