@@ -18,7 +18,7 @@ from connector.localkafka import LocalKafka
 from connector.localkafka.ports import free_ports
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from connector.simulator.settings import HostileSpec
-from tests.harness import Names, ensure_topics, event, make_settings, produce
+from tests.harness import Names, ensure_topics, event, make_settings, produce, read_all
 from tests.harness import wait_until_committed as committed
 from tests.test_changelog_deleted_integration import (
     connector_process,
@@ -108,3 +108,47 @@ async def test_sigterm_while_the_broker_is_down(own_kafka: LocalKafka, tmp_path:
             await sigterm_and_time(proc, DRAIN_S)
         counts = sim.store.count_by_event_id()
         assert all(counts.get(i) == 1 for i in first + later), Counter(counts)
+
+
+async def test_sigterm_while_a_route_is_paused_keeps_its_events(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A wrong API path pauses the route (404 for a run of events); SIGTERM then ends the
+    process promptly, and the held events are not committed: the next run, with the
+    path fixed, makes each one thread (those dead-lettered before the pause excepted)."""
+    names = Names.fresh("pausestop")
+    (port,) = free_ports(1)
+    async with ThreadsApiSimulator(SimulatorSettings(seed=53)) as sim:
+        good = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=2,
+            server={"host": "127.0.0.1", "port": port},
+            delivery={"drain_timeout_s": DRAIN_S, "revoke_timeout_s": DRAIN_S},
+            api={"pause_after_failures": 3, "request_timeout_s": 5},
+        )
+        wrong = good.model_copy(
+            update={"api": good.api.model_copy(update={"base_url": sim.base_url + "/api/v1"})}
+        )
+        await ensure_topics(good)
+        ids = [f"w-{i}" for i in range(12)]
+        await produce(kafka_bootstrap, names.input, [(i.encode(), event(i)) for i in ids])
+        with connector_process(wrong, tmp_path) as proc:
+            deadline = time.monotonic() + 60
+            while "404" not in (await readiness(port))[1]:
+                assert time.monotonic() < deadline, "the route never paused"
+                await asyncio.sleep(0.2)
+            elapsed = await sigterm_and_time(proc, DRAIN_S)
+            assert proc.poll() is not None, f"still running {elapsed:.1f}s after SIGTERM"
+            assert elapsed <= DRAIN_S + 0.5, elapsed
+        dead = {
+            dict(m.headers)["dlq-event-id"].decode()
+            for m in await read_all(kafka_bootstrap, names.dead)
+        }
+        assert len(dead) <= 3, dead  # the run that paused the route, at most
+        with connector_process(good, tmp_path) as proc:
+            await committed(kafka_bootstrap, names.group, names.input)
+            await sigterm_and_time(proc, DRAIN_S)
+        counts = sim.store.count_by_event_id()
+        assert all(counts.get(i) == 1 for i in ids if i not in dead), Counter(counts)
