@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test unit lint tools tools-kafka tools-debian tools-helm tools-image kafka-jars \
+.PHONY: demo test unit lint tools tools-kafka tools-registry tools-debian tools-helm tools-image \
+        tools-jaeger kafka-jars \
         helm-check bench clean image lock sbom
 
 # The dev environment from the dev lock (exact versions and hashes), then the project itself
@@ -19,13 +20,20 @@ $(BIN)/.installed: pyproject.toml requirements-dev.lock
 demo: $(BIN)/.installed
 	$(BIN)/connector demo
 
-## tools: what the tests need besides Python: Kafka jars, Prometheus (Debian), helm (Go),
-## buildah and debootstrap (Debian) and the image's Debian base for the image test.
+## tools: what the tests need besides Python: Kafka jars, the schema registry (Apicurio,
+## Maven Central), Prometheus (Debian), helm (Go), buildah and debootstrap (Debian), the
+## image's Debian base for the image test, and Jaeger (Go) for the tracing test.
 ## Independent parts: `make -j4 tools` (as .ci/run does) installs them side by side.
-tools: tools-kafka tools-debian tools-helm tools-image
+tools: tools-kafka tools-registry tools-debian tools-helm tools-image tools-jaeger
 
 tools-kafka: $(BIN)/.installed
 	$(BIN)/python -m connector.localkafka fetch
+
+## tools-registry: Apicurio Registry for the format tests, once per machine (5-20 s cold,
+## 0.1 s cached in ~/.cache/threads-connector; 3.3.3 on Java >= 21, else 3.0.9). After
+## tools-kafka: two Maven runs at once on a cold ~/.m2 would fetch the same plugins at once.
+tools-registry: tools-kafka
+	bash scripts/fetch-apicurio.sh
 
 tools-debian:
 	bash scripts/install-prometheus.sh
@@ -33,6 +41,11 @@ tools-debian:
 
 tools-helm: $(BIN)/.installed
 	bash scripts/install-helm.sh
+
+## Jaeger built from source once per machine into ~/.cache/threads-connector (~4-7 min cold,
+## ~0.01 s warm); nice: it shares the machine with the other tool builds
+tools-jaeger:
+	nice -n 10 bash scripts/install-jaeger.sh
 
 tools-image: tools-debian
 	BASE_ONLY=1 bash scripts/build-image.sh

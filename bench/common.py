@@ -163,11 +163,13 @@ async def produce(
     start: int = 0,
     rate: float | None = None,
     appended: dict[str, int] | None = None,
+    encode: Callable[[str, int], bytes] | None = None,
 ) -> dict[str, int]:
     """Events ``b-{start}`` .. round-robin over the partitions; paced at ``rate`` per second
     if given. Returns event id -> the timestamp the producer gave the record (ms);
     ``appended`` gets event id -> the record's timestamp as the broker acknowledged it (the
-    broker's append time on a ``LogAppendTime`` topic, else the same)."""
+    broker's append time on a ``LogAppendTime`` topic, else the same). ``encode``: the
+    value of event ``i`` for ``topic`` (another format, ``bench/formats.py``); else JSON."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0 if rate else 20)
     await producer.start()
     stamps: dict[str, int] = {}
@@ -184,7 +186,7 @@ async def produce(
             futures.append(
                 await producer.send(
                     topic,
-                    value=event_value(i),
+                    value=encode(topic, i) if encode else event_value(i),
                     key=str(i).encode(),
                     partition=i % PARTITIONS,
                     timestamp_ms=ts,

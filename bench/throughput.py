@@ -18,20 +18,29 @@ Contenders:
   Java or Maven is missing.
 - ``--compare NAME=SRC``: the connector (``exactly_once``) from another source tree, e.g.
   an export of an older commit, to measure a change side by side.
+- ``--formats avro,protobuf,json_schema``: the connector (``exactly_once``) reading the
+  same events in that input format (``bench/formats.py``: written by Confluent's
+  serializers, schemas in a real registry started for the run); ``eos`` is the JSON one.
+  ``--only eos --formats avro,protobuf`` runs JSON, Avro and Protobuf side by side.
+- ``--traced URL``: ``traced``, the connector (``exactly_once``) with tracing on, every
+  event sampled, spans exported with OTLP/HTTP to ``URL`` (``…/v1/traces``, e.g. a Jaeger
+  started for the run: docs/tracing.md).
 
 The Threads API simulator runs in its own process at 0 ms latency (one per round). The
 broker, the simulator and the contender share the machine, so beside the contender's own
 CPU per event the report gives the broker's and the simulator's during its run
 (``broker_ms_per_event``, ``api_ms_per_event``; the broker's only for the local one).
 
-    python -m bench.throughput [--events 20000] [--rounds 3] [--only eos,bare]
+    python -m bench.throughput [--events 20000] [--rounds 3] [--only eos,bare] [--formats avro]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -82,9 +91,12 @@ def pc_jar() -> Path | None:
     return PC_JAR
 
 
-def connector_starter(mode: str, src: str | None = None) -> Starter:
+def connector_starter(mode: str, src: str | None = None, *, traced: bool = False) -> Starter:
     def start(bootstrap: str, base_url: str, topics: Topics) -> subprocess.Popen[bytes]:
-        return start_connector(connector_config(bootstrap, base_url, topics, mode), src)
+        data = connector_config(bootstrap, base_url, topics, mode)
+        if traced:
+            data["tracing"] = {"enabled": True, "service_name": "bench-traced"}
+        return start_connector(data, src)
 
     return start
 
@@ -139,12 +151,13 @@ def run_one(
     sim: Simulator,
     events: int,
     round_: int,
+    encode: Callable[[str, int], bytes] | None = None,
 ) -> Run:
     topics = Topics(f"tp-{name}-{uuid.uuid4().hex[:6]}")
 
     async def setup() -> None:
         await create_topics(bootstrap, topics)
-        await produce(bootstrap, topics.input, events)
+        await produce(bootstrap, topics.input, events, encode=encode)
 
     asyncio.run(setup())
     others = (common.broker_pid, sim.proc.pid)
@@ -208,7 +221,9 @@ def main() -> int:
     parser.add_argument(
         "--compare", action="append", default=[], metavar="NAME=SRC", help="connector tree"
     )
+    parser.add_argument("--traced", metavar="URL", help="add 'traced': tracing on, to URL")
     parser.add_argument("--json", help="write every run and the summary here")
+    parser.add_argument("--formats", help="comma-separated subset of avro,protobuf,json_schema")
     args = parser.parse_args()
 
     contenders: dict[str, Starter] = {
@@ -223,16 +238,39 @@ def main() -> int:
     for spec in args.compare:
         name, src = spec.split("=", 1)
         contenders[name] = connector_starter("exactly_once", src)
+    if args.traced:
+        # read by the traced contender only (tracing is off in the others' settings)
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = args.traced
+        os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+        contenders["traced"] = connector_starter("exactly_once", traced=True)
 
     loads = [load_average()]
     runs: list[Run] = []
-    names = list(contenders)
-    with kafka_bootstrap() as bootstrap:
+    encoders: dict[str, Callable[[str, int], bytes]] = {}
+    with contextlib.ExitStack() as stack:
+        if args.formats:
+            from bench import formats
+            from tests.apicurio import Apicurio
+
+            registry = stack.enter_context(Apicurio())
+            for fmt in args.formats.split(","):
+                contenders[fmt] = formats.starter(fmt, registry.url)
+                encoders[fmt] = formats.encoder(fmt, registry.url)
+        names = list(contenders)
+        bootstrap = stack.enter_context(kafka_bootstrap())
         for round_ in range(args.rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             with Simulator(0.0) as sim:
                 for name in order:
-                    run = run_one(name, contenders[name], bootstrap, sim, args.events, round_)
+                    run = run_one(
+                        name,
+                        contenders[name],
+                        bootstrap,
+                        sim,
+                        args.events,
+                        round_,
+                        encoders.get(name),
+                    )
                     runs.append(run)
                     sys.stderr.write(f"round {round_}: {run}\n")
             loads.append(load_average())

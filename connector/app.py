@@ -37,6 +37,7 @@ from connector.dedup import (
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
 from connector.exposure import Exposure
+from connector.formats import Parser
 from connector.health import HealthServer
 from connector.kafka_common import (
     BootstrapNoise,
@@ -49,10 +50,12 @@ from connector.kafka_common import (
 from connector.metrics import Metrics
 from connector.pipeline import Pipeline
 from connector.progress import PartitionProgress
+from connector.registry import SchemaRegistry
 from connector.routing import Router
 from connector.sink import Sink
 from connector.source import Source, TopicReader
 from connector.topics import TopicManager
+from connector.tracing import TRACING
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_MS = 200
@@ -77,6 +80,13 @@ class Connector:
         self.metrics = metrics or Metrics()
         self.router = Router(settings.routes)
         self.apps = Apps(settings, self.metrics)  # one call policy per app (connector.apps)
+        # records to events by their topic's format; the registry only if a format needs it
+        self.registry = (
+            SchemaRegistry(settings.schema_registry, self.metrics)
+            if settings.schema_registry.url is not None
+            else None
+        )
+        self.parser = Parser(settings, self.registry)
         self.health = HealthServer(
             settings.server.host,
             settings.server.port,
@@ -164,6 +174,9 @@ class Connector:
         paused = self.apps.pause_reason()
         if paused is not None:
             return False, paused
+        registry = self.registry
+        if registry is not None and registry.problem is not None:
+            return False, registry.problem
         if self.outputs_missing:
             return False, (
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
@@ -208,7 +221,12 @@ class Connector:
         async with AsyncExitStack() as stack:
             await self.health.start()
             stack.push_async_callback(self.health.stop)
+            if s.tracing.enabled:
+                TRACING.start(s.tracing.service_name)
+                stack.callback(TRACING.shutdown)  # flushes the last spans
             self.apps.start(stack)  # each app's HTTP client and caller
+            if self.registry is not None:
+                stack.push_async_callback(self.registry.close)
             aiokafka_log = logging.getLogger("aiokafka")
             for quiet in (BootstrapNoise(), OutageNoise()):
                 # our one line per attempt replaces aiokafka's; its reconnects are sampled
@@ -334,7 +352,7 @@ class Connector:
         self._fatal = None  # a hook's failure as the last session left the group was its own
         self._generation += 1
         exposure = self._exposure = self._new_exposure(healthy=self._commit_healthy)
-        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure)
+        pipeline = Pipeline(s, self.router, store, self.apps, self.metrics, exposure, self.parser)
         self.pipeline = pipeline
         self.progress.forget(self.progress.partitions())  # the last session's assignment
         source = Source(s, self._on_revoked, self._on_assigned, self.metrics, self.progress)

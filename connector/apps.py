@@ -17,6 +17,7 @@ composition root drives (``start``, ``apply_share``, ``stop_calls``, ``update_ga
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -27,10 +28,13 @@ from connector.config import ApiSettings, CachedSecret, ConnectorSettings
 from connector.events import ThreadCreated
 from connector.gates import AuthGate, CircuitBreaker
 from connector.metrics import AppMetrics, Metrics
+from connector.proxy import Proxy, resolve
 from connector.ratelimit import AdaptiveRate, Clock, TokenBucket, group_share
 from connector.routing import ThreadRequest, route_label
 from connector.systemic import StopGate
 from connector.threads_client import ThreadsClient
+
+log = logging.getLogger(__name__)
 
 # Makes an app's attempt function (the real one: a ThreadsClient with the app's key).
 AttemptFactory = Callable[["AppPolicy", AsyncExitStack], Attempt]
@@ -47,6 +51,7 @@ class AppPolicy:
     bucket: TokenBucket
     metrics: AppMetrics
     caller: ThreadCaller | None = None
+    proxy: Proxy | None = None  # the egress proxy of every app (connector.proxy)
 
     def apply_share(self, owned: int, total: int, *, ramp: bool = True) -> float:
         """Take this replica's share of the app's group rate; return it."""
@@ -70,6 +75,7 @@ def client_attempt(policy: AppPolicy, stack: AsyncExitStack) -> Attempt:
         max_in_flight=api.max_in_flight,
         max_response_bytes=api.max_response_bytes,
         ca_file=api.ca_file,
+        proxy=policy.proxy,
     )
     stack.push_async_callback(client.close)
     return client.create_thread
@@ -90,6 +96,9 @@ class Apps:
         # api.on_error: stop stops every app's calls at the first API error
         self.stop_gate = StopGate() if settings.api.on_error == "stop" else None
         metrics.init_apps(settings.app_uids())
+        self.proxy = resolve(settings.api)
+        if self.proxy is not None:
+            log.info("Threads API calls go through the proxy %s", self.proxy.describe())
         metrics.init_routes((route.app_uid, route_label(route)) for route in settings.routes)
         self.policies = {app: self._policy(app) for app in settings.app_uids()}
         self._stack: AsyncExitStack | None = None
@@ -120,6 +129,7 @@ class Apps:
             adaptive,
             bucket,
             AppMetrics(self._metrics, app_uid),
+            proxy=self.proxy,
         )
 
     def start(self, stack: AsyncExitStack, attempt_for: AttemptFactory | None = None) -> None:

@@ -382,8 +382,9 @@ class ThreadCaller:
             self.auth_gate.abandon_probe()
         if exc.status is not None:
             what = f"HTTP {exc.status}"
-        elif exc.kind in ("timeout", "protocol_error"):
-            what = f"{exc.kind}: {exc}"  # e.g. no complete answer within 10s
+        elif exc.kind in ("timeout", "protocol_error", "proxy_error"):
+            # e.g. no complete answer within 10s; the proxy's words say what to fix
+            what = f"{exc.kind}: {exc}"
         else:
             what = exc.kind or "error"
         reason = (

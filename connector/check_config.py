@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from connector.config import ConnectorSettings, load_settings, mask_url
+from connector import proxy
+from connector.config import ENV_PREFIX, ConnectorSettings, load_settings, mask_url
 from connector.errors import ConfigError
 from connector.preflight import Check, Status, file_checks, load_checked
 
@@ -85,6 +87,53 @@ def _emit_text(path: Path, settings: ConnectorSettings, checks: list[Check], cod
             f"  app {app}: {key}, rate {api.rate_limit_per_s}/s for the group,"
             f" {api.max_in_flight} in flight"
         )
+    for topic, fmt in settings.input.topics.items():
+        envelope = ", CloudEvents" if fmt.cloudevents else ""
+        out.append(f"  input {topic}: {fmt.format}{envelope}")
+    registry = settings.schema_registry
+    if registry.url is not None:
+        basic, bearer = registry.username, registry.bearer_token or registry.bearer_token_file
+        auth = "basic auth" if basic else "bearer token" if bearer else "no auth"
+        out.append(f"  schema registry: {registry.url} ({auth})")
+    out += [f"  {line}" for line in environment_lines(settings)]
     out += [f"  {c.status.value:<7} {c.name}: {c.detail}" for c in checks]
     stream = sys.stdout if code == EXIT_OK else sys.stderr
     stream.write("\n".join(out) + "\n")
+
+
+def environment_lines(settings: ConnectorSettings) -> list[str]:
+    """What the environment adds to the file: the API's egress proxy (its credentials file
+    named, never read here: the ``files`` checks do), the Kafka OAuth client, tracing."""
+    try:
+        found = proxy.resolve(settings.api, read_credentials=False)
+        where = found.describe() if found is not None else "none (direct)"
+    except ConfigError as exc:
+        where = f"refused: {exc}"
+    lines = [f"api proxy: {where}"]
+    k = settings.kafka
+    if k.sasl_mechanism == "OAUTHBEARER":
+        scope = f", scope {k.oauth_scope!r}" if k.oauth_scope else ""
+        source = k.oauth_client_secret_file or f"{ENV_PREFIX}KAFKA__OAUTH_CLIENT_SECRET"
+        lines.append(
+            f"kafka login: OAUTHBEARER, client {k.oauth_client_id} at "
+            f"{mask_url(k.oauth_token_url or '')}{scope}, secret from {source}"
+        )
+    lines.append(f"tracing: {tracing_line(settings)}")
+    return lines
+
+
+def tracing_line(settings: ConnectorSettings) -> str:
+    """Where spans would go and how they are sampled (the OTEL_* environment's values)."""
+    if not settings.tracing.enabled:
+        return "off"
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "off (OTEL_SDK_DISABLED=true)"
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318").rstrip("/") + "/v1/traces"
+    )
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    if env.get("OTEL_TRACES_SAMPLER_ARG"):
+        sampler += f" ({env['OTEL_TRACES_SAMPLER_ARG']})"
+    service = env.get("OTEL_SERVICE_NAME") or settings.tracing.service_name
+    return f"on, service {service}, OTLP/HTTP to {mask_url(endpoint)}, sampler {sampler}"

@@ -46,6 +46,9 @@ _SECRET_FIELDS = {
     ("api", "api_key"),
     ("kafka", "sasl_password"),
     ("kafka", "ssl_key_password"),
+    ("schema_registry", "password"),
+    ("schema_registry", "bearer_token"),
+    ("kafka", "oauth_client_secret"),
 }
 # a template placeholder: ``${dotted.path}`` (or ``$name``); ``$$`` is a literal dollar
 TEMPLATE_ID = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
@@ -101,10 +104,22 @@ class KafkaSettings(_Frozen):
         "naming it; above the upstream producers' transaction.timeout.ms (60 s by default)",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     sasl_password_file: Path | None = None
+    oauth_token_url: str | None = Field(
+        default=None, description="OAUTHBEARER: the identity provider's token endpoint"
+    )
+    oauth_client_id: str | None = Field(default=None, min_length=1)
+    oauth_client_secret: SecretStr | None = None
+    oauth_client_secret_file: Path | None = None
+    oauth_scope: str | None = Field(default=None, description="space-separated scopes")
+    oauth_refresh_margin_s: float = Field(
+        default=60.0, gt=0, description="a token is replaced this long before it expires"
+    )
+    oauth_timeout_s: float = Field(default=10.0, gt=0, description="one token request")
+    oauth_ca_file: Path | None = Field(default=None, description="PEM CA of the token endpoint")
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = Field(default=None, description="client certificate (mTLS)")
     ssl_keyfile: Path | None = Field(default=None, description="its private key (PEM)")
@@ -151,6 +166,35 @@ class KafkaSettings(_Frozen):
         if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
         return self
+
+    @model_validator(mode="after")
+    def _oauth_complete(self) -> KafkaSettings:
+        oauth = self.sasl_mechanism == "OAUTHBEARER"
+        if oauth and (self.oauth_token_url is None or self.oauth_client_id is None):
+            raise ValueError(
+                "sasl_mechanism OAUTHBEARER needs oauth_token_url and oauth_client_id "
+                "(and the secret: oauth_client_secret_file or THREADS_CONNECTOR_KAFKA__"
+                "OAUTH_CLIENT_SECRET)"
+            )
+        if not oauth and (self.oauth_token_url is not None or self.oauth_client_id is not None):
+            raise ValueError("oauth_token_url / oauth_client_id are only used with OAUTHBEARER")
+        if oauth and self.sasl_username is not None:
+            raise ValueError("sasl_username is not used with OAUTHBEARER (oauth_client_id is)")
+        return self
+
+    @field_validator("oauth_token_url")
+    @classmethod
+    def _token_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): the client secret goes in "
+                "kafka.oauth_client_secret_file"
+            )
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _client_certificate(self) -> KafkaSettings:
@@ -260,6 +304,17 @@ class ApiSettings(_Frozen):
         default=1_048_576, ge=1_024, description="a longer body fails the attempt"
     )
     ca_file: Path | None = Field(default=None, description="PEM CA bundle for the API's TLS")
+    proxy_url: str | None = Field(
+        default=None,
+        description="http://host:port of a forward proxy for the API calls (else HTTPS_PROXY "
+        "/ HTTP_PROXY / NO_PROXY); credentials go in proxy_auth_file",
+    )
+    proxy_auth_file: Path | None = Field(
+        default=None, description="a mounted file holding the proxy's user:password"
+    )
+    proxy_from_env: bool = Field(
+        default=True, description="honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY"
+    )
     max_retry_after_s: float = Field(default=300.0, gt=0, description="cap on Retry-After")
     max_pause_ready_s: float = Field(
         default=60.0, gt=0, description="a longer Retry-After pause turns /readyz red"
@@ -334,6 +389,23 @@ class ApiSettings(_Frozen):
             raise ValueError("must not have a query (?) or a fragment (#)")
         return value.rstrip("/")
 
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): put user:password in "
+                "api.proxy_auth_file"
+            )
+        if not re.match(r"^http://[^/\s?#]+/?$", value):
+            raise ValueError(
+                "must be http://host:port (the proxy is spoken to in plain HTTP; an https:// "
+                "API goes through it with CONNECT, its TLS end to end)"
+            )
+        return value.rstrip("/")
+
 
 IdentifierField = Literal["humanUid", "externalUserId", "sdkUserEmail", "realEmailAddress"]
 
@@ -380,8 +452,107 @@ class Route(_Frozen):
         return check_app_uid(value)
 
 
+InputFormat = Literal["json", "avro", "protobuf", "json_schema"]
+REGISTRY_FORMATS = ("avro", "protobuf", "json_schema")
+RESULT_HEADERS = ("event-id", "correlation-id")  # the connector's own result headers
+
+
+class TopicFormat(_Frozen):
+    """How one input topic's record values are encoded (docs/formats.md)."""
+
+    format: InputFormat = Field(
+        default="json",
+        description="json, or the Confluent wire format (schema id + payload, schema from "
+        "schema_registry) with avro, protobuf or json_schema",
+    )
+    cloudevents: bool = Field(
+        default=False,
+        description="records may be CloudEvents (Kafka binding, binary or structured mode)",
+    )
+
+
+class InputSettings(_Frozen):
+    """How input records are read: per-topic formats, the correlation id's header."""
+
+    topics: dict[str, TopicFormat] = Field(
+        default_factory=dict,
+        description="format by input topic (kafka.input_topics); a topic not named is JSON",
+    )
+    correlation_id_header: str | None = Field(
+        default=None,
+        min_length=1,
+        description="event header whose value is the correlation id (else a new one)",
+    )
+
+
+class SchemaRegistrySettings(_Frozen):
+    """A Confluent-compatible schema registry (Confluent, Apicurio's ccompat API, Redpanda,
+    Karapace): where the avro, protobuf and json_schema topics' schemas come from."""
+
+    url: str | None = Field(
+        default=None, description="base URL, e.g. http://registry:8081 or .../apis/ccompat/v7"
+    )
+    username: str | None = Field(default=None, description="basic auth")
+    password: SecretStr | None = Field(
+        default=None, description="from THREADS_CONNECTOR_SCHEMA_REGISTRY__PASSWORD only"
+    )
+    password_file: Path | None = None
+    bearer_token: SecretStr | None = Field(
+        default=None, description="from THREADS_CONNECTOR_SCHEMA_REGISTRY__BEARER_TOKEN only"
+    )
+    bearer_token_file: Path | None = None
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle for the registry's TLS")
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    retry_initial_s: float = Field(default=1.0, gt=0, description="after a failed fetch")
+    retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
+    max_cached_schemas: int = Field(default=10_000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _USERINFO.match(value):
+            raise ValueError(
+                f"must not hold credentials ({mask_url(value)}): use schema_registry.username "
+                f"and {ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD or schema_registry.password_file"
+            )
+        if not re.match(r"^https?://[^/\s]+", value) or "?" in value or "#" in value:
+            raise ValueError("must be an http:// or https:// URL without a query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> SchemaRegistrySettings:
+        basic = self.password is not None or self.password_file is not None
+        bearer = self.bearer_token is not None or self.bearer_token_file is not None
+        if basic and self.username is None:
+            raise ValueError("a password needs schema_registry.username")
+        if self.username is not None and not basic:
+            raise ValueError(
+                f"schema_registry.username needs {ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD "
+                f"or schema_registry.password_file"
+            )
+        if basic and bearer:
+            raise ValueError("basic auth and a bearer token: set one of them")
+        return self
+
+
 class ResultSettings(_Frozen):
     deep_link_template: str = "https://app.example.com/agent?thread=${threadUid}"
+    forward_headers: list[str] = Field(
+        default_factory=list,
+        description="event headers copied to the result record (allow-list, by name)",
+    )
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _not_ours(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name:
+                raise ValueError("a header name must not be empty")
+            if name.lower() in RESULT_HEADERS:
+                raise ValueError(f"{name!r} is the connector's own result header")
+        return names
 
     @field_validator("deep_link_template")
     @classmethod
@@ -406,6 +577,17 @@ class LogSettings(_Frozen):
     format: Literal["json", "text"] = "json"
 
 
+class TracingSettings(_Frozen):
+    """OpenTelemetry tracing (docs/tracing.md). The exporter and the sampler are set by the
+    standard ``OTEL_*`` environment variables (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_TRACES_SAMPLER``...), which the OpenTelemetry SDK reads itself."""
+
+    enabled: bool = Field(default=False, description="a trace per event, exported with OTLP")
+    service_name: str = Field(
+        default="threads-connector", min_length=1, description="unless OTEL_SERVICE_NAME is set"
+    )
+
+
 class ConnectorSettings(BaseSettings):
     """The whole configuration, frozen once built."""
 
@@ -420,8 +602,11 @@ class ConnectorSettings(BaseSettings):
     event_type_field: str = "type"
     routes: list[Route] = Field(min_length=1)
     results: ResultSettings = Field(default_factory=ResultSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -459,9 +644,14 @@ class ConnectorSettings(BaseSettings):
                     for index, app in keyless
                 )
             )
-        if self.kafka.sasl_mechanism and not (
-            self.kafka.sasl_password or self.kafka.sasl_password_file
-        ):
+        k = self.kafka
+        if k.sasl_mechanism == "OAUTHBEARER":
+            if not (k.oauth_client_secret or k.oauth_client_secret_file):
+                raise ValueError(
+                    f"kafka.oauth_client_secret ({ENV_PREFIX}KAFKA__OAUTH_CLIENT_SECRET) or "
+                    "kafka.oauth_client_secret_file is required with OAUTHBEARER"
+                )
+        elif k.sasl_mechanism and not (k.sasl_password or k.sasl_password_file):
             raise ValueError("kafka.sasl_password (env) or kafka.sasl_password_file is required")
         return self
 
@@ -488,6 +678,24 @@ class ConnectorSettings(BaseSettings):
                 f"kafka.heartbeat_interval_ms ({k.heartbeat_interval_ms}) must be below "
                 f"kafka.session_timeout_ms ({k.session_timeout_ms})"
             )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _formats_usable(self) -> ConnectorSettings:
+        """Every topic given a format is an input topic; a registry format needs the URL."""
+        problems = []
+        for topic, fmt in self.input.topics.items():
+            if topic not in self.kafka.input_topics:
+                problems.append(
+                    f"input.topics.{topic}: not one of kafka.input_topics "
+                    f"({', '.join(self.kafka.input_topics)})"
+                )
+            if fmt.format in REGISTRY_FORMATS and self.schema_registry.url is None:
+                problems.append(
+                    f"input.topics.{topic}.format {fmt.format} needs schema_registry.url"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -536,6 +744,14 @@ class ConnectorSettings(BaseSettings):
         if k.ssl_key_password is None and k.ssl_key_password_file is None:
             return None
         return _secret(k.ssl_key_password, k.ssl_key_password_file, "kafka.ssl_key_password_file")
+
+    def oauth_client_secret(self) -> SecretStr:
+        """The OAuth client secret (OAUTHBEARER), read again at every call: a rotated
+        mounted secret is used from the next token request."""
+        k = self.kafka
+        return _secret(
+            k.oauth_client_secret, k.oauth_client_secret_file, "kafka.oauth_client_secret_file"
+        )
 
     def sasl_password(self) -> SecretStr | None:
         if self.kafka.sasl_password is None and self.kafka.sasl_password_file is None:

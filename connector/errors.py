@@ -77,7 +77,8 @@ class RetriableApiError(ApiError):
     ``outcome_unknown`` is true when the request may have reached the API (a read timeout
     after the body was sent): the thread may exist even though we never saw its id.
     ``kind`` names a failure without a status (``connect_error``, ``tls_error``,
-    ``timeout``, ``protocol_error``, ``body_too_large``), or ``redirect``: a bounded label.
+    ``timeout``, ``protocol_error``, ``body_too_large``, ``proxy_error``: the egress proxy
+    is unreachable or refused us), or ``redirect``: a bounded label.
     """
 
     def __init__(
@@ -112,7 +113,9 @@ class RetriableApiError(ApiError):
         return self.kind in TRANSPORT_KINDS
 
 
-TRANSPORT_KINDS = frozenset({"connect_error", "tls_error", "timeout", "protocol_error"})
+TRANSPORT_KINDS = frozenset(
+    {"connect_error", "tls_error", "timeout", "protocol_error", "proxy_error"}
+)
 
 
 class PermanentApiError(ApiError):

@@ -76,6 +76,7 @@ class Event:
     record: InputRecord
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     event_id_value: EventId | None = None  # None: the same as ``event_id`` (a string)
+    time_field: str | None = None  # the event time's path when the route names none
 
     @property
     def id_value(self) -> EventId:
@@ -136,14 +137,10 @@ def parse_event(
     id_header: str,
     type_field: str,
     max_id_length: int = 256,
+    correlation_id: str | None = None,
 ) -> Event:
-    """Decode the record's JSON and find its event id and type, or raise EventRejected.
-
-    The id is the body's ``id_field`` (a string or an integer) or, when the body has none,
-    the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
-    than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
-    a bool or an object to text would make different events collide.
-    """
+    """Decode the record's JSON and find its event id and type, or raise EventRejected
+    (``event_from_body`` says how)."""
     if record.value is None:
         raise EventRejected(Stage.PARSE, "record has no value (tombstone)", code="empty_value")
     try:
@@ -156,6 +153,36 @@ def parse_event(
             raise EventRejected(
                 Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
             ) from exc
+    return event_from_body(
+        record,
+        body,
+        id_field=id_field,
+        id_header=id_header,
+        type_field=type_field,
+        max_id_length=max_id_length,
+        correlation_id=correlation_id,
+    )
+
+
+def event_from_body(
+    record: InputRecord,
+    body: Any,
+    *,
+    id_field: str,
+    id_header: str,
+    type_field: str,
+    max_id_length: int = 256,
+    correlation_id: str | None = None,
+    time_field: str | None = None,
+) -> Event:
+    """The event of a decoded body (JSON, or a schema-registry format decoded alike).
+
+    The id is the body's ``id_field`` (a string or an integer) or, when the body has none,
+    the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
+    than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
+    a bool or an object to text would make different events collide. ``time_field``: the
+    event time's path when the route names none (a CloudEvent's ``time``).
+    """
     if not isinstance(body, dict):
         raise EventRejected(
             Stage.PARSE,
@@ -175,7 +202,9 @@ def parse_event(
         event_type=event_type,
         body=body,
         record=record,
+        correlation_id=correlation_id or uuid.uuid4().hex,
         event_id_value=event_id if isinstance(event_id, int) else None,
+        time_field=time_field,
     )
 
 
@@ -324,8 +353,11 @@ def result_record(
     created: ThreadCreated,
     deep_link: str,
     user_key: str,
+    forward_headers: frozenset[str] = frozenset(),
 ) -> OutRecord:
-    """The results-topic record (DESIGN.md §7). Keyed by the user for per-user order."""
+    """The results-topic record (DESIGN.md §7). Keyed by the user for per-user order.
+    ``forward_headers``: lower-case names of the event's headers copied to it, as they are
+    (``results.forward_headers``)."""
     src = event.record
     value = {
         "schemaVersion": RESULT_SCHEMA_VERSION,
@@ -341,12 +373,14 @@ def result_record(
         "latencyMs": round(created.latency_ms, 1),
         "source": {"topic": src.topic, "partition": src.partition, "offset": src.offset},
     }
-    headers = (
+    headers: Headers = (
         # whole: the id is bounded by dedup.max_event_id_length (characters), and 256 of
         # them can be 1,024 bytes; a cut id correlates the result with another event
         ("event-id", event.event_id.encode("utf-8", "replace")),
         ("correlation-id", header_text(event.correlation_id)),
     )
+    if forward_headers:
+        headers += tuple(h for h in src.headers if h[0].lower() in forward_headers)
     return OutRecord(topic, user_key.encode(), dumps_result(value), headers)
 
 

@@ -6,7 +6,8 @@ events before any call: they go to the dead-letter topic (stage ``route``, code
 ``expired``), where an operator can still see them, and redrive them on purpose.
 
 The event time is the route's ``event_time_field`` (a dotted path to an ISO-8601 string or
-an epoch number) or, without one, the Kafka record's timestamp. An event time that cannot
+an epoch number) or, without one, the event's own (a CloudEvent's ``time``) or else the
+Kafka record's timestamp. An event time that cannot
 be read is the event's fault: stage ``validate``, code ``invalid_event_time``.
 """
 
@@ -51,7 +52,7 @@ def _epoch(number: float) -> float:
 
 def event_time_s(route: Route, event: Event) -> float | None:
     """The event's time in epoch seconds; None if the record has no timestamp either."""
-    field = route.event_time_field
+    field = route.event_time_field or event.time_field
     if field is None:
         ts_ms = event.record.timestamp_ms
         return ts_ms / 1000 if ts_ms > 0 else None

@@ -5,7 +5,8 @@ certificate, SASL) for aiokafka clients. ``diagnose`` / ``describe_failure`` tur
 to reach Kafka into one line an operator can act on::
 
     unreachable            the address does not resolve, refuses, or does not answer
-    authentication failed  SASL user or password refused
+    authentication failed  SASL user or password refused, or the OAUTHBEARER token
+    OAuth token            no token from the identity provider (connector.oauth)
     TLS verification failed  the broker's certificate is not trusted / names another host
     TLS handshake failed   e.g. the broker requires a client certificate we did not send
     client certificate     ssl_certfile / ssl_keyfile / key password cannot be loaded
@@ -38,6 +39,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from connector import oauth
 from connector.config import ConnectorSettings
 from connector.errors import ConfigError
 
@@ -101,7 +103,11 @@ def client_kwargs(settings: ConnectorSettings) -> dict[str, Any]:
     }
     if k.security_protocol in ("SSL", "SASL_SSL"):
         kwargs["ssl_context"] = ssl_context(settings)
-    if k.sasl_mechanism:
+    if k.sasl_mechanism == "OAUTHBEARER":
+        oauth.install_error_exchange()
+        kwargs["sasl_mechanism"] = k.sasl_mechanism
+        kwargs["sasl_oauth_token_provider"] = oauth.token_provider(settings)
+    elif k.sasl_mechanism:
         password = settings.sasl_password()
         kwargs["sasl_mechanism"] = k.sasl_mechanism
         kwargs["sasl_plain_username"] = k.sasl_username
@@ -131,6 +137,10 @@ def describe_failure(exc: BaseException) -> str | None:
         if "certificate required" in reason:
             reason += " (the broker requires a client certificate)"
         return f"TLS handshake failed: {reason}"
+    if isinstance(exc, SaslAuthenticationFailed) and str(
+        exc.args[0] if exc.args else ""
+    ).startswith("{"):  # RFC 7628's error status: the OAUTHBEARER token refused (connector.oauth)
+        return f"authentication failed: the broker refused the OAuth token ({exc.args[0]})"
     if isinstance(exc, SaslAuthenticationFailed | IllegalSaslStateError):
         return "authentication failed: the broker refused the SASL user name or password"
     if isinstance(exc, UnsupportedSaslMechanismError):
@@ -149,6 +159,9 @@ def describe_failure(exc: BaseException) -> str | None:
         return f"unreachable: {exc.strerror or exc}"
     if isinstance(exc, KafkaConnectionError):
         text = str(exc)
+        reason = str(exc.args[0]) if exc.args else ""
+        if reason.startswith(oauth.UNAVAILABLE_PREFIX):
+            return reason
         if "closed" in text:  # a peer dropping us mid-handshake: mTLS refusal or a bad SASL
             return f"connection closed by the broker during set-up ({text})"
         return f"unreachable: {text}"
@@ -179,6 +192,7 @@ async def diagnose(settings: ConnectorSettings, timeout_s: float = 10.0) -> str 
                     sasl_mechanism=kwargs.get("sasl_mechanism"),
                     sasl_plain_username=kwargs.get("sasl_plain_username"),
                     sasl_plain_password=kwargs.get("sasl_plain_password"),
+                    sasl_oauth_token_provider=kwargs.get("sasl_oauth_token_provider"),
                 )
         except (OSError, KafkaError, TimeoutError, ValueError) as exc:
             first = first or _explain(settings, exc)

@@ -44,7 +44,14 @@ ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 # its first increment in ``increase()`` (tests/test_observability.py keeps the list in step
 # with the code).
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
-    "parse": ("empty_value", "invalid_json", "not_an_object", "undecodable_record"),
+    "parse": (
+        "empty_value",
+        "invalid_json",
+        "not_an_object",
+        "undecodable_record",
+        "schema_error",
+        "invalid_cloudevent",
+    ),
     "validate": (
         "no_event_id",
         "invalid_event_id",
@@ -375,6 +382,18 @@ class Metrics:
         )
         self.rebalances = Counter(
             f"{p}_rebalances_total", "Partition assignments and revocations.", ["kind"], registry=r
+        )
+        self.schema_registry_up = Gauge(
+            f"{p}_schema_registry_up",
+            "0 while the schema registry cannot be used (records of its formats wait); "
+            "1 after its last fetch worked or when no fetch was needed yet.",
+            registry=r,
+        )
+        self.schema_registry_up.set(1)
+        self.schema_registry_failures = Counter(
+            f"{p}_schema_registry_failures_total",
+            "Schema fetches that failed for the registry's reasons (retried).",
+            registry=r,
         )
         self.up = Gauge(
             f"{p}_ready",

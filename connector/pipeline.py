@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from connector.apps import Apps
 from connector.calls import Abandoned, ThreadCaller
@@ -30,14 +31,15 @@ from connector.events import (
     ThreadCreated,
     TopicPartitionKey,
     dead_letter_record,
-    parse_event,
     result_record,
 )
 from connector.exposure import Exposure
+from connector.formats import Parser
 from connector.metrics import Metrics
 from connector.offsets import OffsetTracker
 from connector.routing import Router, render_event
 from connector.sink import CommitError, Sink
+from connector.tracing import TRACING
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Outcome:
     event_ts_ms: int = 0
     stage: str = ""
     code: str = ""
+    spans: tuple[Any, ...] = ()  # tracing: the publish span, ended with the commit
     app: str = ""  # a dead letter's app, once a route chose one
 
 
@@ -87,10 +90,14 @@ class Pipeline:
         caller: ThreadCaller | Apps,
         metrics: Metrics,
         exposure: Exposure | None = None,
+        parser: Parser | None = None,
     ) -> None:
         """``exposure``: the gate on calls whose results are not committed (a session
-        after a failed commit passes one that starts closed)."""
+        after a failed commit passes one that starts closed); ``parser``: records to
+        events by their topic's format (default: every topic JSON)."""
         self._s = settings
+        self._parser = parser or Parser(settings)
+        self._forward = frozenset(name.lower() for name in settings.results.forward_headers)
         self._router = router
         self._store = store
         self._caller = caller
@@ -128,12 +135,18 @@ class Pipeline:
         return self.tracker.pending()
 
     async def _run(self, job: Job) -> None:
+        if TRACING.on:  # the one check per event while tracing is off
+            await self._traced(job)
+            return
+        await self._run_job(job)
+
+    async def _run_job(self, job: Job) -> Outcome | None:
         record = job.record
         try:
             outcome = await self._handle(job)
         except (Abandoned, asyncio.CancelledError):
             self.stats.abandoned += 1
-            return  # offset stays uncommitted: the partition's next owner replays it
+            return None  # offset stays uncommitted: the partition's next owner replays it
         finally:
             self._finish_turn(job)
             jobs = self._jobs.get(record.tp)
@@ -141,6 +154,17 @@ class Pipeline:
                 jobs.discard(job)
         self._outcomes.append(outcome)
         self.outcome_ready.set()
+        return outcome
+
+    async def _traced(self, job: Job) -> None:
+        """``_run_job`` inside the event's span (its parent: the record's traceparent)."""
+        span, token = TRACING.event_span(job.record, self._s.kafka.group_id)
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._run_job(job)
+        finally:
+            kind, code = (outcome.kind, outcome.code) if outcome else ("abandoned", "")
+            TRACING.end_event(span, token, kind, code)
 
     def _finish_turn(self, job: Job) -> None:
         if job.turn is None:
@@ -153,7 +177,6 @@ class Pipeline:
 
     async def _handle(self, job: Job) -> Outcome:
         record = job.record
-        s = self._s
         if self._store.dead_lettered(record.tp, record.offset):
             # dead-lettered above the committed position before a restart or rebalance:
             # its dead letter is durable already (a redriven copy has a new offset)
@@ -162,14 +185,12 @@ class Pipeline:
         if record.undecodable is not None:
             rejected = EventRejected(Stage.PARSE, record.undecodable, code="undecodable_record")
             return self._dead(record, rejected)
+        parser = self._parser
         try:
-            event = parse_event(
-                record,
-                id_field=s.dedup.event_id_field,
-                id_header=s.dedup.event_id_header,
-                type_field=s.event_type_field,
-                max_id_length=s.dedup.max_event_id_length,
-            )
+            if parser.plain(record.topic):
+                event = parser.parse(record)
+            else:  # a schema-registry format: may wait for the registry
+                event = await parser.decode(record)
         except EventRejected as exc:
             return self._dead(record, exc)
         key = event.dedup_key
@@ -189,7 +210,11 @@ class Pipeline:
     async def _call(self, job: Job, event: Event) -> Outcome:
         record = job.record
         try:
-            route, request = self._router.build(event)
+            if TRACING.on:
+                with TRACING.span("route", attributes={"event.type": event.event_type}):
+                    route, request = self._router.build(event)
+            else:
+                route, request = self._router.build(event)
             # the deep link's event fields are checked before the call: once the thread
             # exists, its result must be published, and a render failure then stopped the
             # replica with the thread created (and the replay created another)
@@ -230,8 +255,14 @@ class Pipeline:
                 created=created,
                 deep_link=deep_link,
                 user_key=request.user_key,
+                forward_headers=self._forward,
             )
         ]
+        spans: tuple[Any, ...] = ()
+        if TRACING.on:
+            publish = TRACING.publish_span(self._s.kafka.results_topic, "result")
+            records[0] = TRACING.with_trace_headers(records[0], publish)
+            spans = (publish,)
         changelog = self._store.remember(
             record.tp, Seen(event.dedup_key, self._store.window.now(), created.thread_uid)
         )
@@ -248,7 +279,9 @@ class Pipeline:
                     "attempts": created.attempts,
                 },
             )
-        return Outcome(record.tp, record.offset, tuple(records), "result", record.timestamp_ms)
+        return Outcome(
+            record.tp, record.offset, tuple(records), "result", record.timestamp_ms, spans=spans
+        )
 
     def _deep_link(self, event: Event, app_uid: str, created: ThreadCreated | None) -> str:
         """The result's deep link, each value percent-encoded (a threadUid or an event field
@@ -295,6 +328,11 @@ class Pipeline:
             },
         )
         dlq = dead_letter_record(self._s.kafka.dead_letter_topic, record, exc, event_id=event_id)
+        spans: tuple[Any, ...] = ()
+        if TRACING.on:
+            publish = TRACING.publish_span(self._s.kafka.dead_letter_topic, "dead_letter")
+            dlq = TRACING.with_trace_headers(dlq, publish)
+            spans = (publish,)
         mark = self._store.remember_dead_letter(record.tp, record.offset)
         records = (dlq,) if mark is None else (dlq, mark)
         return Outcome(
@@ -304,6 +342,7 @@ class Pipeline:
             "dead_letter",
             stage=exc.stage.value,
             code=exc.code,
+            spans=spans,
             app=app,
         )
 
@@ -378,7 +417,11 @@ class Pipeline:
                 self._failed = exc
                 exposure.cycle_failed()
                 self._m.commit_failures.labels(sink.mode).inc()
+                if TRACING.on:
+                    TRACING.end_publish((sp for o in outcomes for sp in o.spans), exc)
                 raise
+            if TRACING.on:
+                TRACING.end_publish(sp for o in outcomes for sp in o.spans)
             exposure.cycle_succeeded(sum(1 for o in outcomes if o.kind == "result"))
             tracker.mark_committed(positions)
             self._store.prune(positions)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from connector.config import ConnectorSettings, load_settings
+from connector import proxy
+from connector.config import ConnectorSettings, _secret, load_settings
 from connector.errors import ApiKeyInvalid, ConfigError
 from connector.kafka_common import ssl_context
 from connector.threads_client import tls_context
@@ -68,17 +69,59 @@ def file_checks(settings: ConnectorSettings) -> list[Check]:
     checks = [_key_check(settings, app) for app in settings.app_uids()]
     k = settings.kafka
     kafka: list[Check] = []
-    if k.sasl_mechanism:
+    if k.sasl_mechanism == "OAUTHBEARER":
+        kafka.append(_secret_check("kafka.oauth_client_secret", settings.oauth_client_secret))
+    elif k.sasl_mechanism:
         kafka.append(_secret_check("kafka.sasl_password", settings.sasl_password))
     if k.ssl_key_password is not None or k.ssl_key_password_file is not None:
         kafka.append(_secret_check("kafka.ssl_key_password", settings.ssl_key_password))
     if k.security_protocol.endswith("SSL"):
         kafka.append(_tls_check("kafka TLS", lambda: ssl_context(settings), "kafka.ssl_cafile"))
     checks += [Check("kafka", c.status, c.detail) for c in kafka]
+    checks.append(_proxy_check(settings))
     if settings.api.ca_file is not None:
         ca_file = settings.api.ca_file
         checks.append(_tls_check("api TLS", lambda: tls_context(ca_file), "api.ca_file"))
+    checks += [Check("registry", c.status, c.detail) for c in _registry_checks(settings)]
     return checks
+
+
+def _registry_checks(settings: ConnectorSettings) -> list[Check]:
+    """The schema registry's secret and CA files (``run`` shows a problem as a red
+    readiness naming the file, once a schema is needed)."""
+    r = settings.schema_registry
+    found: list[Check] = []
+    for name, value, path in (
+        ("password", r.password, r.password_file),
+        ("bearer_token", r.bearer_token, r.bearer_token_file),
+    ):
+        if value is not None or path is not None:
+            field = f"schema_registry.{name}"
+            found.append(_secret_check(field, _reader(value, path, f"{field}_file")))
+    if r.ca_file is not None:
+        ca_file = r.ca_file
+        found.append(
+            _tls_check(
+                "schema registry TLS",
+                lambda: ssl.create_default_context(cafile=str(ca_file)),
+                "schema_registry.ca_file",
+            )
+        )
+    return found
+
+
+def _reader(value: SecretStr | None, path: Path | None, name: str) -> Callable[[], SecretStr]:
+    return lambda: _secret(value, path, name)
+
+
+def _proxy_check(settings: ConnectorSettings) -> Check:
+    """The API's egress proxy: its credentials file readable (``run`` refuses to start
+    without it, like an API key file), an environment proxy URL that is one."""
+    try:
+        found = proxy.resolve(settings.api)
+    except ConfigError as exc:
+        return Check("files", Status.FAIL, str(exc))
+    return Check("api proxy", Status.OK, found.describe() if found else "none (direct)")
 
 
 def _key_check(settings: ConnectorSettings, app: str) -> Check:

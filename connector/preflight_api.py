@@ -8,6 +8,7 @@ from __future__ import annotations
 from connector.config import ConnectorSettings, mask_url
 from connector.errors import ApiError, ConfigError
 from connector.preflight import Check, Status
+from connector.proxy import resolve
 from connector.threads_client import ThreadsClient
 
 PROBE_TIMEOUT_S = 15.0
@@ -15,6 +16,10 @@ PROBE_TIMEOUT_S = 15.0
 
 async def api_checks(settings: ConnectorSettings) -> list[Check]:
     checks = []
+    try:
+        proxy = resolve(settings.api)
+    except ConfigError as exc:
+        return [Check("api", Status.SKIPPED, f"the egress proxy: {exc}")]
     for app in settings.app_uids():
         api = settings.api.for_app(app)
         try:
@@ -29,6 +34,7 @@ async def api_checks(settings: ConnectorSettings) -> list[Check]:
             request_timeout_s=min(api.request_timeout_s, PROBE_TIMEOUT_S),
             max_in_flight=1,
             ca_file=api.ca_file,
+            proxy=proxy,
         )
         async with client:
             try:
@@ -55,6 +61,12 @@ def _api_verdict(app: str, status: int, url: str) -> Check:
     if status == 403:
         return Check(
             "api", Status.FAIL, f"{where}: the API key does not belong to this app (api.apps.{app})"
+        )
+    if status == 407:
+        return Check(
+            "api",
+            Status.FAIL,
+            f"{where}: from the egress proxy, which wants credentials (api.proxy_auth_file)",
         )
     if status in (404, 405):
         return Check(

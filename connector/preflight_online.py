@@ -47,6 +47,7 @@ from connector.dedup import changelog_topic
 from connector.kafka_common import client_kwargs, describe_failure, diagnose
 from connector.preflight import Check, Status
 from connector.preflight_api import api_checks
+from connector.registry import RegistryUnavailable, SchemaRegistry
 
 log = logging.getLogger(__name__)
 CHECK_SUFFIX = "check-config"
@@ -57,7 +58,21 @@ async def online_checks(settings: ConnectorSettings, timeout_s: float = 15.0) ->
     """Every online check; never raises for what it finds (each is a Check)."""
     checks = await kafka_checks(settings, timeout_s)
     checks += await api_checks(settings)  # after Kafka: its failures are the likelier
+    checks += await registry_checks(settings)
     return checks
+
+
+async def registry_checks(settings: ConnectorSettings) -> list[Check]:
+    """The schema registry answers a request with the configured credentials and TLS."""
+    url = settings.schema_registry.url
+    if url is None:
+        return []
+    async with SchemaRegistry(settings.schema_registry) as registry:
+        try:
+            await registry.check()
+        except RegistryUnavailable as exc:
+            return [Check("registry", Status.FAIL, f"{url}: {exc}")]
+    return [Check("registry", Status.OK, f"{url}: answers with these credentials")]
 
 
 async def kafka_checks(settings: ConnectorSettings, timeout_s: float) -> list[Check]:

@@ -1,7 +1,7 @@
 """The Threads API client: one attempt of ``POST /api/v1/appuid/{appUid}/threads``.
 
-The only module that imports the HTTP library (aiohttp: chosen on measurements, see
-``bench/http_clients.py`` and docs/benchmarks.md). Its errors are translated here, most specific
+The API's HTTP client (aiohttp: chosen on measurements, see ``bench/http_clients.py`` and
+docs/benchmarks.md). Its errors are translated here, most specific
 first, into the connector's tree (``connector.errors``); retries live in ``calls``.
 
 Each attempt is bounded: ``request_timeout_s`` is a TOTAL deadline (connect, send,
@@ -28,12 +28,22 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
+from opentelemetry.trace import SpanKind
 from pydantic import SecretStr
 
 from connector import __version__
-from connector.errors import ApiKeyInvalid, AuthError, PermanentApiError, RetriableApiError
+from connector.errors import (
+    ApiError,
+    ApiKeyInvalid,
+    AuthError,
+    PermanentApiError,
+    RetriableApiError,
+)
+from connector.proxy import Proxy
 from connector.routing import ThreadRequest
+from connector.tracing import TRACING
 
+_URL_TEMPLATE = "/api/v1/appuid/{appUid}/threads"
 # printable ASCII (and space) but '%' stays as it is in the x-event-id header
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -131,6 +141,7 @@ class ThreadsClient:
         max_in_flight: int,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         ca_file: Path | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._base_path = urlsplit(self._base_url).path  # a gateway's prefix, or ""
@@ -140,6 +151,18 @@ class ThreadsClient:
         self._max_in_flight = max_in_flight
         self._max_response_bytes = max_response_bytes
         self._ssl = tls_context(ca_file) if base_url.startswith("https:") else None
+        self._proxy = proxy
+        # Proxy-Authorization: on the CONNECT for an https:// API (the API never sees it), in
+        # the request for an http:// one (aiohttp sends proxy_headers with CONNECT only)
+        self._proxy_headers: dict[str, str] | None = None
+        self._request_headers: dict[str, str] = {}
+        if proxy is not None and proxy.username is not None:
+            password = proxy.password.get_secret_value() if proxy.password else ""
+            auth = {"proxy-authorization": aiohttp.encode_basic_auth(proxy.username, password)}
+            if self._ssl is not None:
+                self._proxy_headers = auth
+            else:
+                self._request_headers = auth
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -153,6 +176,8 @@ class ThreadsClient:
                 ssl=self._ssl if self._ssl is not None else True,
             )
             self._session = aiohttp.ClientSession(
+                # resolved once (connector.proxy): not trust_env, which also reads ~/.netrc
+                proxy=self._proxy.url if self._proxy is not None else None,
                 # no base_url: aiohttp's refuses a path without a trailing slash and drops
                 # one with it; the request's URL is the base URL's text + the API's path
                 connector=connector,
@@ -204,8 +229,40 @@ class ThreadsClient:
             # event ids are the producer's data: percent-encode what a header cannot carry
             "x-event-id": _header_text(event_id),
             "x-correlation-id": _header_text(correlation_id),
+            **self._request_headers,
         }
         body = orjson.dumps(request.body())
+        if TRACING.on:
+            return await self._traced(url, path, body, headers, api_key)
+        return await self._attempt(url, path, body, headers, api_key)
+
+    async def _traced(
+        self, url: str, path: str, body: bytes, headers: dict[str, str], api_key: str
+    ) -> ApiThread:
+        """The attempt inside a CLIENT span whose ``traceparent`` the request carries."""
+        split = urlsplit(url)
+        attributes = {
+            "http.request.method": "POST",
+            "url.template": _URL_TEMPLATE,
+            "server.address": split.hostname or "",
+            "server.port": split.port or (443 if split.scheme == "https" else 80),
+        }
+        with TRACING.span(f"POST {_URL_TEMPLATE}", SpanKind.CLIENT, attributes=attributes) as span:
+            TRACING.inject(headers)
+            try:
+                thread = await self._attempt(url, path, body, headers, api_key)
+            except ApiError as exc:
+                if exc.status is not None:
+                    span.set_attribute("http.response.status_code", exc.status)
+                kind = getattr(exc, "kind", None)
+                span.set_attribute("error.type", kind or str(exc.status or type(exc).__name__))
+                raise
+            span.set_attribute("http.response.status_code", thread.status)
+            return thread
+
+    async def _attempt(
+        self, url: str, path: str, body: bytes, headers: dict[str, str], api_key: str
+    ) -> ApiThread:
         try:
             async with asyncio.timeout(self._request_timeout_s):
                 response = await self._post(url, body, headers)
@@ -215,6 +272,18 @@ class ThreadsClient:
                 "encoding that cannot be read): cut off",
                 outcome_unknown=True,
                 kind="body_too_large",
+                path=path,
+            ) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # CONNECT refused: nothing was sent
+            raise RetriableApiError(
+                f"the proxy refused the tunnel: HTTP {exc.status}{_proxy_hint(exc.status)}",
+                kind="proxy_error",
+                path=path,
+            ) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise RetriableApiError(
+                f"the proxy cannot be reached: {exc.os_error.strerror or exc}",
+                kind="proxy_error",
                 path=path,
             ) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
@@ -251,10 +320,23 @@ class ThreadsClient:
         Raises RetriableApiError when no answer comes (the text never holds the key)."""
         url = self._base_url + _threads_path(app_uid)
         api_key = self._api_key().get_secret_value()
-        headers = {"x-api-key": api_key, "content-type": "application/json"}
+        headers = {
+            "x-api-key": api_key,
+            "content-type": "application/json",
+            **self._request_headers,
+        }
         try:
             async with asyncio.timeout(self._request_timeout_s):
                 response = await self._post(url, b"[]", headers)
+        except aiohttp.ClientHttpProxyError as exc:
+            raise RetriableApiError(
+                f"the proxy refused the tunnel: HTTP {exc.status}{_proxy_hint(exc.status)}",
+                kind="proxy_error",
+            ) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise RetriableApiError(
+                f"the proxy cannot be reached: {exc.os_error.strerror or exc}", kind="proxy_error"
+            ) from exc
         except (aiohttp.ClientError, TimeoutError, _BodyTooLarge, ValueError) as exc:
             raise RetriableApiError(
                 f"no answer: {type(exc).__name__}", kind="connect_error"
@@ -266,7 +348,11 @@ class ThreadsClient:
         with an oversized body (the body is dropped); a 201 without its whole body fails."""
         limit = self._max_response_bytes
         async with self._http().post(
-            url, data=body, headers=headers, allow_redirects=False
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            proxy_headers=self._proxy_headers,
         ) as response:
             retry_after = response.headers.get("retry-after")
             inflate = _inflater(response.headers.get("content-encoding"))
@@ -291,6 +377,12 @@ class ThreadsClient:
                     raise _BodyTooLarge
                 chunks = []
             return _Response(response.status, retry_after, b"".join(chunks))
+
+
+def _proxy_hint(status: int) -> str:
+    if status == 407:
+        return " (proxy authentication required: check api.proxy_auth_file)"
+    return ""
 
 
 Inflater = Callable[[bytes, int], bytes]
@@ -400,6 +492,10 @@ def _interpret(response: _Response, secret: str = "", path: str = "") -> ApiThre
             raise PermanentApiError(
                 f"{status} without a threadUid in its body{what}{called}", status=status, path=path
             ) from exc
+    if status == 407:  # a proxy's answer to a plain-http request: not the API's, not the event's
+        raise RetriableApiError(
+            f"HTTP 407 from the proxy{_proxy_hint(status)}", kind="proxy_error", path=path
+        )
     if 300 <= status < 400:
         # not followed: a redirect says nothing of the event but that the base URL is not
         # where the API answers (http:// to https://, a moved host): the API host's

@@ -89,3 +89,22 @@ def private_kafka() -> Iterator[LocalKafka]:
     restart a broker without disturbing the shared one. Costs a broker start (~2-3 s)."""
     with LocalKafka() as kafka:
         yield kafka
+
+
+@pytest.fixture(scope="session")
+def apicurio() -> Iterator[Any]:
+    """A real schema registry (Apicurio, Confluent-compatible API) for the session; fetched
+    once per machine (``tests/apicurio.py``). Tests use fresh subjects."""
+    from tests.apicurio import Apicurio
+
+    with Apicurio() as registry:
+        yield registry
+
+
+@pytest.fixture
+def private_apicurio() -> Iterator[Any]:
+    """A registry of the test's own, for tests that stop and restart it."""
+    from tests.apicurio import Apicurio
+
+    with Apicurio() as registry:
+        yield registry

@@ -592,6 +592,7 @@ async def test_the_breaker_opens_pauses_and_spends_no_retry_budget() -> None:
         (unavailable(502), True),
         (unavailable(500), True),
         (RetriableApiError("TLS failure", kind="tls_error"), True),
+        (RetriableApiError("the proxy cannot be reached", kind="proxy_error"), True),
         (unavailable(503, retry_after_s=1.0), False),  # the API is up and says when
         (unavailable(429), False),
         # no answer (a black hole, headers then a stall, a drop mid-body): the API host's
@@ -673,3 +674,19 @@ async def test_calls_waiting_for_a_slot_are_not_counted_in_flight() -> None:
     await asyncio.gather(*calls)
     assert h.sample("threads_connector_calls_in_flight") == 0
     assert h.sample("threads_connector_calls_waiting") == 0
+
+
+async def test_a_proxy_failure_names_itself_in_the_pause_reason() -> None:
+    message = "the proxy refused the tunnel: HTTP 407 (proxy authentication required: check"
+    h = Harness(
+        [RetriableApiError(f"{message} api.proxy_auth_file)", kind="proxy_error"), OK],
+        api={"breaker_failure_threshold": 1},
+    )
+    reasons: list[str | None] = []
+
+    async def look(seconds: float) -> None:
+        reasons.append(h.caller.pause_reason())
+
+    h.before_sleep = look
+    await h.call()
+    assert reasons and message in (reasons[0] or ""), reasons

@@ -259,6 +259,168 @@ def test_a_few_aliases_are_still_fine(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0, out
 
 
+# -- input formats and the schema registry -------------------------------------------------
+
+
+def test_formats_and_registry_are_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD", "registry-pw-must-not-leak")
+    data = config(
+        kafka={"input_topics": ["orders", "ce"]},
+        input={"topics": {"orders": {"format": "protobuf"}, "ce": {"cloudevents": True}}},
+        schema_registry={"url": "https://registry:8081", "username": "svc"},
+    )
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == 0, out
+    assert "input orders: protobuf\n" in out
+    assert "input ce: json, CloudEvents\n" in out
+    assert "schema registry: https://registry:8081 (basic auth)" in out
+    assert "registry-pw-must-not-leak" not in out
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        (
+            {"input": {"topics": {"orders": {"format": "avro"}}}},
+            "input.topics.orders.format avro needs schema_registry.url",
+        ),
+        (
+            {"input": {"topics": {"other": {"format": "json"}}}},
+            "input.topics.other: not one of kafka.input_topics (orders)",
+        ),
+        ({"input": {"topics": {"orders": {"format": "xml"}}}}, "input.topics.orders.format"),
+        (
+            {"schema_registry": {"url": "http://u:p@registry:8081"}},
+            "schema_registry.url: Value error, must not hold credentials (http://***@registry",
+        ),
+        ({"schema_registry": {"url": "registry:8081"}}, "schema_registry.url"),
+        (
+            {"schema_registry": {"url": "http://r:1", "username": "svc"}},
+            "schema_registry.username needs THREADS_CONNECTOR_SCHEMA_REGISTRY__PASSWORD",
+        ),
+        ({"results": {"forward_headers": ["Correlation-Id"]}}, "connector's own result header"),
+        ({"input": {"correlation_id_header": ""}}, "input.correlation_id_header"),
+    ],
+)
+def test_format_settings_are_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], words: str
+) -> None:
+    out = refused(tmp_path, capsys, config(kafka={"input_topics": ["orders"]}, **changes))
+    assert words in out
+    assert "u:p@" not in out
+
+
+def test_registry_secrets_are_refused_in_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("password", "bearer_token"):
+        data = config(schema_registry={"url": "http://r:1", name: "s3cret-in-file"})
+        out = refused(tmp_path, capsys, data)
+        assert f"schema_registry.{name}: secrets must not be written in the config file" in out
+        assert "s3cret-in-file" not in out
+
+
+def test_the_api_proxy_is_shown_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://corp:pw-must-not-leak@egress:3128")
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config()))
+    assert code == 0, out
+    assert "api proxy: http://egress:3128 (from HTTP_PROXY) as 'corp'" in out
+    assert "pw-must-not-leak" not in out
+    # the credentials file is read as run reads it (run refuses to start without it)
+    auth = tmp_path / "proxy-auth"
+    with_auth = yaml.safe_dump(config(api={"proxy_auth_file": str(auth)}))
+    auth.write_text("corp:file-pw-must-not-leak\n")
+    code, out = check(tmp_path, capsys, with_auth)
+    assert code == 0, out
+    assert "ok      api proxy: http://egress:3128 (from HTTP_PROXY) as 'corp'" in out
+    assert "file-pw-must-not-leak" not in out
+    auth.unlink()
+    out = refused(tmp_path, capsys, with_auth)
+    assert f"api.proxy_auth_file: cannot read {auth}" in out
+    monkeypatch.setenv("HTTP_PROXY", "https://egress:3128")
+    assert "HTTP_PROXY: https://egress:3128 is not an http:// proxy URL" in refused(
+        tmp_path, capsys, config()
+    )
+
+
+def oauth_kafka(**extra: Any) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "OAUTHBEARER",
+        "oauth_token_url": "https://login.example.com/token",
+        "oauth_client_id": "threads-connector",
+        **extra,
+    }
+
+
+def test_oauthbearer_is_shown_with_where_its_secret_comes_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("oauth-secret-must-not-leak\n")
+    data = config(kafka=oauth_kafka(oauth_client_secret_file=str(secret), oauth_scope="kafka"))
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == 0, out
+    assert (
+        "kafka login: OAUTHBEARER, client threads-connector at https://login.example.com/token"
+        f", scope 'kafka', secret from {secret}" in out
+    )
+    assert "ok      kafka: kafka.oauth_client_secret: readable" in out
+    assert "oauth-secret-must-not-leak" not in out
+    secret.unlink()  # run would start not ready (a Kafka failure): check-config says so
+    out = refused(tmp_path, capsys, data)
+    assert "fail    kafka: kafka.oauth_client_secret_file: cannot read" in out
+
+
+@pytest.mark.parametrize(
+    ("kafka", "message"),
+    [
+        (oauth_kafka(oauth_token_url=None), "needs oauth_token_url and oauth_client_id"),
+        (oauth_kafka(), "kafka.oauth_client_secret"),  # no secret at all
+        (
+            oauth_kafka(oauth_token_url="https://u:pw@login.example.com/token"),
+            "must not hold credentials",
+        ),
+        (oauth_kafka(sasl_mechanism="PLAIN"), "only used with OAUTHBEARER"),
+    ],
+)
+def test_oauthbearer_settings_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kafka: dict[str, Any], message: str
+) -> None:
+    out = refused(tmp_path, capsys, config(kafka=kafka))
+    assert message in out and ":pw@" not in out
+
+
+def test_the_oauth_client_secret_in_the_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = refused(tmp_path, capsys, config(kafka=oauth_kafka(oauth_client_secret="s3cr3t")))
+    assert "kafka.oauth_client_secret: secrets must not be written" in out
+    assert "s3cr3t" not in out
+
+
+def test_tracing_is_shown_with_the_otel_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config()))
+    assert code == 0 and "  tracing: off\n" in out
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    code, out = check(tmp_path, capsys, yaml.safe_dump(config(tracing={"enabled": True})))
+    assert code == 0, out
+    assert (
+        "tracing: on, service threads-connector, OTLP/HTTP to http://collector:4318/v1/traces, "
+        "sampler parentbased_traceidratio (0.1)"
+    ) in out
 # -- every file and variable run reads, attributed to where it came from (issue 21.2) ----
 
 
@@ -406,3 +568,18 @@ def test_a_missing_kafka_ca_bundle_is_named_where_run_reports_it(tmp_path: Path)
         "credentials: kafka.ssl_cafile: cannot load the CA bundle /nonexistent/ca.pem: "
         "No such file or directory"
     )
+
+
+def test_registry_files_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = config(
+        schema_registry={
+            "url": "https://r:1",
+            "username": "svc",
+            "password_file": str(tmp_path / "missing"),
+            "ca_file": str(tmp_path / "missing-ca.pem"),
+        }
+    )
+    code, out = check(tmp_path, capsys, yaml.safe_dump(data))
+    assert code == EXIT_CONFIG, out
+    assert "registry: schema_registry.password_file: cannot read" in out
+    assert "registry: schema_registry.ca_file: cannot load the CA bundle" in out

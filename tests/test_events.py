@@ -391,3 +391,32 @@ def test_what_orjson_refuses_beside_a_long_integer_stays_invalid_json(raw: bytes
 def test_a_long_integer_in_another_field_stays_invalid_json() -> None:
     rec = record(raw=b'{"type": "t", "id": 1, "n": ' + b"9" * 400 + b"}")
     assert rejected(rec).code == "invalid_json"
+
+
+def test_result_record_forwards_only_the_allowed_headers() -> None:
+    headers = (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"), ("secret", b"s"))
+    event = parse(record({"id": "e", "type": "t"}, headers=headers))
+    created = ThreadCreated("th", "hu", "ag", 1, 1.0)
+    out = result_record(
+        "r",
+        event,
+        app_uid="a",
+        created=created,
+        deep_link="d",
+        user_key="k",
+        forward_headers=frozenset({"traceparent", "x-tenant"}),
+    )
+    assert out.headers[2:] == (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"))
+    plain = result_record("r", event, app_uid="a", created=created, deep_link="d", user_key="k")
+    assert [name for name, _ in plain.headers] == ["event-id", "correlation-id"]
+
+
+def test_a_given_correlation_id_is_kept() -> None:
+    event = parse_event(
+        record({"id": "e", "type": "t"}),
+        id_field="id",
+        id_header="event-id",
+        type_field="type",
+        correlation_id="req-1",
+    )
+    assert event.correlation_id == "req-1"

@@ -96,3 +96,20 @@ def test_route_fields_validated() -> None:
         route(max_event_age_s=0)
     with pytest.raises(ValueError, match="at least 1 character"):
         route(event_time_field="")
+
+
+def test_an_events_own_time_field_is_used_when_the_route_names_none() -> None:
+    route = Route(
+        event_type="*",
+        app_uid="a",
+        agent_uid="g",
+        message_template="m",
+        user={"path": "u"},
+        max_event_age_s=60,
+    )
+    rec = InputRecord("t", 0, 0, None, b"{}", timestamp_ms=2_000_000_000_000)
+    body = {"time": "2020-01-01T00:00:00Z"}
+    cloud = Event("e", "t", body, rec, time_field="time")
+    with pytest.raises(EventRejected, match="max_event_age_s"):
+        check_fresh(route, cloud, now_s=1_600_000_000)
+    check_fresh(route, Event("e", "t", body, rec), now_s=2_000_000_000)  # the record's time

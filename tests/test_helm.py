@@ -39,7 +39,15 @@ CHART_OWNED = {
     ("kafka", "ssl_key_password_file"),  # set by the chart (kafkaTls.clientKeyEncrypted)
     ("kafka", "ssl_certfile"),  # set by the chart (kafkaTls.clientCertSecret)
     ("api", "ca_file"),  # set by the chart (apiTls.caSecret)
+    ("api", "proxy_auth_file"),  # set by the chart (apiProxy.authSecret)
+    ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret / existingSecret
+    ("kafka", "oauth_client_secret_file"),  # set by the chart (OAUTHBEARER)
     ("kafka", "ssl_keyfile"),  # idem
+    ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
+    ("schema_registry", "password_file"),  # set by the chart
+    ("schema_registry", "bearer_token"),  # idem
+    ("schema_registry", "bearer_token_file"),  # idem
+    ("schema_registry", "ca_file"),  # set by the chart (schemaRegistry.caSecret)
 }
 
 Manifest = dict[str, Any]
@@ -90,6 +98,8 @@ def pod_mounts(config_text: str, root: Path) -> None:
             client.cert_chain_pems[0].write_to_path(str(target))
         elif path.endswith("tls.key"):
             client.private_key_pem.write_to_path(str(target))
+        elif path.endswith("proxy-auth"):  # one line user:password
+            target.write_text("a-user:a-secret-value\n")
         else:
             target.write_text("a-secret-value\n")
         target.chmod(0o644)
@@ -667,6 +677,99 @@ def test_an_app_without_a_key_source_is_rejected() -> None:
     assert "secrets.apps.app-c needs apiKey" in proc.stderr
 
 
+def test_schema_registry_secrets_are_mounted_and_named_in_the_config(tmp_path: Path) -> None:
+    from connector.config import load_settings
+
+    docs = render(
+        *API_KEY_SET,
+        "--set",
+        "config.schema_registry.url=https://registry:8081",
+        "--set",
+        "config.schema_registry.username=svc",
+        "--set",
+        "config.input.topics.domain-events.format=avro",
+        "--set",
+        "schemaRegistry.existingSecret=registry-creds",
+        "--set",
+        "schemaRegistry.passwordKey=pw",
+        "--set",
+        "schemaRegistry.caSecret=registry-ca",
+    )
+    registry = connector_config(docs)["schema_registry"]
+    assert registry["password_file"] == "/var/run/secrets/threads-connector-registry/password"
+    assert registry["ca_file"] == "/var/run/secrets/threads-connector-registry-tls/ca.crt"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
+    assert volumes["registry-auth"]["items"] == [{"key": "pw", "path": "password"}]
+    assert volumes["registry-ca"]["secretName"] == "registry-ca"
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    assert mounts["registry-auth"] == "/var/run/secrets/threads-connector-registry"
+    path = tmp_path / "connector.yaml"
+    path.write_text(config_map(docs)["data"]["connector.yaml"])
+    (tmp_path / "pw").write_text("x")
+    settings = load_settings(path)
+    assert settings.input.topics["domain-events"].format == "avro"
+    # without the values: no mounts, no files
+    default = render(*API_KEY_SET)
+    assert "registry-auth" not in {m["name"] for m in container(default)["volumeMounts"]}
+    assert connector_config(default)["schema_registry"] == {"url": None, "username": None}
+
+
+def test_api_proxy_credentials_are_a_mounted_file_named_in_the_config() -> None:
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    api = connector_config(docs)["api"]
+    proxy_dir = "/var/run/secrets/threads-connector-api-proxy"
+    assert api["proxy_url"] == "http://egress-proxy.platform.svc:3128"
+    assert api["proxy_auth_file"] == f"{proxy_dir}/proxy-auth"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["api-proxy-auth"]["secret"]
+    assert volume["secretName"] == "egress-proxy-credentials"
+    assert volume["items"] == [{"key": "user-password", "path": "proxy-auth"}]
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert mounts["api-proxy-auth"] == {
+        "name": "api-proxy-auth",
+        "mountPath": proxy_dir,
+        "readOnly": True,
+    }
+    default = render(*API_KEY_SET)
+    assert "proxy_auth_file" not in connector_config(default)["api"]
+
+
+def test_oauthbearer_client_secret_is_a_mounted_file_and_no_sasl_password() -> None:
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    kafka = connector_config(docs)["kafka"]
+    assert kafka["sasl_mechanism"] == "OAUTHBEARER"
+    secret_dir = "/var/run/secrets/threads-connector"
+    assert kafka["oauth_client_secret_file"] == f"{secret_dir}/oauth-client-secret"
+    assert "sasl_password_file" not in kafka
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    items = {v["name"]: v for v in pod["volumes"]}["secrets"]["secret"]["items"]
+    assert {"key": "oauth-client-secret", "path": "oauth-client-secret"} in items
+    assert not [i for i in items if i["path"] == "sasl-password"]
+    secret = one(docs, "Secret")
+    assert set(secret["data"]) == {"api-key", "oauth-client-secret"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "secrets.oauthClientSecret="), "secrets.oauthClientSecret is required"),
+        (("--set", "keda.enabled=true"), "with OAUTHBEARER use hpa"),
+    ],
+)
+def test_oauthbearer_values_are_checked(args: tuple[str, ...], message: str) -> None:
+    enterprise = ("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    proc = helm("template", "rel", str(CHART), *enterprise, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_tracing_is_off_by_default_and_configured_by_otel_env() -> None:
+    assert connector_config(render(*API_KEY_SET))["tracing"] == {"enabled": False}
+    docs = render("-f", str(CHART / "ci" / "enterprise-values.yaml"))
+    assert connector_config(docs)["tracing"] == {"enabled": True}
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
 def test_a_drain_during_an_outage_is_not_blocked_by_the_budget() -> None:
     """Readiness is red on every pod during an API or Kafka outage: a budget that only
     lets healthy pods go would block a node drain for the whole outage."""

@@ -347,6 +347,38 @@ async def test_promtool_unit_tests_for_alerts(tmp_path: Path) -> None:
                 {"eval_time": "12m", "alertname": "ThreadsConnectorNotReady", "exp_alerts": []},
             ],
         },
+        {  # the schema registry is down from minute 2 to minute 6
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": f"threads_connector_schema_registry_up{{{sel}}}",
+                    "values": "1 1 0 0 0 0 1 1 1",
+                },
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "3m",
+                    "alertname": "ThreadsConnectorSchemaRegistryDown",
+                    "exp_alerts": [],
+                },
+                {
+                    "eval_time": "5m",
+                    "alertname": "ThreadsConnectorSchemaRegistryDown",
+                    "exp_alerts": [
+                        expect(
+                            "ThreadsConnectorSchemaRegistryDown",
+                            {"instance": "10.0.0.1:9000"},
+                            "0",
+                        )
+                    ],
+                },
+                {
+                    "eval_time": "8m",
+                    "alertname": "ThreadsConnectorSchemaRegistryDown",
+                    "exp_alerts": [],
+                },
+            ],
+        },
         {  # a route paused by a run of 404s at minute 2 (a wrong api.base_url): its own
             # alert names app, route and status; the replica's NotReady stays quiet
             "interval": "1m",

@@ -193,6 +193,7 @@ def _record(
         identifier_value=thread_input.identifier_value,
         event_id=request.headers.get(EVENT_ID_HEADER),
         correlation_id=request.headers.get(CORRELATION_ID_HEADER),
+        traceparent=request.headers.get("traceparent"),
         created_at=datetime.now(UTC),
         answered=answered,
     )

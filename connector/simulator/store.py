@@ -34,6 +34,8 @@ class CreatedThread:
     created_at: datetime
     answered: bool = True
     """False when an injected timeout kept the client from hearing of this thread."""
+    traceparent: str | None = None
+    """The W3C ``traceparent`` request header, if any (tracing)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class CreatedThread:
             "identifierValue": self.identifier_value,
             "eventId": self.event_id,
             "correlationId": self.correlation_id,
+            "traceparent": self.traceparent,
             "createdAt": self.created_at.isoformat(),
             "answered": self.answered,
         }

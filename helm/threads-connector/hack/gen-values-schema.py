@@ -34,7 +34,15 @@ EXCLUDED = {
     ("kafka", "ssl_certfile"),  # kafkaTls.clientCertSecret, mounted
     ("kafka", "ssl_keyfile"),  # kafkaTls.clientCertSecret, mounted
     ("api", "ca_file"),  # apiTls.caSecret, mounted
+    ("api", "proxy_auth_file"),  # apiProxy.authSecret, mounted
+    ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret or existingSecret
+    ("kafka", "oauth_client_secret_file"),  # the mounted Secret
     ("delivery", "instance_id"),  # the pod name
+    ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
+    ("schema_registry", "password_file"),
+    ("schema_registry", "bearer_token"),
+    ("schema_registry", "bearer_token_file"),
+    ("schema_registry", "ca_file"),  # schemaRegistry.caSecret, mounted
 }
 DROPPED_KEYWORDS = {"title", "format", "writeOnly", "$defs"}
 
@@ -97,10 +105,20 @@ def config_schema() -> Schema:
         "required": ["security_protocol"],
     }
     kafka["then"] = {
-        "required": ["sasl_mechanism", "sasl_username"],
-        "properties": {
-            "sasl_mechanism": {"type": "string"},
-            "sasl_username": {"type": "string", "minLength": 1},
+        "required": ["sasl_mechanism"],
+        "properties": {"sasl_mechanism": {"type": "string"}},
+        # OAUTHBEARER logs in with an OAuth client; the other mechanisms with a user name
+        "if": {"properties": {"sasl_mechanism": {"const": "OAUTHBEARER"}}},
+        "then": {
+            "required": ["oauth_token_url", "oauth_client_id"],
+            "properties": {
+                "oauth_token_url": {"type": "string", "minLength": 1},
+                "oauth_client_id": {"type": "string", "minLength": 1},
+            },
+        },
+        "else": {
+            "required": ["sasl_username"],
+            "properties": {"sasl_username": {"type": "string", "minLength": 1}},
         },
     }
     port = cfg["properties"]["server"]["properties"]["port"]
@@ -183,9 +201,11 @@ def values_schema() -> Schema:
                     "apiKeyKey": SECRET_KEY,
                     "saslPasswordKey": SECRET_KEY,
                     "sslKeyPasswordKey": SECRET_KEY,
+                    "oauthClientSecretKey": SECRET_KEY,
                     "apiKey": typed("string"),
                     "saslPassword": typed("string"),
                     "sslKeyPassword": typed("string"),
+                    "oauthClientSecret": typed("string"),
                     "rollOnChange": typed("boolean"),
                     "apps": typed(
                         "object",
@@ -202,6 +222,16 @@ def values_schema() -> Schema:
                 }
             ),
             "apiTls": obj({"caSecret": typed("string"), "caKey": SECRET_KEY}),
+            "schemaRegistry": obj(
+                {
+                    "existingSecret": typed("string"),
+                    "passwordKey": typed("string"),
+                    "bearerTokenKey": typed("string"),
+                    "caSecret": typed("string"),
+                    "caKey": SECRET_KEY,
+                }
+            ),
+            "apiProxy": obj({"authSecret": typed("string"), "authKey": SECRET_KEY}),
             "kafkaTls": obj(
                 {
                     "caSecret": typed("string"),

@@ -61,8 +61,11 @@ Where things are mounted in the container.
 {{- define "threads-connector.secretDir" -}}/var/run/secrets/threads-connector{{- end }}
 {{- define "threads-connector.tlsDir" -}}/var/run/secrets/threads-connector-tls{{- end }}
 {{- define "threads-connector.apiTlsDir" -}}/var/run/secrets/threads-connector-api-tls{{- end }}
+{{- define "threads-connector.registryDir" -}}/var/run/secrets/threads-connector-registry{{- end }}
+{{- define "threads-connector.registryTlsDir" -}}/var/run/secrets/threads-connector-registry-tls{{- end }}
 {{- define "threads-connector.clientCertDir" -}}/var/run/secrets/threads-connector-client{{- end }}
 {{- define "threads-connector.appsDir" -}}/var/run/secrets/threads-connector-apps{{- end }}
+{{- define "threads-connector.apiProxyDir" -}}/var/run/secrets/threads-connector-api-proxy{{- end }}
 
 {{/*
 Is the default API key (secrets.apiKey, or secrets.apiKeyKey in secrets.existingSecret)
@@ -78,7 +81,7 @@ Does the connector's Secret volume mount anything (the default key, the SASL pas
 client key's password)? Not with per-app keys only and no SASL.
 */}}
 {{- define "threads-connector.secretVolume" -}}
-{{- if or (include "threads-connector.defaultApiKey" .) (include "threads-connector.saslEnabled" .) .Values.kafkaTls.clientKeyEncrypted }}true{{- end }}
+{{- if or (include "threads-connector.defaultApiKey" .) (include "threads-connector.saslEnabled" .) (include "threads-connector.oauthEnabled" .) .Values.kafkaTls.clientKeyEncrypted }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -104,7 +107,13 @@ The Secret holding the API key and the SASL password.
 
 {{- define "threads-connector.saslEnabled" -}}
 {{- $kafka := .Values.config.kafka | default dict }}
-{{- if $kafka.sasl_mechanism }}true{{- end }}
+{{- if and $kafka.sasl_mechanism (ne $kafka.sasl_mechanism "OAUTHBEARER") }}true{{- end }}
+{{- end }}
+
+{{/* SASL/OAUTHBEARER: a client secret (secrets.oauthClientSecret) instead of a password. */}}
+{{- define "threads-connector.oauthEnabled" -}}
+{{- $kafka := .Values.config.kafka | default dict }}
+{{- if eq ($kafka.sasl_mechanism | default "") "OAUTHBEARER" }}true{{- end }}
 {{- end }}
 
 {{- define "threads-connector.tlsEnabled" -}}
@@ -150,8 +159,27 @@ The rendered connector.yaml: the config values plus the secret file paths and th
 {{- if include "threads-connector.saslEnabled" . }}
 {{- $_ := set $cfg.kafka "sasl_password_file" (printf "%s/sasl-password" (include "threads-connector.secretDir" .)) }}
 {{- end }}
+{{- if include "threads-connector.oauthEnabled" . }}
+{{- $_ := set $cfg.kafka "oauth_client_secret_file" (printf "%s/oauth-client-secret" (include "threads-connector.secretDir" .)) }}
+{{- end }}
 {{- if .Values.apiTls.caSecret }}
 {{- $_ := set $cfg.api "ca_file" (printf "%s/ca.crt" (include "threads-connector.apiTlsDir" .)) }}
+{{- end }}
+{{- $registry := .Values.schemaRegistry | default dict }}
+{{- if or $registry.caSecret (and $registry.existingSecret (or $registry.passwordKey $registry.bearerTokenKey)) }}
+{{- if not (hasKey $cfg "schema_registry") }}{{- $_ := set $cfg "schema_registry" dict }}{{- end }}
+{{- if and $registry.existingSecret $registry.passwordKey }}
+{{- $_ := set $cfg.schema_registry "password_file" (printf "%s/password" (include "threads-connector.registryDir" .)) }}
+{{- end }}
+{{- if and $registry.existingSecret $registry.bearerTokenKey }}
+{{- $_ := set $cfg.schema_registry "bearer_token_file" (printf "%s/bearer-token" (include "threads-connector.registryDir" .)) }}
+{{- end }}
+{{- if $registry.caSecret }}
+{{- $_ := set $cfg.schema_registry "ca_file" (printf "%s/ca.crt" (include "threads-connector.registryTlsDir" .)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.apiProxy.authSecret }}
+{{- $_ := set $cfg.api "proxy_auth_file" (printf "%s/proxy-auth" (include "threads-connector.apiProxyDir" .)) }}
 {{- end }}
 {{- if .Values.kafkaTls.caSecret }}
 {{- $_ := set $cfg.kafka "ssl_cafile" (printf "%s/ca.crt" (include "threads-connector.tlsDir" .)) }}
@@ -199,6 +227,12 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- end }}
 {{- if and (include "threads-connector.saslEnabled" .) (not .Values.secrets.existingSecret) (not .Values.secrets.saslPassword) }}
 {{- $errors = append $errors "secrets.saslPassword is required when config.kafka.sasl_mechanism is set (or name a Secret you manage in secrets.existingSecret)" }}
+{{- end }}
+{{- if and (include "threads-connector.oauthEnabled" .) (not .Values.secrets.existingSecret) (not .Values.secrets.oauthClientSecret) }}
+{{- $errors = append $errors "secrets.oauthClientSecret is required when config.kafka.sasl_mechanism is OAUTHBEARER (or name a Secret you manage in secrets.existingSecret)" }}
+{{- end }}
+{{- if and (include "threads-connector.oauthEnabled" .) .Values.keda.enabled }}
+{{- $errors = append $errors "keda.enabled: the chart's KEDA Kafka trigger logs in with a SASL password; with OAUTHBEARER use hpa (or a TriggerAuthentication of your own)" }}
 {{- end }}
 {{- if and .Values.kafkaTls.clientCertSecret (not (include "threads-connector.tlsEnabled" .)) }}
 {{- $errors = append $errors "kafkaTls.clientCertSecret needs config.kafka.security_protocol SSL or SASL_SSL" }}
