@@ -50,6 +50,10 @@ class PartitionProgress:
         self._stopped: dict[TopicPartitionKey, str] = {}
         self._blocked_since: dict[TopicPartitionKey, tuple[float, int]] = {}  # since, LSO
         self._reported: set[TopicPartitionKey] = set()  # blocked past the time, logged
+        # revoked while blocked: (since, LSO, reported). Back here at the same LSO, it has
+        # been blocked all along: rebalances more often than ``blocked_after_s`` (a rolling
+        # restart, an autoscaler) must not start its time again each time
+        self._parked: dict[TopicPartitionKey, tuple[float, int, bool]] = {}
         self.summary: str | None = None  # why readiness is red, or None
 
     def is_stopped(self, tp: TopicPartitionKey) -> bool:
@@ -65,17 +69,31 @@ class PartitionProgress:
         self, tp: TopicPartitionKey, position: int | None, lso: int | None, high: int | None
     ) -> float:
         """The consumer's position, last stable offset and high watermark of ``tp`` as last
-        fetched; returns the seconds it has been blocked (0: it is not)."""
+        fetched; returns the seconds it has been blocked (0: it is not). ``position`` None
+        with records beyond the LSO: not known now (figures too old, a recovery under way),
+        so the last verdict holds. A partition paused by backpressure is no sign either
+        way: it must not start the time again, or a backlog elsewhere hides it for ever."""
         now = self._clock()
-        blocked = (
-            position is not None
-            and lso is not None
-            and high is not None
-            and position >= lso
-            and high > lso
-        )
+        parked = self._parked.get(tp)
+        if lso is None or high is None:
+            blocked = False  # not fetched yet (a parked time waits for its figures)
+        elif high <= lso:
+            blocked = False
+            self._parked.pop(tp, None)
+        elif position is None:
+            seen = self._blocked_since.get(tp) or (parked[:2] if parked else None)
+            blocked = seen is not None and seen[1] == lso
+        else:
+            blocked = position >= lso
+            if not blocked:
+                self._parked.pop(tp, None)
         seconds = 0.0
         if blocked and lso is not None and high is not None:
+            parked = self._parked.pop(tp, None)
+            if parked is not None and parked[1] == lso and tp not in self._blocked_since:
+                self._blocked_since[tp] = parked[:2]
+                if parked[2]:
+                    self._reported.add(tp)  # said once already: not again
             since, seen_lso = self._blocked_since.get(tp, (now, lso))
             if seen_lso != lso:
                 since = now  # the LSO moved: it progressed, and is blocked again
@@ -107,7 +125,9 @@ class PartitionProgress:
         """Revoked: another replica (or the next session) takes them."""
         for tp in tps:
             self._stopped.pop(tp, None)
-            self._blocked_since.pop(tp, None)
+            blocked = self._blocked_since.pop(tp, None)
+            if blocked is not None:
+                self._parked[tp] = (*blocked, tp in self._reported)
             self._reported.discard(tp)
             for gauge in (self._m.partition_stopped, self._m.partition_blocked):
                 with contextlib.suppress(KeyError):

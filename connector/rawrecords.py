@@ -6,7 +6,8 @@ the partition can never be read past it. ``find_bad_batch`` makes the same check
 bytes of a fetch, in the same order and skipping the same batches (control batches, aborted
 transactions under ``read_committed``), and returns the first batch that fails with every
 record of it: those aiokafka can decode, those it cannot (and why), with the bytes that
-could still be read (``connector.undecodable`` hands them out in its place).
+could still be read (``connector.undecodable`` hands them out in its place), and on request
+the whole batches after it.
 """
 
 from __future__ import annotations
@@ -58,13 +59,18 @@ class _Unreadable(Exception):
 
 
 def find_bad_batch(
-    data: bytes, from_offset: int, aborted: Iterable[tuple[int, int]] = ()
+    data: bytes, from_offset: int, aborted: Iterable[tuple[int, int]] = (), more: int = 0
 ) -> BadBatch | None:
     """The first batch in a fetch response's records (``data``, read from ``from_offset``)
     that aiokafka would fail on, or None. ``aborted``: the response's aborted transactions
-    (producer id, first offset); their batches are skipped, as ``read_committed`` does."""
+    (producer id, first offset); their batches are skipped, as ``read_committed`` does.
+    ``more``: up to that many records of the whole batches after it are read too (good or
+    not), so that a producer writing many undecodable records costs one look each ``more``
+    records rather than one per batch."""
     pending = sorted(aborted, key=lambda entry: entry[1])
     aborted_ids: set[int] = set()
+    found: list[RawRecord] | None = None
+    next_offset = from_offset
     pos = 0
     while pos + LOG_OVERHEAD + 5 <= len(data):
         (length,) = struct.unpack_from(">i", data, pos + 8)
@@ -72,30 +78,47 @@ def find_bad_batch(
         if end > len(data) or length < HEADER.size - LOG_OVERHEAD:
             break  # a partial batch at the end of the response: the next fetch has it
         if data[pos + 16] != 2:
-            pos = end  # the old message formats: not ours to judge (Kafka 4 has none)
+            if found is not None:
+                break  # the old message formats: not ours to judge (Kafka 4 has none)
+            pos = end
             continue
         batch = memoryview(data)[pos:end]
         pos = end
-        found = _check_batch(batch, from_offset, pending, aborted_ids)
-        if found is not None:
-            return found
-    return None
+        read = _check_batch(batch, from_offset, pending, aborted_ids)
+        if found is None:
+            if read.bad:
+                found, next_offset = list(read.records), read.next_offset
+            continue
+        if len(found) + len(read.records) > more:
+            break
+        found += read.records
+        next_offset = read.next_offset
+    return None if found is None else BadBatch(tuple(found), next_offset)
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    records: tuple[RawRecord, ...]  # from the offset asked for on
+    next_offset: int
+    bad: bool  # aiokafka fails on it
 
 
 def _check_batch(
     batch: memoryview, from_offset: int, pending: list[tuple[int, int]], aborted_ids: set[int]
-) -> BadBatch | None:
+) -> _Batch:
     header = HEADER.unpack_from(batch)
     base, crc, attributes, last_delta, first_ts, max_ts, producer_id = (
         header[0], header[4], header[5], header[6], header[7], header[8], header[9]
     )  # fmt: skip
     last = base + last_delta
+    skipped = _Batch((), last + 1, False)
 
-    def whole(problem: str) -> BadBatch:
+    def whole(problem: str) -> _Batch:
         # one record for the batch, at its last offset: a replay from anywhere before the
         # batch's end finds the same coordinates (and its dead-letter mark)
         first = max(base, from_offset)
-        return BadBatch((RawRecord(last, max_ts, problem=problem, first_offset=first),), last + 1)
+        record = RawRecord(last, max_ts, problem=problem, first_offset=first)
+        return _Batch((record,), last + 1, True)
 
     if calc_crc32c(bytes(batch[ATTRIBUTES_AT:])) != crc:
         return whole(f"batch of offsets {base}-{last}: CRC mismatch (corrupt)")
@@ -106,11 +129,11 @@ def _check_batch(
     if control:
         if _is_abort_marker(payload):
             aborted_ids.discard(producer_id)
-        return None
+        return skipped
     if attributes & TRANSACTIONAL and producer_id in aborted_ids:
-        return None
+        return skipped
     if last < from_offset:
-        return None  # read already (the broker starts with the batch holding from_offset)
+        return skipped  # read already (the broker starts with the batch holding from_offset)
     codec = attributes & CODEC_MASK
     if codec:
         decode = CODECS.get(codec)
@@ -135,10 +158,8 @@ def _check_batch(
             break
         records.append(record)
         bad = bad or record.problem is not None
-    if not bad:
-        return None
     wanted = tuple(r for r in records if r.offset >= from_offset)
-    return BadBatch(wanted, last + 1)
+    return _Batch(wanted, last + 1, bad)
 
 
 def _is_abort_marker(payload: bytes) -> bool:

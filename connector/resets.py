@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import IllegalStateError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from connector.config import ConnectorSettings
 from connector.metrics import Metrics
@@ -39,24 +39,42 @@ class PositionResets:
         metrics: Metrics,
         progress: PartitionProgress,
         moved: Moved,
+        epoch: Callable[[], int],
     ) -> None:
-        """``moved``: told each new position (the connector's own next offset)."""
+        """``moved``: told each new position (the connector's own next offset).
+        ``epoch``: moves at each revocation and assignment. A rebalance during a reset's
+        awaits (replicas of a new group starting together) leaves the partition to its
+        next owner, who meets the same error: acting on it raised "not assigned" and ended
+        the session, or stopped a partition that was not ours any more. Likewise an error
+        aiokafka raises, right after a rebalance, for a partition of the assignment before."""
         self._consumer = consumer
         self._settings = settings
         self._m = metrics
         self._progress = progress
         self._moved = moved
+        self._epoch = epoch
 
     async def no_offset(self, error: NoOffsetForPartitionError) -> None:
         tp = error.args[0] if error.args else None
         if not isinstance(tp, TopicPartition):
             raise error
         consumer = self._consumer
-        if self._settings.kafka.auto_offset_reset == "earliest":
-            await consumer.seek_to_beginning(tp)
-        else:
-            await consumer.seek_to_end(tp)
-        self._moved(tp, await consumer.position(tp))
+        if tp not in consumer.assignment():
+            return  # an error of the assignment before (aiokafka may still raise it)
+        epoch = self._epoch()
+        try:
+            if self._settings.kafka.auto_offset_reset == "earliest":
+                await consumer.seek_to_beginning(tp)
+            else:
+                await consumer.seek_to_end(tp)
+            if self._epoch() != epoch:
+                return
+            position = await consumer.position(tp)
+        except (IllegalStateError, AssertionError):
+            if self._epoch() == epoch:
+                raise
+            return  # revoked meanwhile: see __init__
+        self._moved(tp, position)
 
     async def out_of_range(self, error: OffsetOutOfRangeError) -> None:
         positions = error.args[0] if error.args else None
@@ -67,14 +85,23 @@ class PositionResets:
 
     async def _one(self, tp: TopicPartition, offset: int) -> None:
         consumer = self._consumer
+        if tp not in consumer.assignment():
+            return  # an error of the assignment before (aiokafka may still raise it)
         stop = self._settings.kafka.offset_out_of_range == "stop"
         if stop:
             if self._progress.is_stopped((tp.topic, tp.partition)):
                 return  # a fetch already under way when it was paused said it again
             consumer.pause(tp)
         # (a reset seeks: that drops a second error fetched meanwhile for the old offset)
-        start = (await consumer.beginning_offsets([tp]))[tp]
-        end = (await consumer.end_offsets([tp]))[tp]
+        epoch = self._epoch()
+        try:
+            start = (await consumer.beginning_offsets([tp]))[tp]
+            end = (await consumer.end_offsets([tp]))[tp]
+        except (IllegalStateError, AssertionError):
+            if self._epoch() == epoch:
+                raise
+        if self._epoch() != epoch:
+            return  # revoked meanwhile: see __init__
         name = f"{tp.topic}/{tp.partition}"
         if stop:
             why = f"offset {offset} out of range, the log holds {start}-{end}"

@@ -25,7 +25,9 @@ from aiokafka.errors import (
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
+from connector.fencing import require_stable
 from connector.kafka_common import client_kwargs
+from connector.kip447 import GroupMember
 from connector.metrics import Metrics
 from connector.progress import PartitionProgress
 from connector.resets import PositionResets
@@ -36,19 +38,29 @@ log = logging.getLogger(__name__)
 PartitionsHook = Callable[[list[TopicPartitionKey]], Awaitable[None]]
 READER_FETCH_MAX_BYTES = 16 * 1024 * 1024
 READER_BATCH_RECORDS = 2_000
+# a partition's last-fetch figures (LSO, high watermark) older than this are asked for
+# again before they say it is blocked (``watch_progress``)
+FRESH_MS = 5_000
 
 
 class _Listener:
     """aiokafka's rebalance hooks (registered as a virtual ConsumerRebalanceListener)."""
 
-    def __init__(self, on_revoked: PartitionsHook, on_assigned: PartitionsHook) -> None:
+    def __init__(
+        self,
+        on_revoked: PartitionsHook,
+        on_assigned: PartitionsHook,
+        joined: Callable[[], None] = lambda: None,
+    ) -> None:
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
+        self._joined = joined
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self._on_revoked([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._joined()  # before anything of the new assignment can be committed
         await self._on_assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
@@ -82,6 +94,9 @@ class Source:
         self._consumer = AIOKafkaConsumer(
             **client_kwargs(settings),
             group_id=k.group_id,
+            # static membership: aiokafka then sends no LeaveGroup when it stops (the
+            # member is kept for session_timeout_ms, for the replica to come back)
+            group_instance_id=k.static_instance_id(),
             enable_auto_commit=False,
             # no reset inside aiokafka: ``connector.resets`` makes them, loudly
             auto_offset_reset="none",
@@ -93,10 +108,17 @@ class Source:
             max_poll_records=k.fetch_max_records,
             metadata_max_age_ms=k.metadata_max_age_ms,
         )
+        self._exactly_once = settings.delivery.mode is DeliveryMode.EXACTLY_ONCE
+        self._member: GroupMember | None = None
         # the way past records aiokafka cannot decode
         self._guard = FetchGuard(self._consumer)
         self._resets = PositionResets(
-            self._consumer, settings, metrics, self.progress, self._guard.moved
+            self._consumer,
+            settings,
+            metrics,
+            self.progress,
+            self._guard.moved,
+            lambda: self._guard.epoch,
         )
 
         async def revoked(tps: list[TopicPartitionKey]) -> None:
@@ -108,10 +130,12 @@ class Source:
             self._guard.forget(_tp(t) for t in tps)
             await on_assigned(tps)
 
-        self._listener = _Listener(revoked, assigned)
+        self._listener = _Listener(revoked, assigned, self._joined)
 
     async def start(self) -> None:
         await self._consumer.start()
+        if self._exactly_once:  # before the first assignment (``subscribe``)
+            require_stable(self._consumer)
         self._consumer.subscribe(list(self._settings.kafka.input_topics), listener=self._listener)
 
     async def stop(self) -> None:
@@ -120,6 +144,19 @@ class Source:
     @property
     def group_id(self) -> str:
         return self._settings.kafka.group_id
+
+    def member(self) -> GroupMember | None:
+        """Who we were in the group when given the current assignment (``fencing``): the
+        transactional offsets are committed as this member."""
+        return self._member
+
+    def _joined(self) -> None:
+        coordinator = self._consumer._coordinator  # aiokafka has no public accessor
+        self._member = GroupMember(
+            coordinator.generation,
+            coordinator.member_id,
+            self._settings.kafka.static_instance_id(),
+        )
 
     async def fetch(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
         """At most ``kafka.fetch_max_records`` records, and at most ``max_records``."""
@@ -183,20 +220,45 @@ class Source:
         return int(value) if value is not None else None
 
     async def watch_progress(self) -> None:
-        """Tell ``progress`` each assigned partition's position, last stable offset and
-        high watermark as last fetched. A paused partition is not fetched (its figures are
-        stale): it counts as progressing."""
+        """Tell ``progress`` each assigned partition's position, last stable offset (LSO)
+        and high watermark. Being paused is no verdict: backpressure keeps every partition
+        paused most of the time while another one has a backlog, and aiokafka then fetches
+        none of them. So where the last fetch's figures are older than ``FRESH_MS`` and
+        show records beyond the LSO, the LSO is asked for again (a ``read_committed``
+        ListOffsets): the same LSO with the position at it is still blocked, a new one is
+        not (the high watermark only grows). Not known (the request failed): the last
+        verdict holds."""
         consumer = self._consumer
-        paused = consumer.paused()
+        epoch = self._guard.epoch  # a rebalance during an await: its figures are gone
+        now_ms = time.time() * 1000
+        figures: dict[TopicPartition, tuple[int | None, int | None]] = {}
+        stale: list[TopicPartition] = []
         for tp in list(consumer.assignment()):
-            key = (tp.topic, tp.partition)
             try:
                 lso, high = consumer.last_stable_offset(tp), consumer.highwater(tp)
+                fetched_ms = consumer.last_poll_timestamp(tp)
             except (AssertionError, IllegalStateError):
                 continue  # revoked meanwhile
+            figures[tp] = (lso, high)
+            old = fetched_ms is None or now_ms - fetched_ms > FRESH_MS
+            if old and lso is not None and high is not None and high > lso:
+                stale.append(tp)
+        unknown: set[TopicPartition] = set()
+        if stale:
+            try:
+                lsos = await asyncio.wait_for(consumer.end_offsets(stale), FRESH_MS / 1000)
+            except (KafkaError, TimeoutError, AssertionError):
+                unknown.update(stale)
+            else:
+                for tp, lso in lsos.items():
+                    figures[tp] = (lso, figures[tp][1])
+        for tp, (lso, high) in figures.items():
+            key = (tp.topic, tp.partition)
             position = None
-            if tp not in paused and lso is not None and high is not None and high > lso:
-                position = await self.position(key)  # known: the partition was fetched
+            if tp not in unknown and lso is not None and high is not None and high > lso:
+                position = await self.position(key)
+            if self._guard.epoch != epoch:
+                return  # revoked meanwhile: observed, it would be named as ours again
             self.progress.observe(key, position, lso, high)
 
     async def position(self, tp: TopicPartitionKey, timeout_s: float = 2.0) -> int | None:

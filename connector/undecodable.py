@@ -14,7 +14,9 @@ last record handed out) and, on such an error:
 4. fetches that batch's bytes itself and reads them record by record
    (``connector.rawrecords``): its good records are handed out as usual, the undecodable
    ones as records marked ``undecodable`` (the pipeline dead-letters them by their
-   coordinates, code ``undecodable_record``), and the partition goes on after the batch.
+   coordinates, code ``undecodable_record``), with the whole batches after it in those
+   bytes as far as the fetch's room goes (a producer that writes bad records writes many:
+   one look for all of them, not one per batch); the partition goes on after the last.
 
 aiokafka decodes a whole batch on each attempt, so a batch with one bad record can only be
 read past, not into: that is why the rest of it is handed out from our own reading.
@@ -33,6 +35,7 @@ import cramjam
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
+    IllegalStateError,
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
     UnsupportedCodecError,
@@ -89,6 +92,10 @@ def raw_input_record(tp: TopicPartition, raw: RawRecord) -> InputRecord:
     )
 
 
+class _Rebalanced(Exception):
+    """A rebalance began during the recovery: what it read belongs to the old assignment."""
+
+
 class FetchGuard:
     """The connector's own next offset per partition, and the recovery described above."""
 
@@ -96,6 +103,8 @@ class FetchGuard:
         self._consumer = consumer
         self._next: dict[TopicPartition, int] = {}
         self._not_found: dict[TopicPartition, int] = {}
+        self._epoch = 0  # counts revocations and assignments (``forget``)
+        self._first: TopicPartition | None = None  # where the next recovery starts
         # while recovering, the consumer's positions are not the connector's (records
         # drained in the failed call are not handed out yet): nobody may act on them
         self.busy = False
@@ -106,12 +115,19 @@ class FetchGuard:
             if msgs:
                 self._next[tp] = msgs[-1].offset + 1
 
+    @property
+    def epoch(self) -> int:
+        """Moves at each revocation and assignment: work that awaited across a change of
+        it holds positions of an assignment that is gone."""
+        return self._epoch
+
     def moved(self, tp: TopicPartition, offset: int) -> None:
         """The connector moved the position itself (a reset, a seek)."""
         self._next[tp] = offset
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Revoked or newly assigned: the position comes from the committed offset."""
+        self._epoch += 1
         for tp in tps:
             self._next.pop(tp, None)
             self._not_found.pop(tp, None)
@@ -120,36 +136,62 @@ class FetchGuard:
         """After ``getmany`` raised ``error`` (one of UNDECODABLE): at most about ``limit``
         records, the undecodable ones among them marked."""
         self.busy = True
+        epoch = self._epoch
         try:
             return await self._recover(error, limit)
+        except (_Rebalanced, AssertionError, IllegalStateError):
+            if self._epoch == epoch:
+                raise  # not a rebalance's doing
+            # records read so far are of the old assignment, none handed out: each
+            # partition's owner fetches them again from the committed offset
+            log.info("a rebalance during the recovery; its partitions are read again")
+            return []
         finally:
             self.busy = False
 
+    def _same_assignment(self, epoch: int) -> None:
+        if self._epoch != epoch:
+            raise _Rebalanced
+
     async def _recover(self, error: BaseException, limit: int) -> list[InputRecord]:
         consumer = self._consumer
+        epoch = self._epoch
         paused = consumer.paused()
         fetchable = sorted(
             (tp for tp in consumer.assignment() if tp not in paused),
             key=lambda tp: (tp.topic, tp.partition),
         )
-        log.warning(
+        # from where the last recovery ran out of room: with a small room (a buffer nearly
+        # full) and a backlog on the first partitions, starting from the first each time
+        # never reached a culprit further on, and every fetch was a recovery until the
+        # backlog was gone
+        first = self._first
+        if first in fetchable:
+            at = fetchable.index(first)
+            fetchable = fetchable[at:] + fetchable[:at]
+        self._first = None
+        log.info(
             "a fetched record cannot be decoded (%s: %s); reading the %d partitions one by one",
             type(error).__name__, error, len(fetchable),
         )  # fmt: skip
         for tp in fetchable:
+            self._same_assignment(epoch)
             await self._rewind(tp)
         out: list[InputRecord] = []
         deadline = time.monotonic() + WAIT_S
         for tp in fetchable:
             room = limit - len(out)
             if room <= 0:
-                break  # the next fetch goes on; a culprit not reached yet raises again
+                self._first = tp  # a culprit not reached yet raises again: start here
+                break
+            self._same_assignment(epoch)
             try:
                 out += await self._get(tp, room, deadline - time.monotonic())
             except UNDECODABLE:
-                out += await self._isolate(tp, room)
+                out += await self._isolate(tp, room, epoch)
             except (NoOffsetForPartitionError, OffsetOutOfRangeError):
                 continue  # raised again by the next fetch, where ``connector.resets`` acts
+        self._same_assignment(epoch)
         return out
 
     async def _rewind(self, tp: TopicPartition) -> None:
@@ -174,9 +216,10 @@ class FetchGuard:
         self.note(batches)
         return [input_record(m) for msgs in batches.values() for m in msgs]
 
-    async def _isolate(self, tp: TopicPartition, room: int) -> list[InputRecord]:
+    async def _isolate(self, tp: TopicPartition, room: int, epoch: int) -> list[InputRecord]:
         out: list[InputRecord] = []
         while len(out) < room:  # aiokafka's own records before the batch it fails on
+            self._same_assignment(epoch)
             try:
                 got = await self._get(tp, 1, WAIT_S)
             except UNDECODABLE:
@@ -186,8 +229,10 @@ class FetchGuard:
             out += got
         else:
             return out
+        self._same_assignment(epoch)
         position = await self._consumer.position(tp)
-        bad = await self._bad_batch(tp, position)
+        bad = await self._bad_batch(tp, position, room - len(out))
+        self._same_assignment(epoch)
         if bad is None:
             count = self._not_found[tp] = self._not_found.get(tp, 0) + 1
             if count >= NOT_FOUND_LIMIT:
@@ -203,15 +248,17 @@ class FetchGuard:
         self._next[tp] = after
         bad_ones = [r for r in records if r.problem is not None]
         log.warning(
-            "%s/%d: %d record(s) the Kafka client cannot decode at offsets %s, dead-lettered; "
-            "the partition goes on at offset %d",
+            "%s/%d: %d record(s) the Kafka client cannot decode at offsets %s%s, "
+            "dead-lettered; the partition goes on at offset %d",
             tp.topic, tp.partition, len(bad_ones),
-            ", ".join(str(r.offset) for r in bad_ones[:10]), after,
+            ", ".join(str(r.offset) for r in bad_ones[:10]),
+            " …" if len(bad_ones) > 10 else "", after,
         )  # fmt: skip
         return out + [raw_input_record(tp, r) for r in records]
 
-    async def _bad_batch(self, tp: TopicPartition, offset: int) -> BadBatch | None:
-        """Fetch ``tp`` from ``offset`` ourselves and read the bytes (read_committed)."""
+    async def _bad_batch(self, tp: TopicPartition, offset: int, more: int) -> BadBatch | None:
+        """Fetch ``tp`` from ``offset`` ourselves and read the bytes (read_committed): the
+        first bad batch, and up to ``more`` records of the whole batches after it."""
         client = self._consumer._client
         node = client.cluster.leader_for_partition(tp)
         if node is None or node < 0:
@@ -232,5 +279,5 @@ class FetchGuard:
                 if error_code != 0:
                     raise for_code(error_code)(f"raw fetch of {tp.topic}/{tp.partition}")
                 aborted = data[2] if response.API_VERSION >= 11 else data[-2]
-                return find_bad_batch(data[-1] or b"", offset, aborted or ())
+                return find_bad_batch(data[-1] or b"", offset, aborted or (), more)
         return None

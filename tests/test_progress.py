@@ -71,3 +71,35 @@ def test_many_partitions_are_counted_not_all_named() -> None:
     for p in range(8):
         progress.stop(("in", p), "out of range")
     assert progress.summary is not None and "and 3 more" in progress.summary
+
+
+def test_an_unknown_position_holds_the_last_verdict() -> None:
+    """Figures not known now (a recovery under way, a failed look-up) neither start the
+    time nor start it again: a partition blocked stays blocked, one progressing stays so."""
+    progress, clock, _ = make()
+    assert progress.observe(TP, position=None, lso=50, high=61) == 0  # never seen blocked
+    assert progress.observe(TP, position=50, lso=50, high=61) == 0
+    clock.now += 20
+    assert progress.observe(TP, position=None, lso=50, high=61) == 20
+    clock.now += 20
+    assert progress.observe(TP, position=None, lso=50, high=61) == 40
+    assert progress.summary is not None and "in/0" in progress.summary
+    assert progress.observe(TP, position=None, lso=61, high=61) == 0  # readable now
+    assert progress.summary is None
+
+
+def test_back_after_a_rebalance_at_the_same_stable_offset_it_was_blocked_all_along() -> None:
+    """Rebalances more often than the time (a rolling restart) that leave the partition
+    here: its time goes on, and it is said once; at another LSO it starts again."""
+    progress, clock, _ = make()
+    assert progress.observe(TP, position=50, lso=50, high=61) == 0
+    for _ in range(4):
+        clock.now += 10
+        progress.forget([TP])
+        assert progress.observe(TP, position=None, lso=None, high=None) == 0  # not fetched
+        assert progress.observe(TP, position=50, lso=50, high=61) == clock.now - 100
+    assert progress.summary is not None and "in/0" in progress.summary
+    progress.forget([TP])
+    assert progress.summary is None  # not ours meanwhile
+    clock.now += 10
+    assert progress.observe(TP, position=61, lso=61, high=70) == 0  # moved on: again

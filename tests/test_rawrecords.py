@@ -151,3 +151,44 @@ def test_an_aborted_transaction_is_skipped_as_read_committed_does() -> None:
 def test_a_partial_batch_at_the_end_is_left_for_the_next_fetch() -> None:
     data = batch([rec("a")]) + batch([rec("bad", [(BAD, b"")])], base_offset=1)[:-5]
     assert find_bad_batch(data, 0) is None
+
+
+def aiokafka_records(data: bytes) -> list[tuple[int, int, bytes | None, bytes | None, tuple]]:
+    out = []
+    records = MemoryRecords(data)
+    while records.has_next():
+        for r in records.next_batch():
+            out.append((r.offset, r.timestamp, r.key, r.value, tuple(r.headers)))
+    return out
+
+
+def test_more_reads_the_whole_batches_after_the_bad_one_as_aiokafka_would() -> None:
+    """A producer that writes many bad records: the batches after the first bad one are
+    read in the same look (good ones as aiokafka reads them), whole batches only, up to
+    ``more`` records; aborted transactions are skipped there too."""
+    good_plain = batch([rec("g1", [(b"h", b"1")]), rec("g2")], base_offset=2)
+    good_gzip = gzipped(batch([rec("g3"), rec("g4")], base_offset=5))
+    data = (
+        batch([rec("bad-0", [(BAD, b"")])], base_offset=0)
+        + batch([rec("bad-1", [(BAD, b"")])], base_offset=1)
+        + good_plain
+        + batch([rec("aborted", [(BAD, b"")])], base_offset=4, producer_id=9)
+        + good_gzip
+        + batch([rec("bad-7", [(BAD, b"")])], base_offset=7)
+    )
+    found = find_bad_batch(data, 0, [(9, 4)], more=100)
+    assert found is not None
+    assert found.next_offset == 8
+    assert [(r.offset, r.problem is None) for r in found.records] == [
+        (0, False), (1, False), (2, True), (3, True), (5, True), (6, True), (7, False),
+    ]  # fmt: skip
+    by_offset = {r.offset: r for r in found.records}
+    for offset, timestamp, key, value, headers in aiokafka_records(good_plain + good_gzip):
+        mine = by_offset[offset]
+        assert (mine.timestamp_ms, mine.key, mine.value) == (timestamp, key, value)
+        assert tuple((n.decode(), v) for n, v in mine.headers) == headers
+    # whole batches only, up to ``more`` records: the first bad batch and the next one
+    found = find_bad_batch(data, 0, [(9, 4)], more=2)
+    assert found is not None
+    assert ([r.offset for r in found.records], found.next_offset) == ([0, 1], 2)
+    assert find_bad_batch(data, 0, [(9, 4)]).next_offset == 1  # type: ignore[union-attr]
