@@ -148,7 +148,8 @@ class Connector:
             return False, changelog
         paused = self.apps.pause_reason()
         if paused is not None:
-            if self._fetch_paused:  # the waiting events' offsets hold every later one
+            session = self.session  # the fetch loop's state lives in the Session
+            if session is not None and session._fetch_paused:  # waiting events hold the rest
                 paused += (
                     "; every partition stopped fetching: delivery.max_buffered_events "
                     f"({self.settings.delivery.max_buffered_events}) fetched events wait "
