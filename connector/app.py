@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -27,7 +28,7 @@ from connector.apps import Apps
 from connector.changelog_watch import ChangelogWatch
 from connector.config import ConnectorSettings
 from connector.dedup import Clock, DedupWindow
-from connector.errors import FencedError
+from connector.errors import FencedError, TopicError
 from connector.exposure import Exposure
 from connector.formats import Parser
 from connector.health import HealthServer
@@ -44,6 +45,7 @@ from connector.progress import PartitionProgress
 from connector.registry import SchemaRegistry
 from connector.routing import Router
 from connector.session import Session, cancel
+from connector.startup_checks import StartupChecks
 from connector.topics import TopicManager
 from connector.tracing import TRACING
 
@@ -67,6 +69,7 @@ class Connector:
         self.metrics = metrics or Metrics()
         self.router = Router(settings.routes)
         self.apps = Apps(settings, self.metrics)  # one call policy per app (connector.apps)
+        self.checks = StartupChecks(settings, self.apps)  # check-config --online's, at start
         # records to events by their topic's format; the registry only if a format needs it
         self.registry = (
             SchemaRegistry(settings.schema_registry, self.metrics)
@@ -110,6 +113,7 @@ class Connector:
         # why Kafka cannot be used right now (None: no known problem); read by /readyz
         self.kafka_problem: str | None = None
         self.kafka_attempts = 0  # consecutive failed attempts to start / to keep a session
+        self.kafka_category = "kafka"  # kafka_problem's readiness category ("topic_missing")
         # set by the reachability probe while a session runs: aiokafka retries a lost broker
         # quietly for ever, and an idle pipeline's commit cycles need no broker
         self.kafka_unreachable: str | None = None
@@ -118,6 +122,7 @@ class Connector:
         self.outputs_missing: list[str] | None = None
         # the dedup changelogs' configuration, re-checked while running
         self.changelogs = ChangelogWatch(settings, lambda: self.input_partitions)
+        self.metrics.init_not_ready(lambda: self._not_ready()[0])
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -135,43 +140,55 @@ class Connector:
     # Called from the health server's own thread: read simple attributes only.
 
     def _ready(self) -> tuple[bool, str]:
+        category, reason = self._not_ready()
+        return category is None, reason
+
+    def _not_ready(self) -> tuple[str | None, str]:
+        """``(category, reason)``: the category (None when ready) is one of
+        ``metrics.NOT_READY_REASONS``, the ``not_ready{reason}`` gauge's bounded label."""
         lost = self.kafka_unreachable
         if lost is not None:
-            return False, f"kafka: {lost} (probed every {self.settings.kafka.probe_interval_s:g}s)"
+            interval = self.settings.kafka.probe_interval_s
+            return "kafka", f"kafka: {lost} (probed every {interval:g}s)"
+        failed = self.checks.reason()  # a missing ACL: says more than the failure it causes
+        if failed is not None:
+            return failed
         problem = self.kafka_problem
         if problem is not None and not self._joined:
-            return False, f"kafka: {problem} (attempt {self.kafka_attempts}, retrying)"
+            attempt = f"(attempt {self.kafka_attempts}, retrying)"
+            return self.kafka_category, f"kafka: {problem} {attempt}"
+        paused = self.apps.pause()  # before joining too: the start-up probe's pauses
+        if paused is not None:
+            session = self.session
+            if session is not None and session.fetch_paused:  # they hold every later offset
+                category, reason = paused
+                return category, (
+                    f"{reason}; every partition stopped fetching: "
+                    f"delivery.max_buffered_events ({self.settings.delivery.max_buffered_events})"
+                    " fetched events wait behind the paused ones, other routes included"
+                )
+            return paused
         if not self._joined:
-            return False, "not in the consumer group yet"
+            return "joining", "not in the consumer group yet"
         changelog = self.changelogs.problem
         if changelog is not None:
-            return False, changelog
-        paused = self.apps.pause_reason()
-        if paused is not None:
-            session = self.session  # the fetch loop's state lives in the Session
-            if session is not None and session._fetch_paused:  # waiting events hold the rest
-                paused += (
-                    "; every partition stopped fetching: delivery.max_buffered_events "
-                    f"({self.settings.delivery.max_buffered_events}) fetched events wait "
-                    "behind the paused ones, other routes included"
-                )
-            return False, paused
+            return "changelog", changelog
         registry = self.registry
         if registry is not None and registry.problem is not None:
-            return False, registry.problem
+            return "registry", registry.problem
         if self.outputs_missing:
-            return False, (
+            return "topic_missing", (
                 f"kafka: output topic(s) {', '.join(self.outputs_missing)} do not exist; "
                 f"commit cycles wait for them"
             )
         stuck = self.progress.summary
         if stuck is not None:
-            return False, stuck
+            return "partition_blocked", stuck
         age = time.monotonic() - self._last_commit_ok
         if age > max(60.0, self.settings.kafka.session_timeout_ms / 1000 * 2):
-            return False, f"no successful commit cycle for {age:.0f}s"
+            return "commit_stalled", f"no successful commit cycle for {age:.0f}s"
         assigned = self.session.assigned if self.session is not None else []
-        return True, f"{len(assigned)} partitions assigned"
+        return None, f"{len(assigned)} partitions assigned"
 
     # -- run ----------------------------------------------------------------------------
 
@@ -208,6 +225,8 @@ class Connector:
                 TRACING.start(s.tracing.service_name)
                 stack.callback(TRACING.shutdown)  # flushes the last spans
             self.apps.start(stack)  # each app's HTTP client and caller
+            if s.api.startup_probe:  # before any event: a wrong path or key pauses its app
+                self._background(stack, self.checks.probe_api(stop))
             if self.registry is not None:
                 stack.push_async_callback(self.registry.close)
             aiokafka_log = logging.getLogger("aiokafka")
@@ -227,11 +246,11 @@ class Connector:
                 },
             )
             self.started.set()
-            probe = asyncio.create_task(self._probe_kafka(stop))
-            stack.push_async_callback(cancel, probe)
+            self._background(stack, self._probe_kafka(stop))
+            if s.kafka.startup_checks:  # the permissions (missing ACLs) named by /readyz
+                self._background(stack, self.checks.check_kafka(stop))
             if s.dedup.store == "changelog":
-                watch = asyncio.create_task(self.changelogs.run(stop))
-                stack.push_async_callback(cancel, watch)
+                self._background(stack, self.changelogs.run(stop))
             while not stop.is_set():
                 self.sessions += 1
                 self.session = Session(self)
@@ -248,6 +267,12 @@ class Connector:
                     self._joined = False
                     await self._kafka_failed("session", exc, stop)
         log.info("connector stopped")
+
+    @staticmethod
+    def _background(stack: AsyncExitStack, work: Awaitable[None]) -> None:
+        """Run ``work`` until it ends or the connector stops (cancelled with ``stack``)."""
+        task = asyncio.ensure_future(work)
+        stack.push_async_callback(cancel, task)
 
     async def _probe_kafka(self, stop: asyncio.Event) -> None:
         """Open a connection to the bootstrap servers every ``kafka.probe_interval_s``
@@ -306,6 +331,9 @@ class Connector:
             cause = await diagnose(self.settings) or cause  # aiokafka only logged the cause
         self.kafka_attempts += 1
         self.kafka_problem = cause
+        # a topic the connector may not create (an input, or create_topics false), an
+        # unsound one, a changelog that breaks its contract
+        self.kafka_category = exc.category if isinstance(exc, TopicError) else "kafka"
         k = self.settings.kafka
         delay = min(k.retry_max_s, k.retry_initial_s * 2 ** min(self.kafka_attempts - 1, 30))
         delay *= 0.8 + 0.4 * random.random()

@@ -199,12 +199,20 @@ class Apps:
 
     def pause_reason(self) -> str | None:
         """Which apps' calls are paused, and why (None: none is): for /readyz."""
-        reasons = [
-            f"app {app}: {reason}"
+        paused = self.pause()
+        return paused[1] if paused is not None else None
+
+    def pause(self) -> tuple[str, str] | None:
+        """``(category, reason)``: the first paused app's category, every paused app's
+        reason (None: none is paused)."""
+        paused = [
+            (pause[0], f"app {app}: {pause[1]}")
             for app, policy in self.policies.items()
-            if policy.caller is not None and (reason := policy.caller.pause_reason()) is not None
+            if policy.caller is not None and (pause := policy.caller.pause()) is not None
         ]
-        return "; ".join(reasons) or None
+        if not paused:
+            return None
+        return paused[0][0], "; ".join(reason for _category, reason in paused)
 
     # -- the group's rate, per app ----------------------------------------------------------
 

@@ -37,7 +37,7 @@ from connector.errors import (
     Stage,
 )
 from connector.events import ThreadCreated
-from connector.gates import AuthGate, CircuitBreaker, Gate
+from connector.gates import AuthGate, CircuitBreaker, Gate, StartupGate
 from connector.metrics import AppMetrics, Metrics
 from connector.ratelimit import AdaptiveRate, TokenBucket
 from connector.routing import ThreadRequest
@@ -100,11 +100,13 @@ class ThreadCaller:
         breaker: CircuitBreaker | None = None,
         stop_gate: StopGate | None = None,
         probe: Probe | None = None,
+        startup_gate: StartupGate | None = None,
     ) -> None:
         """``stop_gate``: shared by the apps (``api.on_error: stop`` stops every call);
         none given, the caller makes its own in that mode. ``probe``: a request of the
         app's that cannot create a thread, its status (``ThreadsClient.probe``): proves
-        the app's path and key while events answered with a 4xx wait for that proof."""
+        the app's path and key while events answered with a 4xx wait for that proof.
+        ``startup_gate``: closed by the start-up probe (``connector.startup_checks``)."""
         self._attempt = attempt
         self._settings = settings
         self._bucket = bucket
@@ -131,6 +133,7 @@ class ThreadCaller:
             else None
         )
         self.stop_gate = stop_gate or (StopGate() if settings.on_error == "stop" else None)
+        self.startup_gate = startup_gate or StartupGate()
         self.in_flight = 0
         systemic = self.systemic
         self._metrics.calls_held.set_function(lambda: systemic.held if systemic else 0)
@@ -140,18 +143,48 @@ class ThreadCaller:
 
     def pause_reason(self) -> str | None:
         """Why calls are paused for longer than readiness allows, or None."""
+        paused = self.pause()
+        return paused[1] if paused is not None else None
+
+    def pause(self) -> tuple[str, str] | None:
+        """``(category, reason)`` of ``pause_reason``; the category is one of
+        ``metrics.NOT_READY_REASONS`` (a bounded label)."""
         if self.stop_gate is not None and not self.stop_gate.is_open:
-            return self.stop_gate.reason
+            return "api_stopped", self.stop_gate.reason
+        if not self.startup_gate.is_open:
+            return "api_path", f"paused: {self.startup_gate.reason}"
         if not self.auth_gate.is_open:
-            return f"paused: {self.auth_gate.reason}"
+            return "api_key", f"paused: {self.auth_gate.reason}"
         if not self.breaker.is_open:
-            return f"paused: {self.breaker.reason}"
+            return "api_unreachable", f"paused: {self.breaker.reason}"
         left = self._bucket.pause_remaining_s()
         if left > self._settings.max_pause_ready_s:
-            return f"paused {left:.0f}s more: the Threads API asked to wait (Retry-After)"
+            return "api_throttled", (
+                f"paused {left:.0f}s more: the Threads API asked to wait (Retry-After)"
+            )
         if self.systemic is not None and (paused := self.systemic.paused()):
-            return "; ".join(gate.reason for gate in paused)
+            return "route_paused", "; ".join(gate.reason for gate in paused)
         return None
+
+    # -- the start-up probe's verdicts (connector.startup_checks) ------------------------
+
+    def probe_refused(self, status: int, reason: str) -> None:
+        """The start-up probe was answered ``status``: 401/403 close the auth gate (as a
+        call's would), 404/405 the start-up gate. Calls wait; nothing is dead-lettered."""
+        if status in (401, 403):
+            self._auth_refused(None, AuthError(reason, status=status))
+        elif self.startup_gate.fail(False, f"start-up probe: {reason}"):
+            log.error(
+                "start-up probe: %s: calls paused until it passes",
+                reason,
+                extra={"app": self._metrics.app, "status": status},
+            )
+
+    def probe_accepted(self) -> None:
+        """The start-up probe proves the path and the key: open both gates."""
+        if self.startup_gate.succeed(False):
+            log.warning("app %s: the start-up probe passes: calls resumed", self._metrics.app)
+        self._key_accepted(None)
 
     async def call(
         self,
@@ -305,7 +338,7 @@ class ThreadCaller:
 
     async def _pass_gates(self, route: RouteGate | None = None) -> Gate | None:
         """Wait until every gate is open, or this caller is the probe of a closed one."""
-        gates: tuple[Gate, ...] = (self.auth_gate, self.breaker)
+        gates: tuple[Gate, ...] = (self.startup_gate, self.auth_gate, self.breaker)
         if self.stop_gate is not None:
             gates = (self.stop_gate, *gates)
         if route is not None:
@@ -390,11 +423,14 @@ class ThreadCaller:
     def _answered(self, probe: Gate | None, *, breaker: bool = True) -> None:
         """The API answered (not 401/403): the key is good; with ``breaker`` the API is
         reachable too (an answer without a status, e.g. a timeout, says nothing of it)."""
+        self._key_accepted(probe)
+        self._breaker_settle(probe, ok=True if breaker else None)
+
+    def _key_accepted(self, probe: Gate | None) -> None:
         if self.auth_gate.succeed(probe is self.auth_gate):
             self._metrics.auth_paused.set(0)
             self._metrics.api_key_invalid.set(0)
             log.warning("Threads API accepts the API key again: calls resumed")
-        self._breaker_settle(probe, ok=True if breaker else None)
 
     def _breaker_settle(self, probe: Gate | None, *, ok: bool | None) -> None:
         if ok and self.breaker.succeed(probe is self.breaker):

@@ -129,6 +129,14 @@ class KafkaSettings(_Frozen):
     retry_initial_s: float = Field(default=1.0, gt=0, description="after a Kafka failure")
     retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
     probe_interval_s: float = Field(default=10.0, gt=0, description="reachability probe")
+    startup_checks: bool = Field(
+        default=True,
+        description="run checks the group's, the input topics' and the transactional ids' "
+        "permissions once the topics are ready; a missing ACL turns readiness red, naming it",
+    )
+    permission_recheck_s: float = Field(
+        default=60.0, gt=0, description="a failed start-up check is run again this often"
+    )
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
     group_instance_id: str | None = Field(
         default=None,
@@ -389,6 +397,14 @@ class ApiSettings(_Frozen):
     )
     pause_probe_interval_s: float = Field(
         default=30.0, gt=0, description="a paused route's probe, with one of its events"
+    )
+    startup_probe: bool = Field(
+        default=True,
+        description="at start, each app's path and key are probed by a request that cannot "
+        "create a thread; 401/403/404/405 pause the app's calls, readiness naming it",
+    )
+    startup_probe_interval_s: float = Field(
+        default=30.0, gt=0, description="a refused start-up probe is sent again this often"
     )
     apps: dict[str, AppSettings] = Field(
         default_factory=dict,

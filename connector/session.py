@@ -80,6 +80,11 @@ class Session:
     def assigned(self) -> list[TopicPartitionKey]:
         return self._assigned
 
+    @property
+    def fetch_paused(self) -> bool:
+        """Fetching is paused for every partition: the buffer is full."""
+        return self._fetch_paused
+
     def _dedup_store(self) -> DedupStore:
         s = self._c.settings
         if s.dedup.store == "memory":
