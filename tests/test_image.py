@@ -19,6 +19,7 @@ it). Needs root (buildah's chroot isolation) and, for the ConfigMap, helm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -259,8 +260,7 @@ async def test_connector_in_the_image_end_to_end(
             try:
                 await wait_ready(port, proc)
             except (AssertionError, TimeoutError) as exc:  # the connector's log says why
-                proc.kill()
-                await proc.wait()
+                await kill(proc)
                 log = (await output).decode(errors="replace")
                 raise AssertionError(f"{exc}; its output:\n{log[-5000:]}") from exc
             connector_pid = leaf_process(proc.pid)
@@ -279,8 +279,7 @@ async def test_connector_in_the_image_end_to_end(
             code = await asyncio.wait_for(proc.wait(), 60)
         finally:
             if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+                await kill(proc)
         log = (await output).decode(errors="replace")
         assert code == 0, log[-5000:]
         assert sim.store.count_by_event_id() == {f"img-{i}": 1 for i in range(n)}
@@ -365,6 +364,28 @@ def leaf_process(pid: int) -> int:
     while tree.get(pid):
         (pid,) = tree[pid]
     return pid
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid``, children before their own children."""
+    tree = children()
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        below = tree.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    """``buildah run`` and what it started: killed alone, buildah leaves its chroot helper
+    and the connector running, reparented to init."""
+    for pid in reversed(descendants(proc.pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    await proc.wait()
 
 
 def process_ids(pid: int) -> tuple[int, int]:
