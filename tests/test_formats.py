@@ -112,6 +112,32 @@ def test_avro_logical_types_come_out_as_json_would_give_them() -> None:
         decode(payload + b"\x00\x00")
 
 
+@pytest.mark.parametrize(
+    ("amount", "text"),
+    [
+        (Decimal("0.00000001"), "0.00000001"),
+        (Decimal("0E-8"), "0.00000000"),
+        (Decimal("-0.00000250"), "-0.00000250"),
+        (Decimal("123456789012.00000000"), "123456789012.00000000"),
+    ],
+)
+def test_avro_decimals_are_plain_text_never_exponent_notation(amount: Decimal, text: str) -> None:
+    """A decimal of scale 8 (a crypto or FX amount) under 1e-6, or zero, came out as
+    ``"1E-8"`` / ``"0E-8"``: Python's str() of a Decimal, not the number as written."""
+    schema = {
+        "type": "record",
+        "name": "Amount",
+        "fields": [
+            {
+                "name": "amount",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 20, "scale": 8},
+            }
+        ],
+    }
+    decode = build_decoder(RegisteredSchema(1, "AVRO", orjson.dumps(schema).decode()))
+    assert decode(avro_bytes(schema, {"amount": amount})) == {"amount": text}
+
+
 def test_avro_reference_resolves_a_named_type() -> None:
     user = {
         "type": "record",
