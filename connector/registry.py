@@ -103,6 +103,7 @@ class SchemaRegistry:
         self._missing: dict[int, float] = {}  # id -> when the registry said 404
         self._fetching: dict[int, asyncio.Future[RegisteredSchema]] = {}
         self.problem: str | None = None  # read by /readyz (another thread: one attribute)
+        self._failing: dict[int, str] = {}  # id -> why its fetch fails, while it retries
         self._failures = 0
         self._closed = False
 
@@ -153,28 +154,40 @@ class SchemaRegistry:
             done.exception()  # retrieved: every waiter may have been cancelled (a revoke)
 
     async def _fetch_until_done(self, schema_id: int) -> RegisteredSchema:
+        try:
+            return await self._fetch_retrying(schema_id)
+        finally:
+            self._failing.pop(schema_id, None)  # cancelled (close) included
+
+    async def _fetch_retrying(self, schema_id: int) -> RegisteredSchema:
         delay = self._s.retry_initial_s
         while True:
             try:
                 schema = await self._fetch_id(schema_id, depth=0)
             except SchemaNotFound:
-                self._healthy()
+                self._healthy(schema_id)
                 if len(self._missing) >= self._s.max_cached_schemas:
                     self._missing.pop(next(iter(self._missing)))
                 self._missing[schema_id] = self._clock()
                 raise
             except RegistryUnavailable as exc:
-                self._unhealthy(str(exc))
+                self._unhealthy(schema_id, str(exc))
                 await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
                 delay = min(self._s.retry_max_s, delay * 2)
                 continue
-            self._healthy()
+            self._healthy(schema_id)
             if len(self._schemas) >= self._s.max_cached_schemas:
                 self._schemas.pop(next(iter(self._schemas)))
             self._schemas[schema_id] = schema
             return schema
 
-    def _healthy(self) -> None:
+    def _healthy(self, schema_id: int) -> None:
+        """``schema_id`` was fetched (or is known missing): the registry is healthy unless
+        another id's fetch still fails (a registry failing one id only stays named)."""
+        self._failing.pop(schema_id, None)
+        if self._failing:
+            self.problem = f"schema registry: {next(iter(self._failing.values()))} (retrying)"
+            return
         if self.problem is not None:
             log.info("schema registry is reachable again")
         self.problem = None
@@ -182,7 +195,8 @@ class SchemaRegistry:
         if self._metrics is not None:
             self._metrics.schema_registry_up.set(1)
 
-    def _unhealthy(self, cause: str) -> None:
+    def _unhealthy(self, schema_id: int, cause: str) -> None:
+        self._failing[schema_id] = cause
         self._failures += 1
         if self._metrics is not None:
             self._metrics.schema_registry_up.set(0)

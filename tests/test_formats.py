@@ -373,6 +373,7 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.requests: list[web.Request] = []
         self.fail_with: int | None = None
+        self.fail_ids: set[int] = set()  # these ids answer 500
         self.schemas: dict[int, dict[str, Any]] = {
             1: {"schema": orjson.dumps(AVRO).decode()},
             2: {"schemaType": "PROTOBUF", "schema": "message A {}"},
@@ -386,6 +387,8 @@ class FakeRegistry:
         if self.fail_with is not None:
             return web.Response(status=self.fail_with)
         schema_id = int(request.match_info["id"])
+        if schema_id in self.fail_ids:
+            return web.Response(status=500)
         found = self.schemas.get(schema_id)
         if found is None:
             return web.json_response({"error_code": 40403}, status=404)
@@ -459,6 +462,31 @@ async def test_outage_is_retried_and_named_until_it_ends(fake: tuple[FakeRegistr
         assert (await fetch).schema_type == "AVRO"
         assert registry.problem is None
         assert metrics.schema_registry_up._value.get() == 1
+
+
+async def test_one_failing_id_stays_named_while_other_ids_are_fetched(
+    fake: tuple[FakeRegistry, str],
+) -> None:
+    """A registry answering 500 for one id only (a corrupt entry, a shard down): another
+    id fetched meanwhile cleared the problem, so /readyz went green and the gauge said up
+    while that id's records waited (their partition stalled) until the next retry."""
+    server, url = fake
+    server.fail_ids = {1}
+    server.schemas[3] = server.schemas[1]
+    metrics = Metrics()
+    cfg = SchemaRegistrySettings(url=url, retry_initial_s=30, retry_max_s=30)
+    async with SchemaRegistry(cfg, metrics) as registry:
+        stuck = asyncio.ensure_future(registry.schema(1))
+        while registry.problem is None:
+            await asyncio.sleep(0.01)
+        assert (await registry.schema(3)).schema_type == "AVRO"
+        assert registry.problem == "schema registry: HTTP 500 for schema id 1 (retrying)"
+        assert metrics.schema_registry_up._value.get() == 0
+        with pytest.raises(SchemaNotFound):
+            await registry.schema(9)
+        assert registry.problem is not None
+        assert not stuck.done()
+    assert stuck.cancelled()
 
 
 async def test_a_cancelled_waiter_leaves_the_fetch_to_the_others(
