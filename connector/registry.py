@@ -9,7 +9,9 @@ immutable in every registry that speaks this API.
 What a failure means to the caller::
 
     SchemaNotFound       the registry answers that the id (or a reference) does not
-                         exist: the record's fault, dead-lettered ``schema_error``
+                         exist, and again NOT_FOUND_CONFIRM_S later (a replica may lag
+                         the one the schema was registered on): the record's fault,
+                         dead-lettered ``schema_error``
     (anything else)      connection refused, timeout, TLS, 401/403, 5xx, a body that is
                          not the API's: the registry is down or misconfigured. The fetch
                          is retried with a capped backoff until it works; meanwhile
@@ -47,6 +49,10 @@ ACCEPT = "application/vnd.schemaregistry.v1+json, application/json"
 MAX_SCHEMA_BYTES = 4 * 1024 * 1024
 MAX_REFERENCE_DEPTH = 32
 NOT_FOUND_CACHE_S = 60.0  # a 404 is believed this long: a flood of bad ids is not a flood of GETs
+# A 404 is asked again once, this much later, before it is believed: registries replicate
+# (Confluent's followers, Apicurio's kafkasql replicas), and a record can reach us before
+# the replica answering knows the schema its producer just registered on another one.
+NOT_FOUND_CONFIRM_S = 2.0
 
 
 class SchemaNotFound(ConnectorError):
@@ -91,6 +97,7 @@ class SchemaRegistry:
         metrics: Metrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        not_found_confirm_s: float = NOT_FOUND_CONFIRM_S,
     ) -> None:
         if settings.url is None:
             raise ValueError("schema_registry.url is not set")
@@ -98,6 +105,7 @@ class SchemaRegistry:
         self._url = settings.url
         self._metrics = metrics
         self._clock = clock
+        self._confirm_s = not_found_confirm_s
         self._session: aiohttp.ClientSession | None = None
         self._schemas: dict[int, RegisteredSchema] = {}
         self._missing: dict[int, float] = {}  # id -> when the registry said 404
@@ -161,11 +169,16 @@ class SchemaRegistry:
 
     async def _fetch_retrying(self, schema_id: int) -> RegisteredSchema:
         delay = self._s.retry_initial_s
+        confirmed = False
         while True:
             try:
                 schema = await self._fetch_id(schema_id, depth=0)
             except SchemaNotFound:
                 self._healthy(schema_id)
+                if not confirmed:  # a replica behind the one it was registered on?
+                    confirmed = True
+                    await asyncio.sleep(self._confirm_s)
+                    continue
                 if len(self._missing) >= self._s.max_cached_schemas:
                     self._missing.pop(next(iter(self._missing)))
                 self._missing[schema_id] = self._clock()

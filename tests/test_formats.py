@@ -374,6 +374,7 @@ class FakeRegistry:
         self.requests: list[web.Request] = []
         self.fail_with: int | None = None
         self.fail_ids: set[int] = set()  # these ids answer 500
+        self.lagging: dict[int, int] = {}  # id -> 404s answered before it (a lagging replica)
         self.schemas: dict[int, dict[str, Any]] = {
             1: {"schema": orjson.dumps(AVRO).decode()},
             2: {"schemaType": "PROTOBUF", "schema": "message A {}"},
@@ -389,6 +390,9 @@ class FakeRegistry:
         schema_id = int(request.match_info["id"])
         if schema_id in self.fail_ids:
             return web.Response(status=500)
+        if self.lagging.get(schema_id, 0) > 0:
+            self.lagging[schema_id] -= 1
+            return web.json_response({"error_code": 40403}, status=404)
         found = self.schemas.get(schema_id)
         if found is None:
             return web.json_response({"error_code": 40403}, status=404)
@@ -425,7 +429,9 @@ async def fake() -> AsyncIterator[tuple[FakeRegistry, str]]:
 async def test_one_fetch_per_id_and_cached(fake: tuple[FakeRegistry, str]) -> None:
     server, url = fake
     server.release.clear()
-    async with SchemaRegistry(SchemaRegistrySettings(url=url)) as registry:
+    async with SchemaRegistry(
+        SchemaRegistrySettings(url=url), not_found_confirm_s=0.01
+    ) as registry:
         waiting = [asyncio.ensure_future(registry.schema(1)) for _ in range(50)]
         while not server.requests:
             await asyncio.sleep(0.01)
@@ -475,7 +481,7 @@ async def test_one_failing_id_stays_named_while_other_ids_are_fetched(
     server.schemas[3] = server.schemas[1]
     metrics = Metrics()
     cfg = SchemaRegistrySettings(url=url, retry_initial_s=30, retry_max_s=30)
-    async with SchemaRegistry(cfg, metrics) as registry:
+    async with SchemaRegistry(cfg, metrics, not_found_confirm_s=0.01) as registry:
         stuck = asyncio.ensure_future(registry.schema(1))
         while registry.problem is None:
             await asyncio.sleep(0.01)
@@ -578,14 +584,33 @@ async def test_an_unreadable_password_file_is_an_outage_naming_it(tmp_path: Path
 async def test_a_404_is_believed_for_a_while(fake: tuple[FakeRegistry, str]) -> None:
     server, url = fake
     now = [0.0]
-    async with SchemaRegistry(SchemaRegistrySettings(url=url), clock=lambda: now[0]) as registry:
+    async with SchemaRegistry(
+        SchemaRegistrySettings(url=url), clock=lambda: now[0], not_found_confirm_s=0.01
+    ) as registry:
         for _ in range(3):
             with pytest.raises(SchemaNotFound):
                 await registry.schema(9)
-        assert len(server.requests) == 1  # a flood of records with a bad id: one request
+        assert len(server.requests) == 2  # a flood of records with a bad id: one, confirmed
         now[0] = 61.0
         server.schemas[9] = server.schemas[1]  # registered since
         assert (await registry.schema(9)).schema_type == "AVRO"
+
+
+async def test_a_schema_the_replica_learns_a_moment_later_is_not_a_dead_letter(
+    fake: tuple[FakeRegistry, str],
+) -> None:
+    """A producer registers a schema on one registry replica and writes a record; the
+    replica we ask has not replicated it yet (404), and knows it a moment later. The 404
+    was believed at once (and for 60 s): that record and every other of the new schema
+    in the next minute were dead-lettered. The first 404 is asked again before belief."""
+    server, url = fake
+    server.schemas[9] = server.schemas[1]
+    server.lagging[9] = 1  # one 404, then the schema
+    async with SchemaRegistry(
+        SchemaRegistrySettings(url=url), not_found_confirm_s=0.05
+    ) as registry:
+        assert (await registry.schema(9)).schema_type == "AVRO"
+    assert len(server.requests) == 2
 
 
 def deep_avro_record() -> tuple[RegisteredSchema, bytes]:
