@@ -346,6 +346,27 @@ async def test_cloudevents_binary_structured_and_plain_records() -> None:
         assert caught.value.code == "invalid_cloudevent"
 
 
+async def test_a_cloudevent_attribute_in_two_headers_that_disagree_is_refused() -> None:
+    """Two ``ce_id`` (or ``ce_source``) headers with different values, as a relay that
+    appends its own attributes leaves them: the last one won, so the same two headers in
+    the other order were another event (a second thread, or a real event dropped as a
+    duplicate). Refused as ambiguous like two disagreeing id headers; copies that agree
+    are one."""
+    parser = Parser(settings(input={"topics": {"ce": {"cloudevents": True}}}))
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"c-1"),
+        ("ce_type", b"order.shipped"),
+        ("ce_source", b"/s"),
+    ]
+    for name, other in (("ce_id", b"c-2"), ("CE_SOURCE", b"/relay")):
+        with pytest.raises(EventRejected, match=f"{name.lower()}.*different values") as caught:
+            await parser.decode(record(b"{}", "ce", [*headers, (name, other)]))
+        assert caught.value.code == "invalid_cloudevent"
+    same = await parser.decode(record(b"{}", "ce", [*headers, ("ce_id", b"c-1")]))
+    assert same.event_id == "c-1"
+
+
 async def test_wire_format_header_is_checked_before_any_fetch() -> None:
     parser = Parser(
         settings(
