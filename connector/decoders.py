@@ -7,6 +7,7 @@ out as the JSON path gives them, so templates, routes and the event time read th
 - Avro (fastavro): timestamps and dates as ISO-8601 text (``...Z`` for UTC), decimals as
   exact text (``"12.50"``), enums as their symbol, uuids as text, bytes as base64.
 - Protobuf: fields by their .proto names, enums by name, 64-bit integers as numbers,
+  a 32-bit ``float`` as the shortest number that reads back to it (``19.99``),
   ``Timestamp`` as RFC 3339 text, ``Duration`` as ``"1.5s"``, wrappers as their value,
   ``Struct``/``Value`` as JSON; a field without presence (proto3 scalar) is always there
   (its default when unset), an unset message or ``optional`` field is absent.
@@ -45,6 +46,7 @@ from google.protobuf import (
     wrappers_pb2,
 )
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.internal import type_checkers
 from google.protobuf.message import DecodeError, Message
 
 from connector.protoc import ProtocError, compile_sources
@@ -379,4 +381,8 @@ def _value(field: Any, value: Any) -> Any:
         return known.name if known is not None else value
     if field.type == FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode("ascii")
+    if field.type == FieldDescriptor.TYPE_FLOAT:
+        # the shortest double that reads back to the same 32-bit float: 19.99, not its
+        # widening 19.989999771118164 (what the Protobuf JSON mapping writes)
+        return type_checkers.ToShortestFloat(value)
     return value

@@ -240,6 +240,24 @@ def test_protobuf_nested_message_by_index_with_well_known_types() -> None:
         build_decoder(proto_schema())(b"\x00\xff\xff\xff")
 
 
+def test_protobuf_floats_come_out_as_written_not_widened() -> None:
+    """A proto ``float`` (32 bits) of 19.99 came out as 19.989999771118164, its widening
+    to a double: a template wrote that price. The Protobuf JSON mapping (and every other
+    runtime's) writes the shortest text that reads back to the same float: 19.99."""
+    file = descriptor_pb2.FileDescriptorProto(name="f.proto", package="f", syntax="proto3")
+    message = file.message_type.add(name="Price")
+    message.field.add(name="amount", number=1, type=2, label=1)  # float
+    message.field.add(name="history", number=2, type=2, label=3)  # repeated float
+    message.field.add(name="exact", number=3, type=1, label=1)  # double: as it is
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    price = message_factory.GetMessageClass(pool.FindMessageTypeByName("f.Price"))
+    payload = price(amount=19.99, history=[0.1, 2.5], exact=0.1).SerializeToString()
+    text = base64.b64encode(file.SerializeToString()).decode()
+    decode = build_decoder(RegisteredSchema(6, "PROTOBUF", text))
+    assert decode(b"\x00" + payload) == {"amount": 19.99, "history": [0.1, 2.5], "exact": 0.1}
+
+
 def test_protobuf_source_with_a_reference_is_compiled() -> None:
     from connector.registry import Reference
 
