@@ -5,7 +5,8 @@ references), then decodes payloads (the bytes after the wire format's header). V
 out as the JSON path gives them, so templates, routes and the event time read them alike:
 
 - Avro (fastavro): timestamps and dates as ISO-8601 text (``...Z`` for UTC), decimals as
-  exact text (``"12.50"``), enums as their symbol, uuids as text, bytes as base64.
+  exact text (``"12.50"``), enums as their symbol, uuids as text, bytes as base64, a
+  32-bit ``float`` as the shortest number that reads back to it (``19.99``).
 - Protobuf: fields by their .proto names, enums by name, 64-bit integers as numbers,
   a 32-bit ``float`` as the shortest number that reads back to it (``19.99``),
   ``Timestamp`` as RFC 3339 text, ``Duration`` as ``"1.5s"``, wrappers as their value,
@@ -32,6 +33,7 @@ import fastavro
 import jsonschema
 import orjson
 import referencing
+from fastavro.read import LOGICAL_READERS
 from google.protobuf import (
     any_pb2,
     descriptor_pb2,
@@ -103,10 +105,43 @@ def jsonable(value: Any) -> Any:
 # -- Avro ---------------------------------------------------------------------------------
 
 
+# A 32-bit Avro float is read as its widening to a double (19.99 -> 19.989999771118164);
+# every ``float`` of a schema is given this logical type, whose reader (fastavro's custom
+# logical types, both its readers) gives the shortest double that reads back the same.
+_FLOAT32 = "threads-connector-float32"
+LOGICAL_READERS[f"float-{_FLOAT32}"] = lambda value, *_: type_checkers.ToShortestFloat(value)
+
+
+def _short_floats(node: Any) -> Any:
+    """The Avro schema (JSON) with ``_FLOAT32`` on every ``float`` without a logical type."""
+    if node == "float":
+        return {"type": "float", "logicalType": _FLOAT32}
+    if isinstance(node, list):
+        return [_short_floats(branch) for branch in node]
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    if kind == "float":
+        return node if "logicalType" in node else {**node, "logicalType": _FLOAT32}
+    out = dict(node)
+    if kind in ("record", "error") and isinstance(node.get("fields"), list):
+        out["fields"] = [
+            {**f, "type": _short_floats(f["type"])} if isinstance(f, dict) and "type" in f else f
+            for f in node["fields"]
+        ]
+    elif kind == "array" and "items" in node:
+        out["items"] = _short_floats(node["items"])
+    elif kind == "map" and "values" in node:
+        out["values"] = _short_floats(node["values"])
+    elif isinstance(kind, dict | list):
+        out["type"] = _short_floats(kind)
+    return out
+
+
 def _avro(schema: RegisteredSchema) -> Decoder:
     named: dict[str, Any] = {}
     _avro_references(schema, named)
-    parsed = fastavro.parse_schema(orjson.loads(schema.text), named_schemas=named)
+    parsed = fastavro.parse_schema(_short_floats(orjson.loads(schema.text)), named_schemas=named)
     read = fastavro.schemaless_reader
     if _recursive(parsed, named, ()):
         # fastavro's C reader recurses on the C stack: a record nesting a recursive type
@@ -162,7 +197,7 @@ def _python_reader() -> Callable[..., Any]:
 def _avro_references(schema: RegisteredSchema, named: dict[str, Any]) -> None:
     for ref in schema.references:
         _avro_references(ref.schema, named)
-        fastavro.parse_schema(orjson.loads(ref.schema.text), named_schemas=named)
+        fastavro.parse_schema(_short_floats(orjson.loads(ref.schema.text)), named_schemas=named)
 
 
 # -- JSON Schema ----------------------------------------------------------------------------

@@ -138,6 +138,31 @@ def test_avro_decimals_are_plain_text_never_exponent_notation(amount: Decimal, t
     assert decode(avro_bytes(schema, {"amount": amount})) == {"amount": text}
 
 
+def test_avro_floats_come_out_as_written_not_widened() -> None:
+    """An Avro ``float`` (32 bits) of 19.99 came out as 19.989999771118164 (its widening
+    to a double), wherever it sits: a field, a union, an array, a map; a double stays."""
+    schema = {
+        "type": "record",
+        "name": "Prices",
+        "fields": [
+            {"name": "amount", "type": "float"},
+            {"name": "maybe", "type": ["null", "float"]},
+            {"name": "history", "type": {"type": "array", "items": "float"}},
+            {"name": "by_shop", "type": {"type": "map", "values": {"type": "float"}}},
+            {"name": "exact", "type": "double"},
+        ],
+    }
+    decode = build_decoder(RegisteredSchema(1, "AVRO", orjson.dumps(schema).decode()))
+    value = {
+        "amount": 19.99,
+        "maybe": 0.1,
+        "history": [0.1, 2.5],
+        "by_shop": {"a": 7.3},
+        "exact": 0.1,
+    }
+    assert decode(avro_bytes(schema, value)) == value
+
+
 def test_avro_reference_resolves_a_named_type() -> None:
     user = {
         "type": "record",
