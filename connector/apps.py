@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from connector.calls import Admit, Attempt, CallGuard, ThreadCaller
+from connector.calls import Admit, Attempt, CallGuard, Probe, Release, ThreadCaller
 from connector.config import ApiSettings, CachedSecret, ConnectorSettings
 from connector.events import ThreadCreated
 from connector.gates import AuthGate, CircuitBreaker
@@ -79,6 +79,20 @@ def client_attempt(policy: AppPolicy, stack: AsyncExitStack) -> Attempt:
     )
     stack.push_async_callback(client.close)
     return client.create_thread
+
+
+def _probe_of(attempt: Attempt, app_uid: str) -> Probe | None:
+    """The app's probe (a request that cannot create a thread) by the client whose
+    attempt this is; None for a test double."""
+    client = getattr(attempt, "__self__", None)
+    if not isinstance(client, ThreadsClient):
+        return None
+
+    async def probe() -> int:
+        status, _url = await client.probe(app_uid)
+        return status
+
+    return probe
 
 
 class Apps:
@@ -144,8 +158,9 @@ class Apps:
     def _make_caller(self, policy: AppPolicy) -> ThreadCaller:
         if self._stack is None:
             raise RuntimeError("Apps.start() makes the callers before calls are made")
+        attempt = self._attempt_for(policy, self._stack)
         policy.caller = ThreadCaller(
-            self._attempt_for(policy, self._stack),
+            attempt,
             policy.api,
             policy.bucket,
             policy.adaptive,
@@ -153,6 +168,7 @@ class Apps:
             auth_gate=AuthGate(policy.api.auth_probe_interval_s),
             breaker=self.breaker,
             stop_gate=self.stop_gate,
+            probe=_probe_of(attempt, policy.app_uid),
         )
         return policy.caller
 
@@ -173,19 +189,30 @@ class Apps:
         correlation_id: str,
         guard: CallGuard | None = None,
         admit: Admit | None = None,
+        release: Release | None = None,
     ) -> ThreadCreated:
         """``ThreadCaller.call`` under the policy of the request's app."""
         caller = self.caller(request.app_uid)
-        return await caller.call(request, event_id, correlation_id, guard=guard, admit=admit)
+        return await caller.call(
+            request, event_id, correlation_id, guard=guard, admit=admit, release=release
+        )
 
     def pause_reason(self) -> str | None:
         """Which apps' calls are paused, and why (None: none is): for /readyz."""
-        reasons = [
-            f"app {app}: {reason}"
+        paused = self.pause()
+        return paused[1] if paused is not None else None
+
+    def pause(self) -> tuple[str, str] | None:
+        """``(category, reason)``: the first paused app's category, every paused app's
+        reason (None: none is paused)."""
+        paused = [
+            (pause[0], f"app {app}: {pause[1]}")
             for app, policy in self.policies.items()
-            if policy.caller is not None and (reason := policy.caller.pause_reason()) is not None
+            if policy.caller is not None and (pause := policy.caller.pause()) is not None
         ]
-        return "; ".join(reasons) or None
+        if not paused:
+            return None
+        return paused[0][0], "; ".join(reason for _category, reason in paused)
 
     # -- the group's rate, per app ----------------------------------------------------------
 

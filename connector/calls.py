@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 
 from connector.config import ApiSettings
 from connector.errors import (
+    ApiError,
     ApiKeyInvalid,
     AuthError,
     EventRejected,
@@ -36,7 +37,7 @@ from connector.errors import (
     Stage,
 )
 from connector.events import ThreadCreated
-from connector.gates import AuthGate, CircuitBreaker, Gate
+from connector.gates import AuthGate, CircuitBreaker, Gate, StartupGate
 from connector.metrics import AppMetrics, Metrics
 from connector.ratelimit import AdaptiveRate, TokenBucket
 from connector.routing import ThreadRequest
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 Admit = Callable[[], Awaitable[None]]
+Release = Callable[[], None]
+Probe = Callable[[], Awaitable[int]]  # the status of a request that cannot create a thread
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
@@ -96,9 +99,14 @@ class ThreadCaller:
         auth_gate: AuthGate | None = None,
         breaker: CircuitBreaker | None = None,
         stop_gate: StopGate | None = None,
+        probe: Probe | None = None,
+        startup_gate: StartupGate | None = None,
     ) -> None:
         """``stop_gate``: shared by the apps (``api.on_error: stop`` stops every call);
-        none given, the caller makes its own in that mode."""
+        none given, the caller makes its own in that mode. ``probe``: a request of the
+        app's that cannot create a thread, its status (``ThreadsClient.probe``): proves
+        the app's path and key while events answered with a 4xx wait for that proof.
+        ``startup_gate``: closed by the start-up probe (``connector.startup_checks``)."""
         self._attempt = attempt
         self._settings = settings
         self._bucket = bucket
@@ -113,12 +121,19 @@ class ThreadCaller:
             settings.breaker_failure_threshold, settings.breaker_probe_interval_s
         )
         # api.on_error: pause counts 4xx runs by route; stop closes the stop gate at the first
+        self._probe = probe
         self.systemic = (
-            Systemic(settings.pause_after_failures, settings.pause_probe_interval_s, self._metrics)
+            Systemic(
+                settings.pause_after_failures,
+                settings.pause_probe_interval_s,
+                self._metrics,
+                self._prove if probe is not None else None,
+            )
             if settings.on_error == "pause"
             else None
         )
         self.stop_gate = stop_gate or (StopGate() if settings.on_error == "stop" else None)
+        self.startup_gate = startup_gate or StartupGate()
         self.in_flight = 0
         systemic = self.systemic
         self._metrics.calls_held.set_function(lambda: systemic.held if systemic else 0)
@@ -128,18 +143,48 @@ class ThreadCaller:
 
     def pause_reason(self) -> str | None:
         """Why calls are paused for longer than readiness allows, or None."""
+        paused = self.pause()
+        return paused[1] if paused is not None else None
+
+    def pause(self) -> tuple[str, str] | None:
+        """``(category, reason)`` of ``pause_reason``; the category is one of
+        ``metrics.NOT_READY_REASONS`` (a bounded label)."""
         if self.stop_gate is not None and not self.stop_gate.is_open:
-            return self.stop_gate.reason
+            return "api_stopped", self.stop_gate.reason
+        if not self.startup_gate.is_open:
+            return "api_path", f"paused: {self.startup_gate.reason}"
         if not self.auth_gate.is_open:
-            return f"paused: {self.auth_gate.reason}"
+            return "api_key", f"paused: {self.auth_gate.reason}"
         if not self.breaker.is_open:
-            return f"paused: {self.breaker.reason}"
+            return "api_unreachable", f"paused: {self.breaker.reason}"
         left = self._bucket.pause_remaining_s()
         if left > self._settings.max_pause_ready_s:
-            return f"paused {left:.0f}s more: the Threads API asked to wait (Retry-After)"
+            return "api_throttled", (
+                f"paused {left:.0f}s more: the Threads API asked to wait (Retry-After)"
+            )
         if self.systemic is not None and (paused := self.systemic.paused()):
-            return "; ".join(gate.reason for gate in paused)
+            return "route_paused", "; ".join(gate.reason for gate in paused)
         return None
+
+    # -- the start-up probe's verdicts (connector.startup_checks) ------------------------
+
+    def probe_refused(self, status: int, reason: str) -> None:
+        """The start-up probe was answered ``status``: 401/403 close the auth gate (as a
+        call's would), 404/405 the start-up gate. Calls wait; nothing is dead-lettered."""
+        if status in (401, 403):
+            self._auth_refused(None, AuthError(reason, status=status))
+        elif self.startup_gate.fail(False, f"start-up probe: {reason}"):
+            log.error(
+                "start-up probe: %s: calls paused until it passes",
+                reason,
+                extra={"app": self._metrics.app, "status": status},
+            )
+
+    def probe_accepted(self) -> None:
+        """The start-up probe proves the path and the key: open both gates."""
+        if self.startup_gate.succeed(False):
+            log.warning("app %s: the start-up probe passes: calls resumed", self._metrics.app)
+        self._key_accepted(None)
 
     async def call(
         self,
@@ -148,26 +193,34 @@ class ThreadCaller:
         correlation_id: str,
         guard: CallGuard | None = None,
         admit: Admit | None = None,
+        release: Release | None = None,
     ) -> ThreadCreated:
         """Raise EventRejected(stage=api) when the API refuses or the budget runs out, and
         Abandoned when ``guard.abandoned`` is set before an attempt could start.
         ``admit`` is awaited in the concurrency slot before each attempt takes its token
-        (the pipeline's duplicate-exposure gate)."""
+        (the pipeline's duplicate-exposure gate); ``release`` gives that unit back when
+        the event waits after a 4xx (no thread exists: a paused route's events must not
+        hold the exposure every other route needs)."""
         guard = guard or _NoGuard()
         systemic = self.systemic
         route = systemic.gate(request.route) if systemic is not None else None
         started = time.monotonic()
         paused_s = 0.0  # spent at a closed gate: not the event's retry budget
         attempts = 0
+        first = 0  # the route's start order of this event's first call: its place in a run
         while True:
             waited_from = time.monotonic()
             probe = await self._pass_gates(route)
             route_probe = probe is not None and probe is route  # settled by an answer
+            call = 0
             try:
                 if probe is not None:
-                    await self._sleep(probe.probe_interval_s)
+                    await self._probe_wait(probe)
                 paused_s += time.monotonic() - waited_from
                 attempts += 1
+                # its place in the route's start order: a run of 4xx waits for older calls
+                call = route.begin() if route is not None else 0
+                first = first or call
                 try:
                     thread = await self._one_attempt(
                         request, event_id, correlation_id, guard, admit
@@ -184,9 +237,12 @@ class ThreadCaller:
                     probe = None
                     if systemic is not None and route is not None and exc.status is not None:
                         was_probe, route_probe = route_probe, False  # its answer settles it
-                        verdict = systemic.failure(route, event_id, exc, was_probe)
+                        verdict = systemic.failure(route, event_id, exc, was_probe, call, first)
+                        call = 0
                         if verdict is Verdict.WAIT:
                             attempts -= 1  # the route's fault, or not decided yet
+                            if release is not None:
+                                release()
                             waited_from = time.monotonic()
                             await systemic.hold(route)
                             paused_s += time.monotonic() - waited_from
@@ -197,7 +253,10 @@ class ThreadCaller:
                         code=f"http_{exc.status}" if exc.status else "request_error",
                         status=exc.status,
                     )
-                    if self._stopping(rejected, request):
+                    # a 2xx without a threadUid may have made a thread: stop, but never
+                    # keep it for a retry after the restart (a second thread)
+                    may_exist = exc.status is not None and 200 <= exc.status < 300
+                    if self._stopping(rejected, request) and not may_exist:
                         attempts -= 1
                         continue
                     self._metrics.event_attempts.observe(attempts)
@@ -233,8 +292,8 @@ class ThreadCaller:
                 self._answered(probe)
                 probe = None
                 if systemic is not None and route is not None:
-                    systemic.success(route, route_probe)
-                    route_probe = False
+                    systemic.success(route, route_probe, call, first)
+                    route_probe, call = False, 0
                 self._metrics.event_attempts.observe(attempts)
                 return ThreadCreated(
                     thread_uid=thread.thread_uid,
@@ -244,14 +303,42 @@ class ThreadCaller:
                     latency_ms=(time.monotonic() - started) * 1000,
                 )
             finally:
+                if call and systemic is not None and route is not None:
+                    systemic.ended(route, call)  # no verdict on the route: a run may be due
                 if probe is not None:  # left without an answer (abandoned, cancelled)
                     probe.abandon_probe()
                 elif route_probe and route is not None:  # an answer that says nothing of it
                     route.abandon_probe()
 
+    async def _probe_wait(self, probe: Gate) -> None:
+        """The probe's wait before it tries, cut short when the gate opens meanwhile (an
+        answer to a call already under way): waiting on would hold its event, and its
+        partition's commit, for nothing."""
+        sleeping = asyncio.ensure_future(self._sleep(probe.probe_interval_s))
+        opened = asyncio.ensure_future(_until_open(probe))
+        try:
+            await asyncio.wait((sleeping, opened), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            opened.cancel()
+
+    async def _prove(self) -> bool:
+        """Whether the app's path and key work, by a request that cannot create a thread
+        (400 or 422 to an invalid body), under the rate limit like any call."""
+        if self._probe is None:
+            return False
+        if not self._bucket.take_now():
+            await self._bucket.acquire()
+        try:
+            status = await self._probe()
+        except ApiError:
+            return False  # no answer: nothing proven
+        self._metrics.api_responses.labels(status_class(status), str(status)).inc()
+        return status in (400, 422)
+
     async def _pass_gates(self, route: RouteGate | None = None) -> Gate | None:
         """Wait until every gate is open, or this caller is the probe of a closed one."""
-        gates: tuple[Gate, ...] = (self.auth_gate, self.breaker)
+        gates: tuple[Gate, ...] = (self.startup_gate, self.auth_gate, self.breaker)
         if self.stop_gate is not None:
             gates = (self.stop_gate, *gates)
         if route is not None:
@@ -336,11 +423,14 @@ class ThreadCaller:
     def _answered(self, probe: Gate | None, *, breaker: bool = True) -> None:
         """The API answered (not 401/403): the key is good; with ``breaker`` the API is
         reachable too (an answer without a status, e.g. a timeout, says nothing of it)."""
+        self._key_accepted(probe)
+        self._breaker_settle(probe, ok=True if breaker else None)
+
+    def _key_accepted(self, probe: Gate | None) -> None:
         if self.auth_gate.succeed(probe is self.auth_gate):
             self._metrics.auth_paused.set(0)
             self._metrics.api_key_invalid.set(0)
             log.warning("Threads API accepts the API key again: calls resumed")
-        self._breaker_settle(probe, ok=True if breaker else None)
 
     def _breaker_settle(self, probe: Gate | None, *, ok: bool | None) -> None:
         if ok and self.breaker.succeed(probe is self.breaker):
@@ -380,7 +470,9 @@ class ThreadCaller:
     def _transport_failed(self, probe: Gate | None, exc: RetriableApiError) -> None:
         if probe is self.auth_gate:  # no answer: nothing learnt about the key
             self.auth_gate.abandon_probe()
-        if exc.status is not None:
+        if exc.kind == "redirect":
+            what = str(exc)  # says to check api.base_url, with the path called
+        elif exc.status is not None:
             what = f"HTTP {exc.status}"
         elif exc.kind in ("timeout", "protocol_error", "proxy_error"):
             # e.g. no complete answer within 10s; the proxy's words say what to fix
@@ -437,6 +529,11 @@ class ThreadCaller:
 
     def _adaptive_update(self) -> None:
         self._metrics.rate_limit_rate.set(self._bucket.rate)
+
+
+async def _until_open(gate: Gate) -> None:
+    while not gate.is_open:
+        await gate.changed()
 
 
 def _code(exc: RetriableApiError) -> str:

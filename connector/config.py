@@ -129,7 +129,41 @@ class KafkaSettings(_Frozen):
     retry_initial_s: float = Field(default=1.0, gt=0, description="after a Kafka failure")
     retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
     probe_interval_s: float = Field(default=10.0, gt=0, description="reachability probe")
+    startup_checks: bool = Field(
+        default=True,
+        description="run checks the group's, the input topics' and the transactional ids' "
+        "permissions once the topics are ready; a missing ACL turns readiness red, naming it",
+    )
+    permission_recheck_s: float = Field(
+        default=60.0, gt=0, description="a failed start-up check is run again this often"
+    )
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
+    group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="static group membership: a name stable across restarts of this "
+        "replica (a StatefulSet pod name); a restart within session_timeout_ms moves no "
+        "partition. Unique in the group",
+    )
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=1_000,
+        le=900_000,
+        description="exactly_once: how long the broker lets one of our transactions stay "
+        "open before it aborts it. A replica frozen in the middle of a commit cycle holds "
+        "its partitions' next owner this long (plus the broker's cleanup interval, 10 s): "
+        "that owner's committed-offset fetch waits for the transaction to end. A commit "
+        "cycle lasts well under a second; at most the broker's transaction.max.timeout.ms",
+    )
+    static_members: int | None = Field(
+        default=None,
+        ge=0,
+        description="with a group_instance_id ending in -<n> (a StatefulSet ordinal): only "
+        "replicas with n below this are static members; the others join as dynamic members "
+        "and leave the group when they stop, so a scale-in hands their partitions over at "
+        "once (the chart sets it to the autoscaler's minimum). None: every replica with a "
+        "group_instance_id is static",
+    )
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     fetch_max_records: int = Field(default=500, ge=1)
@@ -166,6 +200,28 @@ class KafkaSettings(_Frozen):
         if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
         return self
+
+    @model_validator(mode="after")
+    def _static_ordinal(self) -> KafkaSettings:
+        if (
+            self.static_members is not None
+            and self.group_instance_id is not None
+            and _ordinal(self.group_instance_id) is None
+        ):
+            raise ValueError(
+                f"static_members needs a group_instance_id ending in -<ordinal> (a "
+                f"StatefulSet pod name), not {self.group_instance_id!r}"
+            )
+        return self
+
+    def static_instance_id(self) -> str | None:
+        """The group instance id this replica joins with: ``group_instance_id``, unless
+        ``static_members`` makes it a dynamic member (None)."""
+        gid, limit = self.group_instance_id, self.static_members
+        if gid is None or limit is None:
+            return gid
+        ordinal = _ordinal(gid)
+        return gid if ordinal is not None and ordinal < limit else None
 
     @model_validator(mode="after")
     def _oauth_complete(self) -> KafkaSettings:
@@ -210,6 +266,12 @@ class KafkaSettings(_Frozen):
         ) and self.ssl_keyfile is None:
             raise ValueError("ssl_key_password is only used with ssl_keyfile")
         return self
+
+
+def _ordinal(name: str) -> int | None:
+    """The ordinal a StatefulSet pod name ends in (``connector-2`` → 2), else None."""
+    head, _, tail = name.rpartition("-")
+    return int(tail) if head and tail.isdigit() else None
 
 
 class DeliverySettings(_Frozen):
@@ -335,6 +397,14 @@ class ApiSettings(_Frozen):
     )
     pause_probe_interval_s: float = Field(
         default=30.0, gt=0, description="a paused route's probe, with one of its events"
+    )
+    startup_probe: bool = Field(
+        default=True,
+        description="at start, each app's path and key are probed by a request that cannot "
+        "create a thread; 401/403/404/405 pause the app's calls, readiness naming it",
+    )
+    startup_probe_interval_s: float = Field(
+        default=30.0, gt=0, description="a refused start-up probe is sent again this often"
     )
     apps: dict[str, AppSettings] = Field(
         default_factory=dict,

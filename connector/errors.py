@@ -39,6 +39,25 @@ class ConfigError(ConnectorError):
     """The configuration is invalid; the message names each offending field."""
 
 
+class TopicError(ConfigError):
+    """A topic the settings name is missing, and the connector may not (or cannot) create
+    it. ``category``: its readiness category (``metrics.NOT_READY_REASONS``)."""
+
+    category = "topic_missing"
+
+
+class TopicConfigError(TopicError):
+    """An output topic's configuration would make the broker refuse our records."""
+
+    category = "topic_config"
+
+
+class ChangelogError(TopicError):
+    """A dedup changelog is missing, lost, or breaks its contract."""
+
+    category = "changelog"
+
+
 REASON_MAX = 1000  # characters of a rejection's reason (it may quote the event's values)
 
 

@@ -3,6 +3,8 @@
 - ``AuthGate``: the API refuses the key (401/403), or the key as read cannot be sent.
 - ``CircuitBreaker``: the API cannot be reached or fails as a whole (connection and TLS
   failures, 5xx storms), after ``threshold`` such failures in a row.
+- ``StartupGate``: the start-up probe found a wrong path (``connector.startup_checks``);
+  only that probe opens it, no call does.
 
 While a gate is closed, one caller at a time is the *probe*: it waits
 ``probe_interval_s`` and tries; the others wait for the gate to change. Events that wait
@@ -81,6 +83,15 @@ class Gate:
 
 class AuthGate(Gate):
     """Closed while the API answers 401/403 or the key as read cannot be a header."""
+
+
+class StartupGate(Gate):
+    """Closed while the start-up probe is answered 404/405 (a wrong ``api.base_url``). It
+    gives no call the probe: the start-up checks probe with a body that cannot create a
+    thread, so a wrong path dead-letters nothing, not even a probing event."""
+
+    def take_probe(self) -> bool:
+        return False
 
 
 class CircuitBreaker(Gate):

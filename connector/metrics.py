@@ -17,7 +17,7 @@ chart (``dashboards/``, ``rules/``); docs/metrics-and-alerts.md describes them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, Self, TypeVar
 
 from prometheus_client import (
@@ -66,6 +66,32 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "route": ("no_route", "expired"),
     "api": ("retries_exhausted", "http_400", "http_404", "http_422", "request_error"),
 }
+# Why /readyz is red, as a bounded label (``not_ready{reason}``); the line itself is in
+# /readyz. kafka: unreachable or refused; topic_missing: an input (or, with create_topics
+# false, an output) topic; topic_config: an output's max.message.bytes too small;
+# changelog: a dedup changelog missing, lost or breaking its contract; joining: not in the
+# group yet; kafka_acl: a start-up permission check failed; registry: the schema registry;
+# api_path / api_key: the start-up probe (or the calls) found a wrong base_url or key;
+# api_unreachable: the circuit breaker is open; api_throttled: a long Retry-After;
+# api_stopped: api.on_error stop; route_paused: a run of one API error;
+# partition_blocked: a partition stopped or held by an open transaction; commit_stalled.
+NOT_READY_REASONS = (
+    "kafka",
+    "topic_missing",
+    "topic_config",
+    "changelog",
+    "joining",
+    "kafka_acl",
+    "registry",
+    "api_path",
+    "api_key",
+    "api_unreachable",
+    "api_throttled",
+    "api_stopped",
+    "route_paused",
+    "partition_blocked",
+    "commit_stalled",
+)
 API_RESPONSE_CODES: tuple[tuple[str, str], ...] = (
     ("2xx", "201"),
     ("4xx", "401"),
@@ -400,6 +426,12 @@ class Metrics:
             "1 when assigned, connected and not paused by an auth failure.",
             registry=r,
         )
+        self.not_ready = Gauge(
+            f"{p}_not_ready",
+            "1 for the category of why /readyz is red (0 for the others; all 0 when ready).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             f"{p}_build_info",
             "Always 1; the connector's version as a label (dashboard variables use it).",
@@ -420,6 +452,12 @@ class Metrics:
             self.commit_duration.labels(mode)
         for kind in REBALANCE_KINDS:
             self.rebalances.labels(kind)
+
+    def init_not_ready(self, category: Callable[[], str | None]) -> None:
+        """Each ``not_ready{reason}`` series reads ``category()`` (the connector's current
+        one, None when ready) when scraped."""
+        for reason in NOT_READY_REASONS:
+            self.not_ready.labels(reason).set_function(_is(category, reason))
 
     def init_apps(self, apps: Iterable[str]) -> None:
         """Create the per-app series at 0 (the apps of the configuration, known at start)."""
@@ -519,3 +557,8 @@ class AppMetrics:
         if name == "base":  # not set yet (a copy being made): no recursion
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+def _is(category: Callable[[], str | None], reason: str) -> Callable[[], float]:
+    """1 while ``category()`` is ``reason``, else 0 (a gauge's function)."""
+    return lambda: 1.0 if category() == reason else 0.0

@@ -226,16 +226,30 @@ class Pipeline:
         admitted = False
 
         async def admit() -> None:
-            """The exposure unit is taken once, in the concurrency slot before the first
-            token: calls queued for a slot or a token are not exposure yet."""
+            """The exposure unit is taken in the concurrency slot before the first token
+            (again after a ``release``): calls queued for a slot or a token are not
+            exposure yet."""
             nonlocal admitted
             if not admitted:
                 await self._enter_gate()
                 admitted = True
 
+        def release() -> None:
+            """The event waits after a 4xx: no thread, its unit goes back until it tries
+            again (a paused route's events must not starve the others)."""
+            nonlocal admitted
+            if admitted:
+                admitted = False
+                self.exposure.leave()
+
         try:
             created = await self._caller.call(
-                request, event.event_id, event.correlation_id, guard=job, admit=admit
+                request,
+                event.event_id,
+                event.correlation_id,
+                guard=job,
+                admit=admit,
+                release=release,
             )
         except EventRejected as exc:
             if admitted:
@@ -380,6 +394,9 @@ class Pipeline:
             self._jobs.pop(tp, None)
         gone = set(tps)
         self._key_tails = {k: v for k, v in self._key_tails.items() if k[0] not in gone}
+        # an outcome left for a partition no longer ours is the next owner's to replay:
+        # published, it would be a result no offset of ours commits (a duplicate)
+        self._outcomes = [o for o in self._outcomes if o.tp not in gone]
 
     # -- commit -------------------------------------------------------------------------
 
@@ -407,7 +424,14 @@ class Pipeline:
             def finish() -> dict[TopicPartitionKey, int]:
                 for outcome in outcomes:
                     tracker.done(outcome.tp, outcome.offset)
-                return tracker.uncommitted() or probe
+                positions = tracker.uncommitted() or probe
+                if not positions and records and sink.mode == "transaction":
+                    # the broker checks that we are still the partitions' owner (KIP-447,
+                    # ``fencing``) only on the offsets in a transaction: records whose
+                    # positions did not move (behind a gap) go with the positions already
+                    # committed, or a zombie's transaction would commit them unchecked
+                    positions = tracker.committed_positions()
+                return positions
 
             started = time.monotonic()
             exposure.cycle_started()

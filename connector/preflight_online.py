@@ -75,7 +75,11 @@ async def registry_checks(settings: ConnectorSettings) -> list[Check]:
     return [Check("registry", Status.OK, f"{url}: answers with these credentials")]
 
 
-async def kafka_checks(settings: ConnectorSettings, timeout_s: float) -> list[Check]:
+async def kafka_checks(
+    settings: ConnectorSettings, timeout_s: float, *, check_suffix: str = CHECK_SUFFIX
+) -> list[Check]:
+    """``check_suffix``: the transactional id the transaction check uses, after the
+    prefix (``run``'s start-up checks use one per host)."""
     k = settings.kafka
     problem = await diagnose(settings, timeout_s)
     if problem is not None:
@@ -98,7 +102,7 @@ async def kafka_checks(settings: ConnectorSettings, timeout_s: float) -> list[Ch
             lambda: read_check(settings, topics.inputs),
         ]
         if settings.delivery.mode is DeliveryMode.EXACTLY_ONCE:
-            steps.append(lambda: transaction_check(settings, topics.inputs))
+            steps.append(lambda: transaction_check(settings, topics.inputs, check_suffix))
         for step in steps:
             async with asyncio.timeout(timeout_s):
                 checks += await step()
@@ -335,11 +339,13 @@ async def read_check(settings: ConnectorSettings, inputs: dict[str, int]) -> lis
     return checks
 
 
-async def transaction_check(settings: ConnectorSettings, inputs: dict[str, int]) -> list[Check]:
+async def transaction_check(
+    settings: ConnectorSettings, inputs: dict[str, int], suffix: str = CHECK_SUFFIX
+) -> list[Check]:
     """InitProducerId, then offsets sent to a transaction that is aborted: nothing is
     committed, no record is written."""
     prefix, group = settings.delivery.transactional_id_prefix, settings.kafka.group_id
-    transactional_id = f"{prefix}-{CHECK_SUFFIX}"
+    transactional_id = f"{prefix}-{suffix}"
     denied = _acl("Read", "Group", group)
     producer = AIOKafkaProducer(**client_kwargs(settings), transactional_id=transactional_id)
     try:

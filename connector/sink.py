@@ -56,6 +56,7 @@ from connector.bounds import bound, minimal_dead_letter, minimal_result, out_siz
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import OutRecord, TopicPartitionKey
+from connector.fencing import fence_producer
 from connector.metrics import Metrics
 from connector.partitioning import partition_for
 from connector.source import Source
@@ -70,6 +71,14 @@ RECORD_ERRORS = (
     InvalidMessageError,
     CorruptRecordException,
 )
+
+
+def transactional_id(settings: ConnectorSettings) -> str:
+    """``<prefix>-<group>-<instance>``: unique per consumer group and replica. Without the
+    group, two connectors of different groups on one host (one ``instance_id``, the host
+    name) fenced each other at every start."""
+    d = settings.delivery
+    return f"{d.transactional_id_prefix}-{settings.kafka.group_id}-{d.instance_id}"
 
 
 class CommitError(FencedError):
@@ -131,15 +140,14 @@ class Sink:
         self._exactly_once = d.mode is DeliveryMode.EXACTLY_ONCE
         self._source = source
         self.transactional_id = (
-            f"{d.transactional_id_prefix}-{d.instance_id}{transactional_suffix}"
-            if self._exactly_once
-            else None
+            transactional_id(settings) + transactional_suffix if self._exactly_once else None
         )
         self._producer_kwargs: dict[str, object] = {
             **kafka_kwargs,
             "acks": "all",
             "enable_idempotence": True,
             "transactional_id": self.transactional_id,
+            "transaction_timeout_ms": k.transaction_timeout_ms,
             # a cycle queues all its records before it waits, so batches fill without a
             # linger (5 ms on every cycle's latency), and one batch per partition holds a
             # whole cycle: aiokafka keeps one batch per partition and a full one waits for
@@ -149,7 +157,13 @@ class Sink:
             "max_batch_size": k.max_request_size,
             "max_request_size": k.max_request_size,
         }
-        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**self._producer_kwargs)
+        if self._exactly_once:  # offsets committed as the consumer's group member (KIP-447)
+            fence_producer(producer, self._source.member)
+        return producer
 
     @property
     def mode(self) -> str:
@@ -463,7 +477,7 @@ class Sink:
 
     async def _renew_producer(self) -> None:
         await self._producer.stop()
-        self._producer = AIOKafkaProducer(**self._producer_kwargs)
+        self._producer = self._new_producer()
         await self.start()
 
     async def _publish_all(self, records: Sequence[OutRecord]) -> None:

@@ -25,7 +25,9 @@ from aiokafka.errors import (
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.errors import FencedError
 from connector.events import InputRecord, TopicPartitionKey
+from connector.fencing import require_stable
 from connector.kafka_common import client_kwargs
+from connector.kip447 import GroupMember
 from connector.metrics import Metrics
 from connector.progress import PartitionProgress
 from connector.resets import PositionResets
@@ -44,14 +46,21 @@ FRESH_MS = 5_000
 class _Listener:
     """aiokafka's rebalance hooks (registered as a virtual ConsumerRebalanceListener)."""
 
-    def __init__(self, on_revoked: PartitionsHook, on_assigned: PartitionsHook) -> None:
+    def __init__(
+        self,
+        on_revoked: PartitionsHook,
+        on_assigned: PartitionsHook,
+        joined: Callable[[], None] = lambda: None,
+    ) -> None:
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
+        self._joined = joined
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self._on_revoked([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._joined()  # before anything of the new assignment can be committed
         await self._on_assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
@@ -85,6 +94,9 @@ class Source:
         self._consumer = AIOKafkaConsumer(
             **client_kwargs(settings),
             group_id=k.group_id,
+            # static membership: aiokafka then sends no LeaveGroup when it stops (the
+            # member is kept for session_timeout_ms, for the replica to come back)
+            group_instance_id=k.static_instance_id(),
             enable_auto_commit=False,
             # no reset inside aiokafka: ``connector.resets`` makes them, loudly
             auto_offset_reset="none",
@@ -96,6 +108,8 @@ class Source:
             max_poll_records=k.fetch_max_records,
             metadata_max_age_ms=k.metadata_max_age_ms,
         )
+        self._exactly_once = settings.delivery.mode is DeliveryMode.EXACTLY_ONCE
+        self._member: GroupMember | None = None
         # the way past records aiokafka cannot decode
         self._guard = FetchGuard(self._consumer)
         self._resets = PositionResets(
@@ -116,10 +130,12 @@ class Source:
             self._guard.forget(_tp(t) for t in tps)
             await on_assigned(tps)
 
-        self._listener = _Listener(revoked, assigned)
+        self._listener = _Listener(revoked, assigned, self._joined)
 
     async def start(self) -> None:
         await self._consumer.start()
+        if self._exactly_once:  # before the first assignment (``subscribe``)
+            require_stable(self._consumer)
         self._consumer.subscribe(list(self._settings.kafka.input_topics), listener=self._listener)
 
     async def stop(self) -> None:
@@ -128,6 +144,19 @@ class Source:
     @property
     def group_id(self) -> str:
         return self._settings.kafka.group_id
+
+    def member(self) -> GroupMember | None:
+        """Who we were in the group when given the current assignment (``fencing``): the
+        transactional offsets are committed as this member."""
+        return self._member
+
+    def _joined(self) -> None:
+        coordinator = self._consumer._coordinator  # aiokafka has no public accessor
+        self._member = GroupMember(
+            coordinator.generation,
+            coordinator.member_id,
+            self._settings.kafka.static_instance_id(),
+        )
 
     async def fetch(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
         """At most ``kafka.fetch_max_records`` records, and at most ``max_records``."""

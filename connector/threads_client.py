@@ -217,12 +217,16 @@ class ThreadsClient:
         # the base URL's own path (a gateway's prefix) is kept: settings strip its "/"
         api_path = _threads_path(request.app_uid)
         url = self._base_url + api_path
-        path = self._base_path + api_path  # for errors: the path called, not the host
         # validated where it is read (config.CachedSecret); checked again here because
         # aiohttp would send non-ASCII as UTF-8 and quote a bad value in its errors
         api_key = self._api_key().get_secret_value()
         if not (api_key and api_key.isascii() and api_key.isprintable()):
             raise ApiKeyInvalid("the API key cannot be sent as a header value")
+        # for errors: the path called, not the host nor its userinfo, and not the key
+        # where a gateway wants it in the base URL's path too
+        path = self._base_path + api_path
+        if api_key in path:
+            path = path.replace(api_key, _REDACTED)
         headers = {
             "x-api-key": api_key,
             "content-type": "application/json",

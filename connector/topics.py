@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from connector.changelog_contract import Breach, breaches, corrected, creation_config
 from connector.config import ConnectorSettings, DeliveryMode
 from connector.dedup import changelog_topic
-from connector.errors import ConfigError
+from connector.errors import ChangelogError, TopicConfigError, TopicError
 from connector.kafka_common import client_kwargs
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TopicManager:
         inputs = await self.partitions(list(k.input_topics))
         missing = [t for t in k.input_topics if t not in inputs]
         if missing:
-            raise ConfigError(
+            raise TopicError(
                 f"input topic(s) {', '.join(missing)} do not exist (kafka.input_topics); the "
                 f"connector creates input topics only with kafka.create_input_topics: true, "
                 f"and starts when they appear"
@@ -94,7 +94,7 @@ class TopicManager:
                 log.warning("cannot read max.message.bytes of topic %s; not checked", topic)
                 continue
             if int(raw) < limit:
-                raise ConfigError(
+                raise TopicConfigError(
                     f"kafka.max_request_size is {limit} bytes but topic {topic} has "
                     f"max.message.bytes={raw}: the broker would refuse records the connector "
                     f"may write. Raise the topic's max.message.bytes to at least {limit} or "
@@ -118,7 +118,7 @@ class TopicManager:
         absent = [spec for name, spec in specs.items() if name not in existing]
         if absent:
             if not s.kafka.create_topics:
-                raise ConfigError(
+                raise ChangelogError(
                     "kafka.create_topics is false and "
                     + "; ".join(_missing_changelog(spec) for spec in absent)
                 )
@@ -126,7 +126,7 @@ class TopicManager:
             await self._create_missing(absent, allow=True)
         problems = await self.check_changelogs(inputs, fix=s.kafka.create_topics)
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ChangelogError("; ".join(problems))
         return list(specs)
 
     async def check_changelogs(self, inputs: dict[str, int], *, fix: bool) -> list[str]:
@@ -202,7 +202,7 @@ class TopicManager:
         by_name = {spec.name: topic for topic, spec in zip(inputs, specs.values(), strict=True)}
         lost = [spec for spec in absent if by_name[spec.name] in consumed]
         if lost:
-            raise ConfigError(
+            raise ChangelogError(
                 "; ".join(
                     f"dedup changelog {spec.name} does not exist but group {group} has "
                     f"committed offsets on {by_name[spec.name]}: its dedup state is lost and "
@@ -220,7 +220,7 @@ class TopicManager:
         for name, code, message in response.topic_errors:
             # 37 INVALID_PARTITIONS: another replica grew it first (re-checked by the caller)
             if code not in (0, 37):
-                raise ConfigError(f"dedup changelog {name}: cannot add partitions: {message}")
+                raise ChangelogError(f"dedup changelog {name}: cannot add partitions: {message}")
         log.warning("grew dedup changelogs to their input topics' partitions %s", counts)
 
     async def _create_missing(self, specs: list[TopicSpec], *, allow: bool) -> None:
@@ -230,7 +230,7 @@ class TopicManager:
             return
         if not allow:
             names = ", ".join(s.name for s in todo)
-            raise ConfigError(f"kafka.create_topics is false and topic(s) {names} do not exist")
+            raise TopicError(f"kafka.create_topics is false and topic(s) {names} do not exist")
         rf = self._settings.kafka.replication_factor
         new = [NewTopic(s.name, s.partitions, rf, topic_configs=s.config) for s in todo]
         try:
@@ -238,7 +238,7 @@ class TopicManager:
         except TopicAlreadyExistsError:
             pass  # another replica created it at the same moment
         except KafkaError as exc:
-            raise ConfigError(f"cannot create topics {[s.name for s in todo]}: {exc}") from exc
+            raise TopicError(f"cannot create topics {[s.name for s in todo]}: {exc}") from exc
         log.info("created topics %s", [s.name for s in todo])
         await self._wait_visible([s.name for s in todo])
 
@@ -251,7 +251,7 @@ class TopicManager:
                 return
             if asyncio.get_running_loop().time() > deadline:
                 missing = [n for n in names if n not in found]
-                raise ConfigError(f"topics {missing} were created but never became visible")
+                raise TopicError(f"topics {missing} were created but never became visible")
             await asyncio.sleep(0.1)
 
     async def _topic_configs(self, topics: list[str]) -> dict[str, dict[str, str]]:

@@ -330,9 +330,7 @@ async def test_auth_pause_does_not_spend_the_attempt_budget() -> None:
 
 
 async def test_a_permanent_error_also_proves_the_key_is_accepted() -> None:
-    h = Harness(
-        [OK, AuthError("HTTP 403", status=403), PermanentApiError("HTTP 422", status=422)]
-    )
+    h = Harness([OK, AuthError("HTTP 403", status=403), PermanentApiError("HTTP 422", status=422)])
     await h.call("evt-0")
 
     exc = await h.rejected()
@@ -690,3 +688,35 @@ async def test_a_proxy_failure_names_itself_in_the_pause_reason() -> None:
     h.before_sleep = look
     await h.call()
     assert reasons and message in (reasons[0] or ""), reasons
+
+
+# -- the start-up probe's verdicts (connector.startup_checks) ------------------------------
+
+
+async def test_a_start_up_404_holds_every_call_until_the_probe_passes() -> None:
+    """The start-up gate gives no call the probe: with ``api.on_error: dead_letter`` a
+    waiting event is neither sent nor dead-lettered; the probe's 400 sends it."""
+    h = Harness([OK], api={"on_error": "dead_letter"})
+    reason = "app a: POST /x answered 404: wrong path"
+    h.caller.probe_refused(404, reason)
+    assert h.caller.pause() == ("api_path", f"paused: start-up probe: {reason}")
+    call = asyncio.ensure_future(h.call())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not call.done() and h.calls == []
+    h.caller.probe_accepted()
+    created = await call
+    assert created.thread_uid == "th-1" and len(h.calls) == 1
+    assert h.caller.pause() is None
+
+
+async def test_a_start_up_401_closes_the_auth_gate_and_its_400_opens_it() -> None:
+    h = Harness([])
+    h.caller.probe_refused(401, "app a: POST /x answered 401: the API key is not accepted")
+    paused = h.caller.pause()
+    assert paused is not None and paused[0] == "api_key" and "401/403: HTTP 401" in paused[1]
+    assert h.sample("threads_connector_auth_paused") == 1
+    assert h.caller.breaker.consecutive == 0  # not a transport failure
+    h.caller.probe_accepted()
+    assert h.caller.pause() is None
+    assert h.sample("threads_connector_auth_paused") == 0

@@ -17,6 +17,7 @@ from connector.config import (
     CachedSecret,
     ConnectorSettings,
     DeliveryMode,
+    KafkaSettings,
     Ordering,
     load_settings,
 )
@@ -418,3 +419,24 @@ def test_a_base_url_with_a_query_or_fragment_is_refused(
     be part of them (every call to the gateway's root)."""
     message = config_error(write(tmp_path, {"api": {"base_url": url}, "routes": [ROUTE]}))
     assert "api.base_url" in message and "query" in message
+
+
+@pytest.mark.parametrize(
+    ("instance", "static_members", "joins_as"),
+    [
+        (None, None, None),
+        ("conn-2", None, "conn-2"),  # every replica static
+        ("conn-1", 2, "conn-1"),  # below the autoscaler's minimum: static
+        ("conn-2", 2, None),  # an autoscaler's extra: dynamic, leaves when it stops
+    ],
+)
+def test_static_membership_by_ordinal(
+    instance: str | None, static_members: int | None, joins_as: str | None
+) -> None:
+    kafka = KafkaSettings(group_instance_id=instance, static_members=static_members)
+    assert kafka.static_instance_id() == joins_as
+
+
+def test_static_members_needs_an_ordinal_and_names_the_field() -> None:
+    with pytest.raises(ValidationError, match="static_members needs a group_instance_id"):
+        KafkaSettings(group_instance_id="conn", static_members=2)

@@ -12,6 +12,7 @@ import pytest
 from connector.app import Connector
 from connector.events import InputRecord
 from connector.localkafka import LocalKafka
+from connector.session import Session
 from connector.simulator import LatencySpec, SimulatorSettings, ThreadsApiSimulator
 from tests.harness import (
     Names,
@@ -184,8 +185,7 @@ async def test_calls_stop_while_the_broker_is_down_and_exposure_stays_under_the_
 
 def buffered(connector: Connector) -> int:
     """Events fetched and not finished, held ones of restoring partitions included."""
-    held = sum(len(records) for records in connector._held.values())
-    return held + (connector.pipeline.in_progress() if connector.pipeline else 0)
+    return connector.session.buffered() if connector.session is not None else 0
 
 
 async def test_buffer_bound_holds_at_every_moment_across_a_rebalance(
@@ -247,7 +247,8 @@ async def test_a_new_session_starts_with_nothing_held_from_the_last_one(
     connector = Connector(settings)
     # what a session ended during a restore leaves: the first record, fetched and held
     stale = InputRecord(names.input, 0, 0, b"k", event("h-0"))
-    connector._held[(names.input, 0)] = [stale]
+    last = connector.session = Session(connector)
+    last._held[(names.input, 0)] = [stale]
     stop = asyncio.Event()
     task = asyncio.create_task(connector.run(stop))
     try:
@@ -255,5 +256,6 @@ async def test_a_new_session_starts_with_nothing_held_from_the_last_one(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)  # raises what ended the run
+    assert connector.session is not last  # a fresh Session for each membership
     out = await results(bootstrap=kafka_bootstrap, topic=names.results)
     assert Counter(r["eventId"] for r in out) == Counter(f"h-{i}" for i in range(5))

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from connector.app import Connector
 from connector.simulator import LatencySpec, SimulatorSettings, ThreadsApiSimulator, run_in_thread
 from tests.harness import (
     API_KEY,
@@ -85,6 +86,11 @@ async def test_scale_one_three_one_while_events_flow(kafka_bootstrap: str) -> No
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=120)
         out = await results(kafka_bootstrap, names.results)
         assert_exactly_once(out, ids, sim.store.count_by_event_id())
+
+
+def dedup_held(connector: Connector) -> set[tuple[str, int]]:
+    """Partitions of the current session whose dedup restore has finished."""
+    return set(connector.session._dedup_held) if connector.session is not None else set()
 
 
 def _config_file(tmp_path: Path, settings: object) -> Path:
@@ -295,11 +301,11 @@ async def test_rebalance_restores_only_partitions_new_to_the_replica(kafka_boots
             assert first.metrics.dedup_restored._value.get() == 0  # a new topic: nothing
             async with running(other) as second:  # first keeps half, second restores half
                 # _dedup_held is set once an assignment's restore has finished
-                while not second._dedup_held or len(first._dedup_held) != 2:
+                while not dedup_held(second) or len(dedup_held(first)) != 2:
                     await asyncio.sleep(0.05)
                 moved = second.metrics.dedup_restored._value.get()
             # the second replica left: its partitions come back to the first, only they restore
-            while len(first._dedup_held) < 4:
+            while len(dedup_held(first)) < 4:
                 await asyncio.sleep(0.05)
             came_back = first.metrics.dedup_restored._value.get()
             assert 0 < moved < len(ids) and came_back == moved

@@ -322,7 +322,10 @@ async def test_registry_down_pauses_then_resumes(
             assert await consume_all(kafka_bootstrap, names.dead) == []
             assert len(sim.store) == 0
 
-            private_apicurio.start()  # back, with the same schemas
+            # back, with the same schemas; started in a thread: the JVM's start-up blocked
+            # this event loop, the in-process connector's too, past its session timeout
+            # (a frozen member: its commit is refused and its events replayed)
+            await asyncio.to_thread(private_apicurio.start)
             results = await wait_for(kafka_bootstrap, names.results, 3)
 
             async def ready() -> bool:

@@ -43,6 +43,8 @@ CHART_OWNED = {
     ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret / existingSecret
     ("kafka", "oauth_client_secret_file"),  # set by the chart (OAUTHBEARER)
     ("kafka", "ssl_keyfile"),  # idem
+    ("kafka", "group_instance_id"),  # the pod name under a StatefulSet (workloadKind)
+    ("kafka", "static_members"),  # the autoscaler's minimum under a StatefulSet
     ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
     ("schema_registry", "password_file"),  # set by the chart
     ("schema_registry", "bearer_token"),  # idem
@@ -132,8 +134,15 @@ def connector_config(docs: list[Manifest]) -> dict[str, Any]:
     return loaded
 
 
+def workload(docs: list[Manifest]) -> Manifest:
+    """The Deployment, or the StatefulSet (``workloadKind``)."""
+    found = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    assert len(found) == 1, f"expected one workload, got {len(found)}"
+    return found[0]
+
+
 def container(docs: list[Manifest]) -> dict[str, Any]:
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = workload(docs)["spec"]["template"]["spec"]
     (main,) = [c for c in pod["containers"] if c["name"] == "connector"]
     return typing.cast(dict[str, Any], main)
 
@@ -224,7 +233,7 @@ def test_deployment_probes_and_port(case: Path | None) -> None:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_deployment_security_context(case: Path | None) -> None:
     docs = render_case(case)
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = workload(docs)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert pod["automountServiceAccountToken"] is False
@@ -243,7 +252,7 @@ def test_deployment_security_context(case: Path | None) -> None:
 def test_grace_period_exceeds_drain_timeout(case: Path | None) -> None:
     docs = render_case(case)
     drain_s = connector_config(docs).get("delivery", {}).get("drain_timeout_s", 70)
-    grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = workload(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > drain_s
 
 
@@ -264,6 +273,41 @@ def test_instance_id_is_the_pod_name() -> None:
     assert env["THREADS_CONNECTOR_DELIVERY__INSTANCE_ID"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.name"}
     }
+
+
+def test_a_deployment_has_no_static_membership() -> None:
+    env = {e["name"] for e in container(render(*API_KEY_SET))["env"]}
+    assert "THREADS_CONNECTOR_KAFKA__GROUP_INSTANCE_ID" not in env
+
+
+@pytest.mark.parametrize(
+    ("scaler", "static"),
+    [
+        ((), None),  # fixed replicas: every pod is static
+        (("--set", "hpa.enabled=true", "--set", "hpa.minReplicas=2"), "2"),
+        (("--set", "keda.enabled=true", "--set", "keda.minReplicaCount=3"), "3"),
+    ],
+)
+def test_a_statefulset_joins_under_its_stable_pod_names(
+    scaler: tuple[str, ...], static: str | None
+) -> None:
+    """Static group membership from the StatefulSet's pod names; the pods an autoscaler
+    may remove join as dynamic members (they leave the group on SIGTERM)."""
+    docs = render(*API_KEY_SET, "--set", "workloadKind=StatefulSet", *scaler)
+    assert "Deployment" not in kinds(docs)
+    workload = one(docs, "StatefulSet")
+    spec = workload["spec"]
+    assert spec["serviceName"] == workload["metadata"]["name"]
+    assert spec["podManagementPolicy"] == "Parallel" and "strategy" not in spec
+    (main,) = [c for c in spec["template"]["spec"]["containers"] if c["name"] == "connector"]
+    env = {e["name"]: e for e in main["env"]}
+    assert env["THREADS_CONNECTOR_KAFKA__GROUP_INSTANCE_ID"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    assert env.get("THREADS_CONNECTOR_KAFKA__STATIC_MEMBERS", {}).get("value") == static
+    if scaler:
+        target = next(d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject"))
+        assert target["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
 
 
 def test_config_checksum_rolls_pods_on_config_change_only() -> None:

@@ -100,7 +100,7 @@ async def test_hostile_corpus_among_valid_events(kafka_bootstrap: str) -> None:
             await produce_each(kafka_bootstrap, names.input, records)
             await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=240)
             assert connector.sessions == 1  # never restarted
-            bounded = connector._sink.bounded if connector._sink else 0
+            bounded = connector.session.sink.bounded if connector.session else 0
         created = sim.store.count_by_event_id()
     # the standard library's parser: orjson would read an integer id beyond 64 bits as a float
     out = [json.loads(m.value) for m in await read_all(kafka_bootstrap, names.results)]

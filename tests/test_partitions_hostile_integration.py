@@ -17,6 +17,7 @@ from aiokafka.producer import producer as aiokafka_producer
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy as _BuilderPy
 
+from connector.app import Connector
 from connector.localkafka import run_tool
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from connector.source import Source
@@ -150,7 +151,7 @@ async def test_a_rebalance_during_the_recovery_loses_nothing_and_ends_nothing(
             await other.start()
             try:
                 await until(lambda: assigns._value.get() > before, 30, "no rebalance")
-                await until(lambda: len(connector._assigned) < 4, 30, "nothing moved")
+                await until(lambda: len(assigned(connector)) < 4, 30, "nothing moved")
                 release.set()
                 await asyncio.sleep(1.0)  # the recovery goes on: nothing to wait for
             finally:
@@ -353,8 +354,8 @@ async def test_a_rebalance_during_a_position_reset_ends_nothing(
             )
             await other.start()
             try:
-                await until(lambda: len(connector._assigned) < 4, 30, "nothing moved")
-                assert (names.input, 0) not in connector._assigned
+                await until(lambda: len(assigned(connector)) < 4, 30, "nothing moved")
+                assert (names.input, 0) not in assigned(connector)
                 release.set()
                 await asyncio.sleep(1.0)  # the reset goes on: nothing to wait for
             finally:
@@ -518,7 +519,7 @@ async def test_a_blocked_partition_revoked_during_a_look_is_not_named_here_after
                 )
                 await other.start()
                 try:
-                    await until(lambda: connector._assigned == [(names.input, 1)], 30, "no move")
+                    await until(lambda: assigned(connector) == [(names.input, 1)], 30, "no move")
                     release.set()
                     await asyncio.sleep(3)  # a few gauge rounds
                     assert not named(), connector._ready()[1]
@@ -569,3 +570,9 @@ async def test_an_undecodable_record_behind_others_backlog_with_a_nearly_full_bu
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
         recoveries = [r for r in caplog.records if "one by one" in r.getMessage()]
         assert len(recoveries) <= 5, f"{len(recoveries)} recoveries"
+
+
+def assigned(connector: Connector) -> list[tuple[str, int]]:
+    """The partitions the connector's current session holds (none between sessions)."""
+    session = connector.session
+    return list(session.assigned) if session is not None else []

@@ -4,6 +4,7 @@ one outcome its full form, never the commit cycle (issue 9)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -31,6 +32,14 @@ pytestmark = pytest.mark.integration
 
 async def _nothing(_: object) -> None:
     return None
+
+
+async def until_member(source: Source, timeout_s: float = 30) -> None:
+    """Until the source's consumer has joined its group and been assigned."""
+    deadline = time.monotonic() + timeout_s
+    while source.member() is None:
+        assert time.monotonic() < deadline, "the consumer never joined its group"
+        await asyncio.sleep(0.05)
 
 
 def header(record: object, name: str) -> bytes | None:
@@ -221,9 +230,12 @@ async def test_a_refused_record_costs_a_retry_of_the_transaction_and_its_offsets
         OutRecord(names.results, b"u", b'{"n":2}', partition=1),
     ]
     await sink.start()
+    await source.start()  # offsets are committed as a member of the group (KIP-447)
     try:
+        await until_member(source)
         positions = await sink.commit_cycle(records, finish)
     finally:
+        await source.stop()
         await sink.stop()
     assert positions == {(names.input, 0): 8, (names.input, 1): 3}
     assert len(calls) == 1
@@ -367,3 +379,15 @@ async def test_a_cut_record_keeps_its_place_in_the_partition(
     order = [header(m, "dlq-source") for m in await read_all(kafka_bootstrap, names.dead)]
     assert sink.bounded == 1
     assert order == [b"in/0/1", b"in/0/2", b"in/0/3"]
+
+
+async def test_the_producers_transaction_timeout_is_the_setting() -> None:
+    """``kafka.transaction_timeout_ms`` bounds how long a frozen replica's open transaction
+    holds its partitions' next owner (its committed-offset fetch waits for it)."""
+    names = Names.fresh("sink-txn-timeout")
+    settings = make_settings(
+        "127.0.0.1:1", "http://127.0.0.1:1", names, kafka={"transaction_timeout_ms": 7_000}
+    )
+    source = Source(settings, _nothing, _nothing)  # type: ignore[arg-type]
+    sink = Sink(settings, source, client_kwargs(settings))  # type: ignore[arg-type]
+    assert sink._producer._txn_manager.transaction_timeout_ms == 7_000

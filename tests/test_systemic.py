@@ -170,6 +170,25 @@ async def test_a_2xx_without_a_thread_uid_is_never_held() -> None:
     assert exc.code == "http_201"
 
 
+async def test_stop_mode_dead_letters_a_2xx_without_a_thread_uid_and_stops() -> None:
+    """``api.on_error: stop`` kept every erring event for a retry after the restart,
+    this one too: the thread it may have created got a second one. Now it is
+    dead-lettered (never retried, as in the other modes) and every call stops."""
+    h = harness(
+        [PermanentApiError("200 without a threadUid: the thread may exist", status=200), OK],
+        on_error="stop",
+    )
+    async with asyncio.timeout(5):  # before, it waited for a restart
+        exc = await h.rejected()
+    assert exc.code == "http_200"
+    reason = h.caller.pause_reason()
+    assert reason is not None and reason.startswith("stopped (api.on_error=stop)")
+    later = asyncio.create_task(h.call("e2"))
+    assert await stuck(later)
+    later.cancel()
+    await asyncio.gather(later, return_exceptions=True)
+
+
 async def test_dead_letter_mode_dead_letters_every_one_and_never_pauses() -> None:
     h = harness([http(404)] * 5, on_error="dead_letter")
     dead = [await h.rejected_as(f"e{i}") for i in range(5)]
@@ -219,3 +238,144 @@ async def test_calls_without_an_answer_trip_the_breaker_and_the_event_waits() ->
     assert h.delays[1:] == [3.0] * 5  # after the breaker opened: the probe's waits
     assert all(r and "circuit breaker" in r and "no complete answer" in r for r in reasons[1:])
     assert h.caller.breaker.is_open
+
+
+async def test_a_redirect_storm_opens_the_breaker_naming_the_redirect_and_path() -> None:
+    """``api.base_url`` on http:// where the API redirects to https:// (307 each call):
+    the breaker opens and /readyz says it is a redirect, with the path called. Before, it
+    said only "(last: HTTP 307)": nothing pointed at api.base_url."""
+    redirect = RetriableApiError(
+        f"HTTP 307: redirected, not followed (is api.base_url right?) (POST {PATH})",
+        status=307,
+        kind="redirect",
+        path=PATH,
+    )
+    h = harness([redirect] * 3 + [OK], breaker_failure_threshold=2)
+    reasons: list[str | None] = []
+
+    async def look(seconds: float) -> None:
+        reasons.append(h.caller.pause_reason())
+
+    h.before_sleep = look
+    await h.call("e1")
+    last = reasons[-1] or ""
+    assert "circuit breaker open" in last
+    assert "redirected, not followed (is api.base_url right?)" in last and f"POST {PATH}" in last
+
+
+async def test_held_events_probe_the_app_one_at_a_time_until_it_is_proven() -> None:
+    """Events held on an unproven app send one probe at a time (a request that cannot
+    create a thread), at most one per ``pause_probe_interval_s``; once it proves the app
+    every held event goes on. Before, nothing probed: a held event waited for the app's
+    next success, for ever on a quiet app."""
+    interval_s = 0.05
+    proofs: list[bool] = []
+    running = 0
+    most = 0
+    proven_after = 4
+
+    async def prove() -> bool:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        proofs.append(len(proofs) + 1 >= proven_after)
+        return proofs[-1]
+
+    systemic = Systemic(20, interval_s, AppMetrics(Metrics(), "demo-app"), prove)
+    gate = systemic.gate("*/order.shipped")
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(asyncio.gather(*(systemic.hold(gate) for _ in range(10))), 5)
+    took_s = asyncio.get_running_loop().time() - started
+    assert systemic.proven and systemic.held == 0
+    assert proofs == [False, False, False, True]  # not one per held event
+    assert most == 1
+    assert took_s >= (proven_after - 1) * interval_s
+
+
+def test_a_run_waits_for_the_routes_older_calls_and_their_success_breaks_it() -> None:
+    """Events interleaved as bad, good, bad, bad (in the order their calls started); the
+    404s come back at once, the success later. Before, the 404s paused the route (an
+    ERROR line naming a configuration fault, /readyz red) until the success answered;
+    now the run waits for the older call, and its success breaks the run."""
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    bad_1, good, bad_2, bad_3 = (gate.begin() for _ in range(4))
+    for event_id, call in (("b1", bad_1), ("b2", bad_2), ("b3", bad_3)):
+        assert not gate.failure(event_id, http(404), False, call)
+    assert gate.is_open and gate.deciding  # its events wait for the older call
+    assert not gate.success(False, good)
+    assert gate.is_open and not gate.deciding
+
+
+def test_an_event_tried_again_keeps_its_place_before_a_success() -> None:
+    """Held events are tried again after the app's proof: their failures then come after
+    every success of the fetch, but the events started before those successes, so they
+    make no run. Before, 20 held events tried again after the last success paused the
+    route under CPU load."""
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    firsts = {}
+    for i in range(3):
+        firsts[f"b{i}"] = gate.begin()
+        gate.begin()  # a good event between
+    assert not gate.success(False, gate._started)  # the last good one
+    for event_id, first in firsts.items():  # tried again: a new call, the first's place
+        assert not gate.failure(event_id, http(404), False, gate.begin(), first)
+    assert gate.is_open and not gate.deciding
+
+
+def test_a_run_pauses_once_the_older_calls_end_without_a_success() -> None:
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    older = gate.begin()
+    for i in range(3):
+        assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
+    assert gate.ended(older)  # e.g. a 503 or a timeout: no success came
+    assert not gate.is_open and gate.status == 404
+    assert "3 events in a row answered HTTP 404" in gate.reason
+
+
+async def test_a_probe_goes_at_once_when_another_answer_opens_its_gate() -> None:
+    """A probe waits ``probe_interval_s`` before trying; when a call already under way
+    answers meanwhile and opens the gate, the probe goes at once. Before, it slept on:
+    after a brief pause its event (and its partition's commit) waited the whole interval
+    (30 s for a route, 38 s instead of 8 s for the interleaved run of the review)."""
+    h = harness([OK], breaker_probe_interval_s=30.0)
+    h.caller._sleep = asyncio.sleep  # real time: the wait is what is measured
+    h.caller.breaker.fail(False, "circuit breaker open: a test")
+    task = asyncio.create_task(h.call("e1"))
+    assert await stuck(task)
+    h.caller.breaker.succeed(False)  # an answer to a call already under way
+    async with asyncio.timeout(2):
+        created = await task
+    assert created.thread_uid == OK.thread_uid
+
+
+def test_a_run_waiting_for_an_older_call_pauses_when_it_ends_with_another_4xx() -> None:
+    """The older call a run waits for ends with another status (a 422 among 404s): the
+    run is decided (no success came) and pauses the route. Checked only when the
+    answer's own run was long enough, it waited for ever with its events held."""
+    gate = RouteGate("*/order.shipped", 3, PAUSE_PROBE_S)
+    older = gate.begin()
+    for i in range(3):
+        assert not gate.failure(f"bad-{i}", http(404), False, gate.begin())
+    assert gate.failure("other", http(422, "Validation error"), False, older)
+    assert gate.status == 404
+
+
+async def test_a_run_that_outlasts_the_success_it_waited_for_pauses_then() -> None:
+    """bad, good, bad, bad, bad (start order), threshold 3: the success breaks the run of
+    the one bad event before it only; the three after it are a run, decided now that no
+    older call is under way. Before, the run stayed ``deciding`` and its held events
+    waited for another answer that might never come."""
+    systemic = Systemic(3, PAUSE_PROBE_S, AppMetrics(Metrics(), "demo-app"))
+    systemic.proven = True
+    gate = systemic.gate("*/order.shipped")
+    b1, good, b2, b3, b4 = (gate.begin() for _ in range(5))
+    verdicts = [
+        systemic.failure(gate, event_id, http(404), False, call)
+        for event_id, call in (("b1", b1), ("b2", b2), ("b3", b3), ("b4", b4))
+    ]
+    assert verdicts[2:] == [Verdict.WAIT, Verdict.WAIT]  # deciding: they wait
+    assert gate.is_open
+    systemic.success(gate, False, good)
+    assert not gate.is_open and gate.status == 404

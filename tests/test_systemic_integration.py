@@ -68,7 +68,9 @@ async def test_a_wrong_base_url_pauses_the_route_and_dead_letters_nothing(
         kafka_bootstrap,
         sim.base_url + "/api/v1",
         names,
-        api={"pause_probe_interval_s": 0.5},
+        # the start-up probe off (it pauses the app before any call: test_startup_checks_
+        # integration): the route pause, for a path that breaks while running
+        api={"pause_probe_interval_s": 0.5, "startup_probe": False},
     )
     ids = [f"p-{i}" for i in range(n)]
     async with running(wrong) as connector:
@@ -192,7 +194,12 @@ async def test_stop_mode_stops_at_the_first_api_error_and_keeps_the_events(
     restart; a restart with the fixed configuration makes every thread."""
     names = Names.fresh("stop")
     wrong = make_settings(
-        kafka_bootstrap, sim.base_url + "/api/v1", names, partitions=1, api={"on_error": "stop"}
+        kafka_bootstrap,
+        sim.base_url + "/api/v1",
+        names,
+        partitions=1,
+        # the start-up probe off: a path that breaks while running (a gateway's route removed)
+        api={"on_error": "stop", "startup_probe": False},
     )
     ids = [f"s-{i}" for i in range(5)]
     async with running(wrong) as connector:

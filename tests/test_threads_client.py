@@ -572,3 +572,18 @@ def test_header_values_skip_quote_only_when_quote_would_not_change_them() -> Non
     cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
     for case in cases:
         assert _header_text(case) == quote(case, safe=_HEADER_SAFE), repr(case)
+
+
+@pytest.mark.parametrize("status", [404, 422, 307])
+async def test_an_errors_path_carries_neither_the_userinfo_nor_the_key(status: int) -> None:
+    """The request line in an error (``dlq-reason``, ``/readyz``) is the path called: the
+    base URL's ``user:password@`` never shows, and neither does the key when a gateway
+    puts it in the base URL's path (``https://gw.example/t/<key>``)."""
+    async with serving(respond(status, json={"error": "Nope"})) as base_url:
+        with_secrets = base_url.replace("http://", "http://gw-user:gw-pass@") + "/t/the-api-key"
+        async with client(with_secrets) as c:
+            with pytest.raises(ApiError) as info:
+                await c.create_thread(REQUEST, event_id="e", correlation_id="c")
+    text = f"{info.value} {info.value.path}"
+    assert "/t/[redacted]/api/v1/appuid/" in text
+    assert "gw-pass" not in text and "gw-user" not in text and "the-api-key" not in text

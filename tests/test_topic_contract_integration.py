@@ -95,6 +95,7 @@ async def test_a_missing_input_topic_is_not_created_and_the_connector_waits_for_
                 not_ready_naming(connector, names.input, "create_input_topics"),
                 "readiness never named the missing input topic",
             )
+            assert connector._not_ready()[0] == "topic_missing"  # not_ready{reason}
             await asyncio.sleep(1.5)  # several attempts: none may create it
             assert not await topic_exists(kafka_bootstrap, names.input)
             assert not connector.started.is_set()
@@ -164,6 +165,7 @@ async def test_a_short_retention_changelog_is_refused_when_topics_are_not_manage
                 not_ready_naming(connector, changelog, "retention.ms=5000", f"{TTL_MS}"),
                 "readiness never named the short retention",
             )
+            assert connector._not_ready()[0] == "changelog"  # not_ready{reason}
             assert not connector.started.is_set()
             assert (await topic_config(kafka_bootstrap, changelog))["retention.ms"] == "5000"
         finally:
@@ -239,6 +241,7 @@ async def test_a_changelog_altered_while_running_turns_readiness_red(
                 not_ready_naming(connector, changelog, "retention.ms=5000"),
                 "readiness never named the altered changelog",
             )
+            assert connector._not_ready()[0] == "changelog"
             await alter(
                 kafka_bootstrap,
                 changelog,

@@ -38,6 +38,8 @@ EXCLUDED = {
     ("kafka", "oauth_client_secret"),  # secret: secrets.oauthClientSecret or existingSecret
     ("kafka", "oauth_client_secret_file"),  # the mounted Secret
     ("delivery", "instance_id"),  # the pod name
+    ("kafka", "group_instance_id"),  # the pod name under a StatefulSet (workloadKind)
+    ("kafka", "static_members"),  # the autoscaler's minimum under a StatefulSet
     ("schema_registry", "password"),  # schemaRegistry.existingSecret, mounted
     ("schema_registry", "password_file"),
     ("schema_registry", "bearer_token"),
@@ -97,7 +99,8 @@ def config_schema() -> Schema:
         "The connector's config file, section by section as in connector/config.py. Secrets "
         "(api.api_key, kafka.sasl_password) are not accepted here: use secrets.apiKey / "
         "secrets.saslPassword or secrets.existingSecret. api.api_key_file, "
-        "kafka.sasl_password_file and delivery.instance_id are set by the chart."
+        "kafka.sasl_password_file, delivery.instance_id, kafka.group_instance_id and "
+        "kafka.static_members are set by the chart."
     )
     kafka = cfg["properties"]["kafka"]
     kafka["if"] = {
@@ -290,6 +293,11 @@ def values_schema() -> Schema:
             ),
             "terminationGraceMarginSeconds": typed("integer", minimum=1),
             "probes": obj({"liveness": PROBE, "readiness": PROBE}),
+            "workloadKind": typed(
+                "string",
+                enum=["Deployment", "StatefulSet"],
+                description="StatefulSet: static group membership (stable pod names)",
+            ),
             "strategy": typed("object"),
             "extraEnv": typed("array", items=typed("object", required=["name"])),
             "extraVolumes": typed("array", items=typed("object", required=["name"])),

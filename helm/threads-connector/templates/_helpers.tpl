@@ -264,3 +264,13 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- fail (printf "\n\nthreads-connector: invalid values:\n  - %s\n" (join "\n  - " $errors)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+How many pods (ordinals 0..n-1) are static group members under a StatefulSet: with an
+autoscaler, its minimum (the pods it never removes); empty without one (every pod).
+*/}}
+{{- define "threads-connector.staticMembers" -}}
+{{- if .Values.hpa.enabled }}{{ .Values.hpa.minReplicas }}
+{{- else if .Values.keda.enabled }}{{ .Values.keda.minReplicaCount }}
+{{- end }}
+{{- end }}
