@@ -410,6 +410,35 @@ async def test_a_cloudevent_attribute_in_two_headers_that_disagree_is_refused() 
     assert same.event_id == "c-1"
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 1e6
+
+
+def test_the_default_schema_cache_fits_in_the_charts_memory() -> None:
+    """Each Protobuf decoder holds its own descriptor pool (the well-known types, the
+    schema, its classes): about 60 KB measured. At the old default of 10,000 cached
+    schemas, records naming that many existing ids (the registry's ids are global: any
+    Protobuf schema of any subject fits a Protobuf topic's header) took ~600 MB, an
+    OOM kill under the chart's 768 Mi limit at every restart on the same records. The
+    default times the measured cost must stay within a fifth of the limit."""
+    file = descriptor_pb2.FileDescriptorProto(name="m.proto", package="m", syntax="proto3")
+    message = file.message_type.add(name="M")
+    for number in range(1, 21):
+        message.field.add(name=f"f{number}", number=number, type=9, label=1)
+    text = base64.b64encode(file.SerializeToString()).decode()
+    built = 300
+    kept = []
+    before = _rss_mb()
+    for schema_id in range(built):
+        decode = build_decoder(RegisteredSchema(schema_id, "PROTOBUF", text))
+        decode(b"\x00")
+        kept.append(decode)
+    per_decoder_mb = (_rss_mb() - before) / built
+    default = SchemaRegistrySettings(url="http://r").max_cached_schemas
+    assert default * per_decoder_mb < 768 * 1.048576 / 5, (default, per_decoder_mb)
+
+
 async def test_wire_format_header_is_checked_before_any_fetch() -> None:
     parser = Parser(
         settings(
