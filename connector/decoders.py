@@ -386,7 +386,7 @@ def _message_dict(message: Message) -> dict[str, Any]:
         if field.is_repeated:
             if _is_map(field):
                 value_field = field.message_type.fields_by_name["value"]
-                out[field.name] = {str(k): _value(value_field, v) for k, v in value.items()}
+                out[field.name] = {_map_key(k): _value(value_field, v) for k, v in value.items()}
             else:
                 out[field.name] = [_value(field, v) for v in value]
         else:
@@ -396,6 +396,11 @@ def _message_dict(message: Message) -> dict[str, Any]:
 
 # Descriptors are typed ``Any`` below: the stubs give each a union of the pure-Python and
 # the upb class, whose optional members (``message_type``) are set for the field kinds read.
+
+
+def _map_key(key: Any) -> str:
+    """A map key as the Protobuf JSON mapping writes it: ``true``, ``42``, the string."""
+    return ("true" if key else "false") if isinstance(key, bool) else str(key)
 
 
 def _is_map(field: Any) -> bool:

@@ -283,6 +283,28 @@ def test_protobuf_floats_come_out_as_written_not_widened() -> None:
     assert decode(b"\x00" + payload) == {"amount": 19.99, "history": [0.1, 2.5], "exact": 0.1}
 
 
+def test_protobuf_map_keys_are_written_as_json_writes_them() -> None:
+    """A ``map<bool, ...>`` key came out as ``"True"`` (Python's text of the bool), where
+    the Protobuf JSON mapping (and a template author) writes ``"true"``."""
+    file = descriptor_pb2.FileDescriptorProto(name="k.proto", package="k", syntax="proto3")
+    message = file.message_type.add(name="Flags")
+    entry = message.nested_type.add(
+        name="ByFlagEntry", options=descriptor_pb2.MessageOptions(map_entry=True)
+    )
+    entry.field.add(name="key", number=1, type=8, label=1)  # bool
+    entry.field.add(name="value", number=2, type=9, label=1)
+    message.field.add(
+        name="by_flag", number=1, type=11, label=3, type_name=".k.Flags.ByFlagEntry"
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    flags = message_factory.GetMessageClass(pool.FindMessageTypeByName("k.Flags"))
+    payload = flags(by_flag={True: "on", False: "off"}).SerializeToString()
+    text = base64.b64encode(file.SerializeToString()).decode()
+    decode = build_decoder(RegisteredSchema(7, "PROTOBUF", text))
+    assert decode(b"\x00" + payload) == {"by_flag": {"true": "on", "false": "off"}}
+
+
 def test_protobuf_source_with_a_reference_is_compiled() -> None:
     from connector.registry import Reference
 
