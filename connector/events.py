@@ -67,7 +67,9 @@ class Event:
 
     ``event_id`` is the id as text (headers, logs, templates); ``event_id_value`` is the id
     as the producer typed it (a string or an integer), which the result record keeps;
-    ``dedup_key`` is its JSON encoding, so ``5`` and ``"5"`` are different events.
+    ``dedup_key`` is its JSON encoding, so ``5`` and ``"5"`` are different events; with a
+    ``dedup_scope`` (a CloudEvent's ``source``: its ids are unique within one source only)
+    the key is ``[scope, id]``, so two sources' event ``1`` are two events.
     """
 
     event_id: str
@@ -77,6 +79,7 @@ class Event:
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     event_id_value: EventId | None = None  # None: the same as ``event_id`` (a string)
     time_field: str | None = None  # the event time's path when the route names none
+    dedup_scope: str | None = None  # the namespace of the id (a CloudEvent's source)
 
     @property
     def id_value(self) -> EventId:
@@ -84,7 +87,10 @@ class Event:
 
     @property
     def dedup_key(self) -> str:
-        return dedup_key(self.id_value)
+        key = dedup_key(self.id_value)
+        if self.dedup_scope is None:
+            return key
+        return f"[{orjson.dumps(self.dedup_scope).decode()},{key}]"
 
 
 def dedup_key(event_id: EventId) -> str:
@@ -174,6 +180,7 @@ def event_from_body(
     max_id_length: int = 256,
     correlation_id: str | None = None,
     time_field: str | None = None,
+    dedup_scope: str | None = None,
 ) -> Event:
     """The event of a decoded body (JSON, or a schema-registry format decoded alike).
 
@@ -181,7 +188,8 @@ def event_from_body(
     the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
     than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
     a bool or an object to text would make different events collide. ``time_field``: the
-    event time's path when the route names none (a CloudEvent's ``time``).
+    event time's path when the route names none (a CloudEvent's ``time``); ``dedup_scope``:
+    the namespace the id is unique in (a CloudEvent's ``source``).
     """
     if not isinstance(body, dict):
         raise EventRejected(
@@ -205,6 +213,7 @@ def event_from_body(
         correlation_id=correlation_id or uuid.uuid4().hex,
         event_id_value=event_id if isinstance(event_id, int) else None,
         time_field=time_field,
+        dedup_scope=dedup_scope,
     )
 
 
