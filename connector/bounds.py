@@ -29,7 +29,7 @@ from typing import Literal
 
 import orjson
 
-from connector.events import OutRecord
+from connector.events import OutRecord, dumps_result, loads_result
 from connector.utf8 import HEADER_VALUE_MAX, cut_utf8, header_text
 
 OversizeValue = Literal["truncate", "omit"]
@@ -145,7 +145,7 @@ def _header_size(name: str, data: bytes | None) -> int:
 def bounded_result(record: OutRecord, limit: int) -> OutRecord:
     """The result record with every string field over :data:`RESULT_FIELD_MAX` bytes cut,
     and listed under ``"truncated"``; headers cut to :data:`HEADER_VALUE_MAX`."""
-    body = orjson.loads(record.value or b"{}")
+    body = loads_result(record.value or b"{}")  # an integer id of any length kept exact
     truncated: dict[str, dict[str, object]] = {}
     for name, field in list(body.items()):
         if isinstance(field, str) and len(field.encode("utf-8", "replace")) > RESULT_FIELD_MAX:
@@ -158,7 +158,7 @@ def bounded_result(record: OutRecord, limit: int) -> OutRecord:
     if key is not None and len(key) > RESULT_FIELD_MAX:
         headers += (("key-sha256", sha256_hex(key).encode()),)
         key = cut_utf8(key, RESULT_FIELD_MAX)  # same truncated key, same partition
-    bounded = OutRecord(record.topic, key, orjson.dumps(body), headers, record.partition)
+    bounded = OutRecord(record.topic, key, dumps_result(body), headers, record.partition)
     return bounded if fits(bounded, limit) else minimal_result(record, body)
 
 

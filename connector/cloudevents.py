@@ -53,12 +53,17 @@ def _rejected(reason: str) -> EventRejected:
 
 
 def binary_attributes(record: InputRecord) -> dict[str, Any]:
-    """The ``ce_*`` headers as attributes (``datacontenttype`` from ``content-type``)."""
+    """The ``ce_*`` headers as attributes (``datacontenttype`` from ``content-type``).
+    An attribute in two headers that disagree is refused: with the last one winning, the
+    same headers in the other order would be another event."""
     attributes: dict[str, Any] = {}
     for name, value in record.headers:
         lower = name.lower()
         if lower.startswith(HEADER_PREFIX) and len(lower) > len(HEADER_PREFIX):
-            attributes[lower[len(HEADER_PREFIX) :]] = _text(name, value)
+            attribute, text = lower[len(HEADER_PREFIX) :], _text(name, value)
+            if attributes.get(attribute, text) != text:
+                raise _rejected(f"{lower} headers with different values")
+            attributes[attribute] = text
     content_type = record.header("content-type")
     if content_type is not None:
         attributes["datacontenttype"] = _text("content-type", content_type)

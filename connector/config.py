@@ -575,7 +575,7 @@ class SchemaRegistrySettings(_Frozen):
     request_timeout_s: float = Field(default=10.0, gt=0)
     retry_initial_s: float = Field(default=1.0, gt=0, description="after a failed fetch")
     retry_max_s: float = Field(default=30.0, gt=0, description="the backoff's cap")
-    max_cached_schemas: int = Field(default=10_000, ge=1)
+    max_cached_schemas: int = Field(default=1_000, ge=1)
 
     @field_validator("url")
     @classmethod

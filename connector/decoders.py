@@ -5,8 +5,10 @@ references), then decodes payloads (the bytes after the wire format's header). V
 out as the JSON path gives them, so templates, routes and the event time read them alike:
 
 - Avro (fastavro): timestamps and dates as ISO-8601 text (``...Z`` for UTC), decimals as
-  exact text (``"12.50"``), enums as their symbol, uuids as text, bytes as base64.
+  exact text (``"12.50"``), enums as their symbol, uuids as text, bytes as base64, a
+  32-bit ``float`` as the shortest number that reads back to it (``19.99``).
 - Protobuf: fields by their .proto names, enums by name, 64-bit integers as numbers,
+  a 32-bit ``float`` as the shortest number that reads back to it (``19.99``),
   ``Timestamp`` as RFC 3339 text, ``Duration`` as ``"1.5s"``, wrappers as their value,
   ``Struct``/``Value`` as JSON; a field without presence (proto3 scalar) is always there
   (its default when unset), an unset message or ``optional`` field is absent.
@@ -31,6 +33,7 @@ import fastavro
 import jsonschema
 import orjson
 import referencing
+from fastavro.read import LOGICAL_READERS
 from google.protobuf import (
     any_pb2,
     descriptor_pb2,
@@ -45,6 +48,7 @@ from google.protobuf import (
     wrappers_pb2,
 )
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.internal import type_checkers
 from google.protobuf.message import DecodeError, Message
 
 from connector.protoc import ProtocError, compile_sources
@@ -90,7 +94,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")  # str() writes 1E-8 and 0E-8 for a small scale-8 amount
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, bytes | bytearray):
@@ -101,10 +105,43 @@ def jsonable(value: Any) -> Any:
 # -- Avro ---------------------------------------------------------------------------------
 
 
+# A 32-bit Avro float is read as its widening to a double (19.99 -> 19.989999771118164);
+# every ``float`` of a schema is given this logical type, whose reader (fastavro's custom
+# logical types, both its readers) gives the shortest double that reads back the same.
+_FLOAT32 = "threads-connector-float32"
+LOGICAL_READERS[f"float-{_FLOAT32}"] = lambda value, *_: type_checkers.ToShortestFloat(value)
+
+
+def _short_floats(node: Any) -> Any:
+    """The Avro schema (JSON) with ``_FLOAT32`` on every ``float`` without a logical type."""
+    if node == "float":
+        return {"type": "float", "logicalType": _FLOAT32}
+    if isinstance(node, list):
+        return [_short_floats(branch) for branch in node]
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    if kind == "float":
+        return node if "logicalType" in node else {**node, "logicalType": _FLOAT32}
+    out = dict(node)
+    if kind in ("record", "error") and isinstance(node.get("fields"), list):
+        out["fields"] = [
+            {**f, "type": _short_floats(f["type"])} if isinstance(f, dict) and "type" in f else f
+            for f in node["fields"]
+        ]
+    elif kind == "array" and "items" in node:
+        out["items"] = _short_floats(node["items"])
+    elif kind == "map" and "values" in node:
+        out["values"] = _short_floats(node["values"])
+    elif isinstance(kind, dict | list):
+        out["type"] = _short_floats(kind)
+    return out
+
+
 def _avro(schema: RegisteredSchema) -> Decoder:
     named: dict[str, Any] = {}
     _avro_references(schema, named)
-    parsed = fastavro.parse_schema(orjson.loads(schema.text), named_schemas=named)
+    parsed = fastavro.parse_schema(_short_floats(orjson.loads(schema.text)), named_schemas=named)
     read = fastavro.schemaless_reader
     if _recursive(parsed, named, ()):
         # fastavro's C reader recurses on the C stack: a record nesting a recursive type
@@ -160,7 +197,7 @@ def _python_reader() -> Callable[..., Any]:
 def _avro_references(schema: RegisteredSchema, named: dict[str, Any]) -> None:
     for ref in schema.references:
         _avro_references(ref.schema, named)
-        fastavro.parse_schema(orjson.loads(ref.schema.text), named_schemas=named)
+        fastavro.parse_schema(_short_floats(orjson.loads(ref.schema.text)), named_schemas=named)
 
 
 # -- JSON Schema ----------------------------------------------------------------------------
@@ -349,7 +386,7 @@ def _message_dict(message: Message) -> dict[str, Any]:
         if field.is_repeated:
             if _is_map(field):
                 value_field = field.message_type.fields_by_name["value"]
-                out[field.name] = {str(k): _value(value_field, v) for k, v in value.items()}
+                out[field.name] = {_map_key(k): _value(value_field, v) for k, v in value.items()}
             else:
                 out[field.name] = [_value(field, v) for v in value]
         else:
@@ -359,6 +396,11 @@ def _message_dict(message: Message) -> dict[str, Any]:
 
 # Descriptors are typed ``Any`` below: the stubs give each a union of the pure-Python and
 # the upb class, whose optional members (``message_type``) are set for the field kinds read.
+
+
+def _map_key(key: Any) -> str:
+    """A map key as the Protobuf JSON mapping writes it: ``true``, ``42``, the string."""
+    return ("true" if key else "false") if isinstance(key, bool) else str(key)
 
 
 def _is_map(field: Any) -> bool:
@@ -379,4 +421,8 @@ def _value(field: Any, value: Any) -> Any:
         return known.name if known is not None else value
     if field.type == FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode("ascii")
+    if field.type == FieldDescriptor.TYPE_FLOAT:
+        # the shortest double that reads back to the same 32-bit float: 19.99, not its
+        # widening 19.989999771118164 (what the Protobuf JSON mapping writes)
+        return type_checkers.ToShortestFloat(value)
     return value

@@ -7,6 +7,8 @@ in one place (and the API key or the system message text can never slip into it)
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,7 +67,9 @@ class Event:
 
     ``event_id`` is the id as text (headers, logs, templates); ``event_id_value`` is the id
     as the producer typed it (a string or an integer), which the result record keeps;
-    ``dedup_key`` is its JSON encoding, so ``5`` and ``"5"`` are different events.
+    ``dedup_key`` is its JSON encoding, so ``5`` and ``"5"`` are different events; with a
+    ``dedup_scope`` (a CloudEvent's ``source``: its ids are unique within one source only)
+    the key is ``[scope, id]``, so two sources' event ``1`` are two events.
     """
 
     event_id: str
@@ -75,6 +79,7 @@ class Event:
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     event_id_value: EventId | None = None  # None: the same as ``event_id`` (a string)
     time_field: str | None = None  # the event time's path when the route names none
+    dedup_scope: str | None = None  # the namespace of the id (a CloudEvent's source)
 
     @property
     def id_value(self) -> EventId:
@@ -82,7 +87,10 @@ class Event:
 
     @property
     def dedup_key(self) -> str:
-        return dedup_key(self.id_value)
+        key = dedup_key(self.id_value)
+        if self.dedup_scope is None:
+            return key
+        return f"[{orjson.dumps(self.dedup_scope).decode()},{key}]"
 
 
 def dedup_key(event_id: EventId) -> str:
@@ -146,9 +154,11 @@ def parse_event(
     except orjson.JSONDecodeError as exc:
         if not record.value.strip():
             raise EventRejected(Stage.PARSE, "record value is empty", code="empty_value") from None
-        raise EventRejected(
-            Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
-        ) from exc
+        body = _with_long_id(record.value, exc, id_field)
+        if body is _MISSING:
+            raise EventRejected(
+                Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
+            ) from exc
     return event_from_body(
         record,
         body,
@@ -170,6 +180,7 @@ def event_from_body(
     max_id_length: int = 256,
     correlation_id: str | None = None,
     time_field: str | None = None,
+    dedup_scope: str | None = None,
 ) -> Event:
     """The event of a decoded body (JSON, or a schema-registry format decoded alike).
 
@@ -177,7 +188,8 @@ def event_from_body(
     the ``id_header`` header (a string). Any other JSON type, an empty id or one longer
     than ``max_id_length`` characters is rejected (``invalid_event_id``): coercing a float,
     a bool or an object to text would make different events collide. ``time_field``: the
-    event time's path when the route names none (a CloudEvent's ``time``).
+    event time's path when the route names none (a CloudEvent's ``time``); ``dedup_scope``:
+    the namespace the id is unique in (a CloudEvent's ``source``).
     """
     if not isinstance(body, dict):
         raise EventRejected(
@@ -201,6 +213,7 @@ def event_from_body(
         correlation_id=correlation_id or uuid.uuid4().hex,
         event_id_value=event_id if isinstance(event_id, int) else None,
         time_field=time_field,
+        dedup_scope=dedup_scope,
     )
 
 
@@ -272,6 +285,35 @@ def _exact_number(record: InputRecord, id_field: str, parsed: float) -> Any:
     except (ValueError, KeyError, RecursionError):  # digits over Python's int limit
         return parsed
     return exact if isinstance(exact, int) and not isinstance(exact, bool) else parsed
+
+
+def _with_long_id(raw: bytes, refused: orjson.JSONDecodeError, id_field: str) -> Any:
+    """orjson refuses an integer of 309 digits or more ("number is infinity when parsed as
+    double"): when that integer is the event id (an id of any length), the value is read
+    again with the standard library, which keeps integers exact. Anything else stays
+    refused (``_MISSING``): such a number in another field, a float out of range,
+    ``NaN``, a lone surrogate, bad syntax."""
+    if "infinity" not in str(refused):
+        return _MISSING
+    try:
+        body = json.loads(raw, parse_float=_finite, parse_constant=_not_json)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises
+        event_id = lookup(body, id_field)
+    except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeError: a ValueError
+        return _MISSING
+    is_int = isinstance(event_id, int) and not isinstance(event_id, bool)
+    return body if is_int and abs(event_id) > sys.float_info.max else _MISSING
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number {literal[:20]}... is infinity when parsed as double")
+    return value
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
 
 
 def _header_id(record: InputRecord, name: str) -> bytes | None:
@@ -348,16 +390,27 @@ def result_record(
     )
     if forward_headers:
         headers += tuple(h for h in src.headers if h[0].lower() in forward_headers)
-    return OutRecord(topic, user_key.encode(), _dumps_result(value), headers)
+    return OutRecord(topic, user_key.encode(), dumps_result(value), headers)
 
 
 _BIG_INT = "\x00event-id\x00"  # stands for the digits of an integer id beyond 64 bits
 
 
-def _dumps_result(value: dict[str, Any]) -> bytes:
+def loads_result(raw: bytes) -> dict[str, Any]:
+    """A result record's value read back (to cut it down): orjson reads an integer id
+    beyond 64 bits as a float, so such an id is read again exactly (``_exact_number``)."""
+    value: dict[str, Any] = orjson.loads(raw)
+    if isinstance(value.get("eventId"), float):
+        exact = json.loads(raw).get("eventId")
+        if isinstance(exact, int) and not isinstance(exact, bool):
+            value["eventId"] = exact
+    return value
+
+
+def dumps_result(value: dict[str, Any]) -> bytes:
     """orjson encodes integers of 64 bits at most: a longer integer id is written as its
     own digits in the place of a placeholder."""
-    event_id = value["eventId"]
+    event_id = value.get("eventId")
     if not isinstance(event_id, int) or -(2**63) <= event_id < 2**64:
         return orjson.dumps(value)
     # the first occurrence is the id's: ``eventId`` comes before every other string field

@@ -21,7 +21,10 @@ result succeeds. No call starts while:
 - the threads created and waiting for a commit (the *uncommitted window*) are more than
   ``WINDOW_FACTOR`` cycles' worth of results (at least ``WINDOW_FLOOR``): what the window
   holds in a steady flow is about two cycles' worth (the cycle being committed and the
-  results finished meanwhile); more means commits fell behind the calls.
+  results finished meanwhile); more means commits fell behind the calls. A cycle's worth
+  is the larger of the average and the last cycle: the average alone, held down by the
+  cap itself, grew about 1.1 times a cycle, and with 1 s cycles a start took over 30 s to
+  reach the calls' pace; the last cycle lets the flow double each cycle.
 
 Calls already under way finish; calls resume when the cycle ends (or a later one
 succeeds).
@@ -61,6 +64,7 @@ class Exposure:
         self._cycle_started: float | None = None
         self._cycle_s: float | None = None  # average duration of a successful cycle
         self._per_cycle = 0.0  # average results per successful cycle
+        self._last_cycle = 0  # results of the last successful cycle
         self._changed = asyncio.Event()
 
     @property
@@ -73,7 +77,7 @@ class Exposure:
     @property
     def window_cap(self) -> int:
         """Created threads waiting for a commit above which no call starts."""
-        return max(WINDOW_FLOOR, int(WINDOW_FACTOR * self._per_cycle))
+        return max(WINDOW_FLOOR, int(WINDOW_FACTOR * max(self._per_cycle, self._last_cycle)))
 
     @property
     def stalled(self) -> bool:
@@ -121,6 +125,7 @@ class Exposure:
             last = self._cycle_s
             self._cycle_s = took if last is None else last + SMOOTHING * (took - last)
             self._per_cycle += SMOOTHING * (results - self._per_cycle)
+            self._last_cycle = results
         self.healthy = True
         self.held = max(0, self.held - results)
         self.created = max(0, self.created - results)

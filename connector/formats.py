@@ -127,6 +127,7 @@ class Parser:
             max_id_length=self._dedup.max_event_id_length,
             correlation_id=self._correlation(record),
             time_field="time" if body.get("time") else None,
+            dedup_scope=body["source"],  # CloudEvents: source + id is what is unique
         )
 
     async def _ce_data(self, raw: bytes, fmt: TopicFormat, attributes: dict[str, Any]) -> Any:

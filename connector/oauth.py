@@ -97,16 +97,34 @@ class ClientCredentials:
         self._ssl = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         self._clock = clock
         self._token: _Token | None = None
-        self._lock = asyncio.Lock()
+        self._asking: asyncio.Future[_Token] | None = None  # the request under way
         self.requests = 0  # token requests made (tests, logs)
 
     async def token(self) -> str:
-        """A token with more than the refresh margin left; a new one when not."""
-        async with self._lock:  # connections opened together share one request
-            current = self._token
-            if current is None or self._clock() >= current.refresh_at:
-                current = self._token = await self._fetch()
+        """A token with more than the refresh margin left; a new one when not.
+
+        Connections opened together share one request, its token or its failure: with
+        an endpoint that does not answer, each of them fails after one timeout, not one
+        per connection queued before it. Shielded: a connection given up (aiokafka's
+        timeout) does not cancel the others' request."""
+        current = self._token
+        if current is not None and self._clock() < current.refresh_at:
             return current.value
+        asking = self._asking
+        if asking is None:
+            asking = self._asking = asyncio.ensure_future(self._fetch_and_keep())
+            asking.add_done_callback(self._asked)
+        return (await asyncio.shield(asking)).value
+
+    async def _fetch_and_keep(self) -> _Token:
+        token = self._token = await self._fetch()
+        return token
+
+    def _asked(self, done: asyncio.Future[_Token]) -> None:
+        if self._asking is done:
+            self._asking = None
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have given up
 
     def forget(self) -> None:
         """Drop the token (the broker refused it): the next ``token()`` asks for another."""
@@ -154,9 +172,7 @@ class ClientCredentials:
         token = data.get("access_token")
         if not isinstance(token, str) or not token:
             raise token_unavailable(f"the endpoint {self._url} answered without an access_token")
-        lifetime = data.get("expires_in")
-        if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
-            lifetime = 0.0  # unknown: a new token for every connection
+        lifetime = _lifetime_s(data.get("expires_in"))
         margin = min(self._margin_s, lifetime / 2)
         log.info(
             "OAuth token for Kafka from %s (client %s), valid %gs, replaced in %gs",
@@ -166,6 +182,16 @@ class ClientCredentials:
 
 
 AbstractTokenProvider.register(ClientCredentials)
+
+
+def _lifetime_s(expires_in: Any) -> float:
+    """RFC 6749's ``expires_in`` (seconds): a number, or a string of digits as Azure AD's
+    v1 endpoint sends it; 0 when absent or unusable (a new token for every connection)."""
+    if isinstance(expires_in, str) and expires_in.strip().isdigit():
+        expires_in = int(expires_in.strip())
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+        return 0.0
+    return float(expires_in) if 0 < expires_in < float("inf") else 0.0
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

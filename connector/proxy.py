@@ -6,7 +6,8 @@ Where the proxy comes from, first match wins:
    it was asked for explicitly);
 2. the standard environment, as curl and most HTTP clients read it: ``HTTPS_PROXY`` for an
    ``https://`` base URL, ``HTTP_PROXY`` for ``http://`` (lower-case names too), unless
-   ``NO_PROXY`` names the API's host (``api.proxy_from_env: false`` ignores all three);
+   ``NO_PROXY`` names the API's host, or its IP address in a CIDR block
+   (``api.proxy_from_env: false`` ignores all three);
 3. none: the API is called directly.
 
 Proxy credentials come from ``api.proxy_auth_file`` (``user:password``, one line) or from
@@ -19,6 +20,7 @@ request. One base URL means one decision: it is made here, not per request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,22 +119,54 @@ def _proxies(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _bypassed(host: str, port: int, no_proxy: str) -> bool:
-    """curl's reading of ``NO_PROXY``: ``*``, or a comma list of host names (a leading dot
-    optional; a name matches itself and its subdomains), IP addresses, with an optional
-    ``:port``."""
+    """curl's (7.86+) and Go's reading of ``NO_PROXY``: ``*``, or a comma list of host
+    names (a leading ``.`` or ``*.`` optional; a name matches itself and its subdomains),
+    IP addresses and CIDR blocks (``10.0.0.0/8``, ``fd00::/8``: an API addressed by IP in
+    the block), each with an optional ``:port`` (``[v6]:port`` for an IPv6 address)."""
     host = host.lower().strip("[]")
+    address = _ip(host)
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
         if not entry:
             continue
         if entry == "*":
             return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        name, entry_port = _split_port(entry)
         if entry_port and entry_port != str(port):
             continue
-        name = name.lstrip(".").strip("[]")
+        if "/" in name:
+            if address is not None and _in_block(address, name):
+                return True
+            continue
+        name = name.removeprefix("*").lstrip(".")
         if host == name or host.endswith("." + name):
             return True
     return False
+
+
+def _split_port(entry: str) -> tuple[str, str]:
+    """``host:port``, ``[v6]:port``, ``[v6]`` or a bare address/name (an IPv6 address
+    without brackets has no port)."""
+    if entry.startswith("["):
+        address, _, rest = entry[1:].partition("]")
+        return address, rest.removeprefix(":")
+    if entry.count(":") == 1:
+        name, _, port = entry.partition(":")
+        return name, port
+    return entry, ""
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _in_block(address: ipaddress.IPv4Address | ipaddress.IPv6Address, block: str) -> bool:
+    try:
+        return address in ipaddress.ip_network(block, strict=False)
+    except ValueError:  # not a CIDR block (or the other IP version): not this host's
+        return False
 
 
 def read_auth_file(path: Path) -> tuple[str, SecretStr]:

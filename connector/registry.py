@@ -9,7 +9,9 @@ immutable in every registry that speaks this API.
 What a failure means to the caller::
 
     SchemaNotFound       the registry answers that the id (or a reference) does not
-                         exist: the record's fault, dead-lettered ``schema_error``
+                         exist, and again NOT_FOUND_CONFIRM_S later (a replica may lag
+                         the one the schema was registered on): the record's fault,
+                         dead-lettered ``schema_error``
     (anything else)      connection refused, timeout, TLS, 401/403, 5xx, a body that is
                          not the API's: the registry is down or misconfigured. The fetch
                          is retried with a capped backoff until it works; meanwhile
@@ -47,6 +49,10 @@ ACCEPT = "application/vnd.schemaregistry.v1+json, application/json"
 MAX_SCHEMA_BYTES = 4 * 1024 * 1024
 MAX_REFERENCE_DEPTH = 32
 NOT_FOUND_CACHE_S = 60.0  # a 404 is believed this long: a flood of bad ids is not a flood of GETs
+# A 404 is asked again once, this much later, before it is believed: registries replicate
+# (Confluent's followers, Apicurio's kafkasql replicas), and a record can reach us before
+# the replica answering knows the schema its producer just registered on another one.
+NOT_FOUND_CONFIRM_S = 2.0
 
 
 class SchemaNotFound(ConnectorError):
@@ -91,6 +97,7 @@ class SchemaRegistry:
         metrics: Metrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        not_found_confirm_s: float = NOT_FOUND_CONFIRM_S,
     ) -> None:
         if settings.url is None:
             raise ValueError("schema_registry.url is not set")
@@ -98,11 +105,13 @@ class SchemaRegistry:
         self._url = settings.url
         self._metrics = metrics
         self._clock = clock
+        self._confirm_s = not_found_confirm_s
         self._session: aiohttp.ClientSession | None = None
         self._schemas: dict[int, RegisteredSchema] = {}
         self._missing: dict[int, float] = {}  # id -> when the registry said 404
         self._fetching: dict[int, asyncio.Future[RegisteredSchema]] = {}
         self.problem: str | None = None  # read by /readyz (another thread: one attribute)
+        self._failing: dict[int, str] = {}  # id -> why its fetch fails, while it retries
         self._failures = 0
         self._closed = False
 
@@ -153,28 +162,45 @@ class SchemaRegistry:
             done.exception()  # retrieved: every waiter may have been cancelled (a revoke)
 
     async def _fetch_until_done(self, schema_id: int) -> RegisteredSchema:
+        try:
+            return await self._fetch_retrying(schema_id)
+        finally:
+            self._failing.pop(schema_id, None)  # cancelled (close) included
+
+    async def _fetch_retrying(self, schema_id: int) -> RegisteredSchema:
         delay = self._s.retry_initial_s
+        confirmed = False
         while True:
             try:
                 schema = await self._fetch_id(schema_id, depth=0)
             except SchemaNotFound:
-                self._healthy()
+                self._healthy(schema_id)
+                if not confirmed:  # a replica behind the one it was registered on?
+                    confirmed = True
+                    await asyncio.sleep(self._confirm_s)
+                    continue
                 if len(self._missing) >= self._s.max_cached_schemas:
                     self._missing.pop(next(iter(self._missing)))
                 self._missing[schema_id] = self._clock()
                 raise
             except RegistryUnavailable as exc:
-                self._unhealthy(str(exc))
+                self._unhealthy(schema_id, str(exc))
                 await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
                 delay = min(self._s.retry_max_s, delay * 2)
                 continue
-            self._healthy()
+            self._healthy(schema_id)
             if len(self._schemas) >= self._s.max_cached_schemas:
                 self._schemas.pop(next(iter(self._schemas)))
             self._schemas[schema_id] = schema
             return schema
 
-    def _healthy(self) -> None:
+    def _healthy(self, schema_id: int) -> None:
+        """``schema_id`` was fetched (or is known missing): the registry is healthy unless
+        another id's fetch still fails (a registry failing one id only stays named)."""
+        self._failing.pop(schema_id, None)
+        if self._failing:
+            self.problem = f"schema registry: {next(iter(self._failing.values()))} (retrying)"
+            return
         if self.problem is not None:
             log.info("schema registry is reachable again")
         self.problem = None
@@ -182,7 +208,8 @@ class SchemaRegistry:
         if self._metrics is not None:
             self._metrics.schema_registry_up.set(1)
 
-    def _unhealthy(self, cause: str) -> None:
+    def _unhealthy(self, schema_id: int, cause: str) -> None:
+        self._failing[schema_id] = cause
         self._failures += 1
         if self._metrics is not None:
             self._metrics.schema_registry_up.set(0)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from connector.changelog_contract import Breach, breaches, corrected, creation_config
 from connector.config import ConnectorSettings, DeliveryMode
@@ -19,6 +21,7 @@ from connector.kafka_common import client_kwargs
 
 log = logging.getLogger(__name__)
 DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source of a topic-level override
+TOPIC_AUTHORIZATION_FAILED = 29
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,17 @@ class TopicManager:
         await self._admin.close()
 
     async def partitions(self, topics: list[str]) -> dict[str, int]:
-        """Partition counts of existing topics (missing topics are absent)."""
-        described = await self._admin.describe_topics(topics)
+        """Partition counts of existing topics (missing topics are absent). Asked with
+        auto-creation off: ``describe_topics`` asks for it, and a broker with
+        ``auto.create.topics.enable=true`` (Apache Kafka's default) then created every
+        topic described -- a typo'd input, outputs with ``create_topics: false``, and a
+        deleted changelog re-created empty, which the refusal below never saw."""
+        if not topics:
+            return {}
+        request = MetadataRequest(topics, allow_auto_topic_creation=False)
+        # the admin client's own request path: describe_topics cannot turn creation off
+        response = await self._admin._send_request(request)
+        described: list[dict[str, Any]] = response.to_object()["topics"]
         return {
             t["topic"]: len(t["partitions"])
             for t in described
@@ -159,35 +171,50 @@ class TopicManager:
                     f"changelog, or set dedup.changelog_suffix to start a new one)"
                 )
         present = [name for name in specs if name in existing]
-        configs, dynamic = await self._topic_configs_with_overrides(present)
+        configs, dynamic, unreadable = await self._topic_configs_with_overrides(present)
         ttl_s = self._settings.dedup.ttl_s
         for name in present:
+            if name in unreadable:
+                # "not judged" accepted a 5 s retention without a word: refused instead
+                problems.append(
+                    f"dedup changelog {name}: cannot read its configuration "
+                    f"({unreadable[name]}), so the dedup contract cannot be checked: allow "
+                    f"DescribeConfigs on Topic {name} (docs/operations.md)"
+                )
+                continue
             found = breaches(name, configs.get(name, {}), ttl_s)
+            refused = None
             if found and fix:
-                await self._correct(name, dynamic.get(name, {}), found)
-                again, _ = await self._topic_configs_with_overrides([name])
+                refused = await self._correct(name, dynamic.get(name, {}), found)
+                again, _, _ = await self._topic_configs_with_overrides([name])
                 found = breaches(name, again.get(name, {}), ttl_s)
-            problems += [str(b) for b in found]
+            why = f" (not corrected: {refused})" if refused and found else ""
+            problems += [f"{b}{why}" for b in found]
         return problems
 
-    async def _correct(self, name: str, dynamic: dict[str, str], found: list[Breach]) -> None:
+    async def _correct(self, name: str, dynamic: dict[str, str], found: list[Breach]) -> str | None:
+        """Correct the breaches with AlterConfigs; None when done, else why not."""
         config = corrected(dynamic, found)
         resource = ConfigResource(ConfigResourceType.TOPIC, name, configs=config)
         try:
             responses = await self._admin.alter_configs([resource])
         except KafkaError as exc:
             log.warning("cannot correct dedup changelog %s: %s", name, exc)
-            return
+            return str(exc)
         for response in responses:
             for code, message, _type, _name in response.resources:
                 if code != 0:
                     log.warning("cannot correct dedup changelog %s: %s", name, message or code)
-                    return
+                    reason = message or f"error {code}"
+                    if code == TOPIC_AUTHORIZATION_FAILED:
+                        reason += f"; kafka.create_topics needs AlterConfigs on Topic {name}"
+                    return reason
         log.warning(
             "corrected dedup changelog %s (kafka.create_topics is true): %s",
             name,
             ", ".join(f"{b.setting} {b.value} -> {b.wanted}" for b in found),
         )
+        return None
 
     async def _refuse_lost_changelogs(
         self, absent: list[TopicSpec], inputs: dict[str, int]
@@ -260,24 +287,29 @@ class TopicManager:
 
     async def _topic_configs_with_overrides(
         self, topics: list[str]
-    ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
-        """Each topic's effective configuration, and its topic-level overrides."""
+    ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]], dict[str, str]]:
+        """Each topic's effective configuration, its topic-level overrides, and why the
+        configuration of a topic could not be read (e.g. no DescribeConfigs ACL)."""
         if not topics:
-            return {}, {}
+            return {}, {}, {}
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
         responses = await self._admin.describe_configs(resources)
         configs: dict[str, dict[str, str]] = {}
         overrides: dict[str, dict[str, str]] = {}
+        unreadable: dict[str, str] = {}
         for response in responses:
             for resource in response.resources:
-                _err, _msg, _type, name, entries = resource[:5]
+                err, msg, _type, name, entries = resource[:5]
+                if err != 0:  # e.g. 29 TOPIC_AUTHORIZATION_FAILED: no DescribeConfigs
+                    unreadable[name] = msg or f"error {err}"
+                    continue
                 configs[name] = {entry[0]: entry[1] for entry in entries}
                 overrides[name] = {
                     entry[0]: entry[1]
                     for entry in entries
                     if _is_override(response.API_VERSION, entry[3])
                 }
-        return configs, overrides
+        return configs, overrides, unreadable
 
 
 def _is_override(version: int, source: int | bool) -> bool:

@@ -49,6 +49,7 @@ from opentelemetry.propagate import get_global_textmap
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from connector.errors import ConfigError
 from connector.events import Headers, InputRecord, OutRecord
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,15 @@ class Tracing:
         provider = TracerProvider(
             resource=Resource.create(attributes), shutdown_on_exit=False
         )  # the sampler: OTEL_TRACES_SAMPLER
-        self._exporter = exporter or OTLPSpanExporter()
-        provider.add_span_processor(BatchSpanProcessor(self._exporter))
+        try:
+            batches = BatchSpanProcessor(exporter or OTLPSpanExporter())
+        except ValueError as exc:  # OTEL_BSP_* the SDK refuses: a message, not a traceback
+            raise ConfigError(
+                f"tracing: the OpenTelemetry environment is not usable: {exc} "
+                "(OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, ...)"
+            ) from None
+        self._exporter = batches.span_exporter
+        provider.add_span_processor(batches)
         self._provider = provider
         self._tracer = provider.get_tracer("threads-connector", __version__)
         for handler in logging.getLogger().handlers:

@@ -265,6 +265,12 @@ def hostile_corpus(seed: int = 9) -> list[Case]:
             dead("validate", "invalid_event_id"),
         ),
         Case(
+            # 400 digits: orjson refuses it (past a double); an id over 256 characters
+            "id_integer_past_the_float_range",
+            order(orjson.Fragment(b"9" * 400)),
+            dead("validate", "invalid_event_id"),
+        ),
+        Case(
             "id_headers_that_disagree",
             order(_MISSING),
             dead("validate", "ambiguous_event_id"),

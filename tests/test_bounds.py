@@ -15,12 +15,13 @@ from connector.bounds import (
     RESULT_FIELD_MAX,
     bound,
     bounded_dead_letter,
+    bounded_result,
     minimal_dead_letter,
     out_size,
     record_size,
 )
 from connector.errors import EventRejected, Stage
-from connector.events import InputRecord, OutRecord, dead_letter_record
+from connector.events import InputRecord, OutRecord, dead_letter_record, dumps_result
 from connector.utf8 import cut_utf8, header_text
 
 LIMIT = 1_048_576
@@ -211,3 +212,19 @@ def test_minimal_dead_letter_keeps_coordinates_and_hash() -> None:
     assert h["dlq-source"] == b"in/2/41" and h["dlq-value-bytes"] == b"10"
     assert h["dlq-value-sha256"] == hashlib.sha256(b"x" * 10).hexdigest().encode()
     assert out.key is None and out.value == b""
+
+
+@pytest.mark.parametrize("event_id", [10**30, -(10**40), 2**64])
+def test_a_bounded_result_keeps_an_integer_id_of_any_length(event_id: int) -> None:
+    """orjson reads an integer beyond 64 bits as a float: the cut result said
+    ``"eventId":1e+30`` (and 10**30 + 1 said the same)."""
+    value = {
+        "schemaVersion": 1,
+        "eventId": event_id,
+        "deepLink": "x" * (RESULT_FIELD_MAX + 100),
+        "threadUid": "t-1",
+    }
+    record = OutRecord("results", b"k", dumps_result(value), ())
+    bounded = bounded_result(record, 1024 * 1024)
+    assert f'"eventId":{event_id},'.encode() in bounded.value
+    assert len(orjson.loads(bounded.value)["deepLink"]) == RESULT_FIELD_MAX

@@ -201,6 +201,24 @@ def test_run_refuses_what_check_config_refuses(
     assert "Traceback" not in err
 
 
+def test_run_stops_on_batch_settings_the_tracing_sdk_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` over the queue size: the SDK's ValueError left
+    ``run`` as a traceback (exit status 1, a crash loop); now the configuration status and
+    one line naming it. Before any broker is asked (none here)."""
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096")
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    path = tmp_path / "connector.yaml"
+    data = config(tracing={"enabled": True}, server={"port": 0})
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["run", "--config", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr()
+    both = err.out + err.err
+    assert "max_export_batch_size must be less" in both
+    assert "Traceback" not in both
+
+
 # -- files that are no YAML text at all: a message, never a traceback (hostile round 2) -----
 
 

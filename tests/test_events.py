@@ -362,6 +362,37 @@ def test_a_results_event_id_header_holds_the_whole_id() -> None:
     assert dict(out.headers)["event-id"].decode() == event_id
 
 
+@pytest.mark.parametrize("length", [309, 400, 1000])
+def test_an_integer_id_past_the_float_range_is_an_id(length: int) -> None:
+    """orjson refuses an integer of 309 digits or more ("number is infinity when parsed as
+    double"): the event was ``invalid_json``, while 300 digits made an id."""
+    digits = "9" * length
+    rec = record(raw=b'{"type": "t", "id": ' + digits.encode() + b', "n": 1}')
+    event = parse(rec, max_len=1000)
+    assert event.id_value == int(digits)
+    assert event.event_id == digits
+    assert event.body["n"] == 1
+    assert rejected(rec).code == "invalid_event_id"  # over the default 256 characters
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type": "t", "id": 1, "x": 1e400}',  # a float past the range stays invalid
+        b'{"type": "t", "id": ' + b"9" * 400 + b', "x": NaN}',
+        b'{"type": "t", "id": ' + b"9" * 400 + b', "x": "\\ud800"}',  # a lone surrogate
+        b'{"type": "t", "id": ' + b"9" * 400 + b", }",
+    ],
+)
+def test_what_orjson_refuses_beside_a_long_integer_stays_invalid_json(raw: bytes) -> None:
+    assert rejected(record(raw=raw), max_len=1000).code == "invalid_json"
+
+
+def test_a_long_integer_in_another_field_stays_invalid_json() -> None:
+    rec = record(raw=b'{"type": "t", "id": 1, "n": ' + b"9" * 400 + b"}")
+    assert rejected(rec).code == "invalid_json"
+
+
 def test_result_record_forwards_only_the_allowed_headers() -> None:
     headers = (("traceparent", b"00-abc"), ("X-Tenant", b"a"), ("x-tenant", b"b"), ("secret", b"s"))
     event = parse(record({"id": "e", "type": "t"}, headers=headers))

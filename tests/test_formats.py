@@ -112,6 +112,57 @@ def test_avro_logical_types_come_out_as_json_would_give_them() -> None:
         decode(payload + b"\x00\x00")
 
 
+@pytest.mark.parametrize(
+    ("amount", "text"),
+    [
+        (Decimal("0.00000001"), "0.00000001"),
+        (Decimal("0E-8"), "0.00000000"),
+        (Decimal("-0.00000250"), "-0.00000250"),
+        (Decimal("123456789012.00000000"), "123456789012.00000000"),
+    ],
+)
+def test_avro_decimals_are_plain_text_never_exponent_notation(amount: Decimal, text: str) -> None:
+    """A decimal of scale 8 (a crypto or FX amount) under 1e-6, or zero, came out as
+    ``"1E-8"`` / ``"0E-8"``: Python's str() of a Decimal, not the number as written."""
+    schema = {
+        "type": "record",
+        "name": "Amount",
+        "fields": [
+            {
+                "name": "amount",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 20, "scale": 8},
+            }
+        ],
+    }
+    decode = build_decoder(RegisteredSchema(1, "AVRO", orjson.dumps(schema).decode()))
+    assert decode(avro_bytes(schema, {"amount": amount})) == {"amount": text}
+
+
+def test_avro_floats_come_out_as_written_not_widened() -> None:
+    """An Avro ``float`` (32 bits) of 19.99 came out as 19.989999771118164 (its widening
+    to a double), wherever it sits: a field, a union, an array, a map; a double stays."""
+    schema = {
+        "type": "record",
+        "name": "Prices",
+        "fields": [
+            {"name": "amount", "type": "float"},
+            {"name": "maybe", "type": ["null", "float"]},
+            {"name": "history", "type": {"type": "array", "items": "float"}},
+            {"name": "by_shop", "type": {"type": "map", "values": {"type": "float"}}},
+            {"name": "exact", "type": "double"},
+        ],
+    }
+    decode = build_decoder(RegisteredSchema(1, "AVRO", orjson.dumps(schema).decode()))
+    value = {
+        "amount": 19.99,
+        "maybe": 0.1,
+        "history": [0.1, 2.5],
+        "by_shop": {"a": 7.3},
+        "exact": 0.1,
+    }
+    assert decode(avro_bytes(schema, value)) == value
+
+
 def test_avro_reference_resolves_a_named_type() -> None:
     user = {
         "type": "record",
@@ -212,6 +263,46 @@ def test_protobuf_nested_message_by_index_with_well_known_types() -> None:
         build_decoder(proto_schema())(b"\x02\x06")
     with pytest.raises(SchemaMismatch, match=r"does not fit t\.Outer"):
         build_decoder(proto_schema())(b"\x00\xff\xff\xff")
+
+
+def test_protobuf_floats_come_out_as_written_not_widened() -> None:
+    """A proto ``float`` (32 bits) of 19.99 came out as 19.989999771118164, its widening
+    to a double: a template wrote that price. The Protobuf JSON mapping (and every other
+    runtime's) writes the shortest text that reads back to the same float: 19.99."""
+    file = descriptor_pb2.FileDescriptorProto(name="f.proto", package="f", syntax="proto3")
+    message = file.message_type.add(name="Price")
+    message.field.add(name="amount", number=1, type=2, label=1)  # float
+    message.field.add(name="history", number=2, type=2, label=3)  # repeated float
+    message.field.add(name="exact", number=3, type=1, label=1)  # double: as it is
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    price = message_factory.GetMessageClass(pool.FindMessageTypeByName("f.Price"))
+    payload = price(amount=19.99, history=[0.1, 2.5], exact=0.1).SerializeToString()
+    text = base64.b64encode(file.SerializeToString()).decode()
+    decode = build_decoder(RegisteredSchema(6, "PROTOBUF", text))
+    assert decode(b"\x00" + payload) == {"amount": 19.99, "history": [0.1, 2.5], "exact": 0.1}
+
+
+def test_protobuf_map_keys_are_written_as_json_writes_them() -> None:
+    """A ``map<bool, ...>`` key came out as ``"True"`` (Python's text of the bool), where
+    the Protobuf JSON mapping (and a template author) writes ``"true"``."""
+    file = descriptor_pb2.FileDescriptorProto(name="k.proto", package="k", syntax="proto3")
+    message = file.message_type.add(name="Flags")
+    entry = message.nested_type.add(
+        name="ByFlagEntry", options=descriptor_pb2.MessageOptions(map_entry=True)
+    )
+    entry.field.add(name="key", number=1, type=8, label=1)  # bool
+    entry.field.add(name="value", number=2, type=9, label=1)
+    message.field.add(
+        name="by_flag", number=1, type=11, label=3, type_name=".k.Flags.ByFlagEntry"
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    flags = message_factory.GetMessageClass(pool.FindMessageTypeByName("k.Flags"))
+    payload = flags(by_flag={True: "on", False: "off"}).SerializeToString()
+    text = base64.b64encode(file.SerializeToString()).decode()
+    decode = build_decoder(RegisteredSchema(7, "PROTOBUF", text))
+    assert decode(b"\x00" + payload) == {"by_flag": {"true": "on", "false": "off"}}
 
 
 def test_protobuf_source_with_a_reference_is_compiled() -> None:
@@ -320,6 +411,56 @@ async def test_cloudevents_binary_structured_and_plain_records() -> None:
         assert caught.value.code == "invalid_cloudevent"
 
 
+async def test_a_cloudevent_attribute_in_two_headers_that_disagree_is_refused() -> None:
+    """Two ``ce_id`` (or ``ce_source``) headers with different values, as a relay that
+    appends its own attributes leaves them: the last one won, so the same two headers in
+    the other order were another event (a second thread, or a real event dropped as a
+    duplicate). Refused as ambiguous like two disagreeing id headers; copies that agree
+    are one."""
+    parser = Parser(settings(input={"topics": {"ce": {"cloudevents": True}}}))
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"c-1"),
+        ("ce_type", b"order.shipped"),
+        ("ce_source", b"/s"),
+    ]
+    for name, other in (("ce_id", b"c-2"), ("CE_SOURCE", b"/relay")):
+        with pytest.raises(EventRejected, match=f"{name.lower()}.*different values") as caught:
+            await parser.decode(record(b"{}", "ce", [*headers, (name, other)]))
+        assert caught.value.code == "invalid_cloudevent"
+    same = await parser.decode(record(b"{}", "ce", [*headers, ("ce_id", b"c-1")]))
+    assert same.event_id == "c-1"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 1e6
+
+
+def test_the_default_schema_cache_fits_in_the_charts_memory() -> None:
+    """Each Protobuf decoder holds its own descriptor pool (the well-known types, the
+    schema, its classes): about 60 KB measured. At the old default of 10,000 cached
+    schemas, records naming that many existing ids (the registry's ids are global: any
+    Protobuf schema of any subject fits a Protobuf topic's header) took ~600 MB, an
+    OOM kill under the chart's 768 Mi limit at every restart on the same records. The
+    default times the measured cost must stay within a fifth of the limit."""
+    file = descriptor_pb2.FileDescriptorProto(name="m.proto", package="m", syntax="proto3")
+    message = file.message_type.add(name="M")
+    for number in range(1, 21):
+        message.field.add(name=f"f{number}", number=number, type=9, label=1)
+    text = base64.b64encode(file.SerializeToString()).decode()
+    built = 300
+    kept = []
+    before = _rss_mb()
+    for schema_id in range(built):
+        decode = build_decoder(RegisteredSchema(schema_id, "PROTOBUF", text))
+        decode(b"\x00")
+        kept.append(decode)
+    per_decoder_mb = (_rss_mb() - before) / built
+    default = SchemaRegistrySettings(url="http://r").max_cached_schemas
+    assert default * per_decoder_mb < 768 * 1.048576 / 5, (default, per_decoder_mb)
+
+
 async def test_wire_format_header_is_checked_before_any_fetch() -> None:
     parser = Parser(
         settings(
@@ -347,6 +488,8 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.requests: list[web.Request] = []
         self.fail_with: int | None = None
+        self.fail_ids: set[int] = set()  # these ids answer 500
+        self.lagging: dict[int, int] = {}  # id -> 404s answered before it (a lagging replica)
         self.schemas: dict[int, dict[str, Any]] = {
             1: {"schema": orjson.dumps(AVRO).decode()},
             2: {"schemaType": "PROTOBUF", "schema": "message A {}"},
@@ -360,6 +503,11 @@ class FakeRegistry:
         if self.fail_with is not None:
             return web.Response(status=self.fail_with)
         schema_id = int(request.match_info["id"])
+        if schema_id in self.fail_ids:
+            return web.Response(status=500)
+        if self.lagging.get(schema_id, 0) > 0:
+            self.lagging[schema_id] -= 1
+            return web.json_response({"error_code": 40403}, status=404)
         found = self.schemas.get(schema_id)
         if found is None:
             return web.json_response({"error_code": 40403}, status=404)
@@ -396,7 +544,9 @@ async def fake() -> AsyncIterator[tuple[FakeRegistry, str]]:
 async def test_one_fetch_per_id_and_cached(fake: tuple[FakeRegistry, str]) -> None:
     server, url = fake
     server.release.clear()
-    async with SchemaRegistry(SchemaRegistrySettings(url=url)) as registry:
+    async with SchemaRegistry(
+        SchemaRegistrySettings(url=url), not_found_confirm_s=0.01
+    ) as registry:
         waiting = [asyncio.ensure_future(registry.schema(1)) for _ in range(50)]
         while not server.requests:
             await asyncio.sleep(0.01)
@@ -433,6 +583,31 @@ async def test_outage_is_retried_and_named_until_it_ends(fake: tuple[FakeRegistr
         assert (await fetch).schema_type == "AVRO"
         assert registry.problem is None
         assert metrics.schema_registry_up._value.get() == 1
+
+
+async def test_one_failing_id_stays_named_while_other_ids_are_fetched(
+    fake: tuple[FakeRegistry, str],
+) -> None:
+    """A registry answering 500 for one id only (a corrupt entry, a shard down): another
+    id fetched meanwhile cleared the problem, so /readyz went green and the gauge said up
+    while that id's records waited (their partition stalled) until the next retry."""
+    server, url = fake
+    server.fail_ids = {1}
+    server.schemas[3] = server.schemas[1]
+    metrics = Metrics()
+    cfg = SchemaRegistrySettings(url=url, retry_initial_s=30, retry_max_s=30)
+    async with SchemaRegistry(cfg, metrics, not_found_confirm_s=0.01) as registry:
+        stuck = asyncio.ensure_future(registry.schema(1))
+        while registry.problem is None:
+            await asyncio.sleep(0.01)
+        assert (await registry.schema(3)).schema_type == "AVRO"
+        assert registry.problem == "schema registry: HTTP 500 for schema id 1 (retrying)"
+        assert metrics.schema_registry_up._value.get() == 0
+        with pytest.raises(SchemaNotFound):
+            await registry.schema(9)
+        assert registry.problem is not None
+        assert not stuck.done()
+    assert stuck.cancelled()
 
 
 async def test_a_cancelled_waiter_leaves_the_fetch_to_the_others(
@@ -524,14 +699,33 @@ async def test_an_unreadable_password_file_is_an_outage_naming_it(tmp_path: Path
 async def test_a_404_is_believed_for_a_while(fake: tuple[FakeRegistry, str]) -> None:
     server, url = fake
     now = [0.0]
-    async with SchemaRegistry(SchemaRegistrySettings(url=url), clock=lambda: now[0]) as registry:
+    async with SchemaRegistry(
+        SchemaRegistrySettings(url=url), clock=lambda: now[0], not_found_confirm_s=0.01
+    ) as registry:
         for _ in range(3):
             with pytest.raises(SchemaNotFound):
                 await registry.schema(9)
-        assert len(server.requests) == 1  # a flood of records with a bad id: one request
+        assert len(server.requests) == 2  # a flood of records with a bad id: one, confirmed
         now[0] = 61.0
         server.schemas[9] = server.schemas[1]  # registered since
         assert (await registry.schema(9)).schema_type == "AVRO"
+
+
+async def test_a_schema_the_replica_learns_a_moment_later_is_not_a_dead_letter(
+    fake: tuple[FakeRegistry, str],
+) -> None:
+    """A producer registers a schema on one registry replica and writes a record; the
+    replica we ask has not replicated it yet (404), and knows it a moment later. The 404
+    was believed at once (and for 60 s): that record and every other of the new schema
+    in the next minute were dead-lettered. The first 404 is asked again before belief."""
+    server, url = fake
+    server.schemas[9] = server.schemas[1]
+    server.lagging[9] = 1  # one 404, then the schema
+    async with SchemaRegistry(
+        SchemaRegistrySettings(url=url), not_found_confirm_s=0.05
+    ) as registry:
+        assert (await registry.schema(9)).schema_type == "AVRO"
+    assert len(server.requests) == 2
 
 
 def deep_avro_record() -> tuple[RegisteredSchema, bytes]:

@@ -26,7 +26,7 @@ from connector.app import Connector
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.apicurio import Apicurio
 from tests.harness import Names, eventually, make_settings, produce, running
-from tests.kafka_helpers import consume_all, header, wait_for_records
+from tests.kafka_helpers import consume_all, header, wait_for_committed, wait_for_records
 from tests.test_hostile_api import readyz
 
 pytestmark = pytest.mark.integration
@@ -519,3 +519,43 @@ async def test_protobuf_registered_as_proto_source_with_a_reference(
         assert [orjson.loads(r.value)["eventId"] for r in results] == ["ps-1"]
         assert [t.message for t in sim.store.all()] == ["Order ps-1: 12345 cents."]
         assert await consume_all(kafka_bootstrap, names.dead) == []
+
+
+async def test_cloudevents_of_two_sources_with_the_same_id_are_two_events(
+    kafka_bootstrap: str,
+) -> None:
+    """CloudEvents' ids are unique within a source only (spec: "source + id is unique for
+    each distinct event"): producers numbering their events, or two services on one topic,
+    send the same id from different sources. Deduplicating by ``id`` alone dropped the
+    second source's event as a duplicate (no thread, no dead letter: lost). A redelivered
+    copy (same source, same id) is still one thread."""
+    names = Names.fresh("ce-src")
+    data = orjson.dumps({"orderId": "A-1", "user": {"id": "u-1"}})
+    route = {**ROUTE, "user": {"field": "externalUserId", "path": "data.user.id"}}
+    route["message_template"] = "${data.orderId} from ${source}."
+    async with ThreadsApiSimulator(SimulatorSettings(seed=8)) as sim:
+        settings = make_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            names,
+            partitions=1,
+            routes=[route],
+            input={"topics": {names.input: {"cloudevents": True}}},
+        )
+        async with running(settings):
+            for source in ("/shop/orders", "/shop/returns", "/shop/orders"):
+                headers = [(k, v) for k, v in ce_headers("1") if k != "ce_source"]
+                await produce(
+                    kafka_bootstrap,
+                    names.input,
+                    [(b"k", data)],
+                    headers=[*headers, ("ce_source", source.encode())],
+                )
+            await wait_for_committed(kafka_bootstrap, names.group, names.input)
+            results = await consume_all(kafka_bootstrap, names.results)
+    assert sorted(t.message for t in sim.store.all()) == [
+        "A-1 from /shop/orders.",
+        "A-1 from /shop/returns.",
+    ]
+    assert len(results) == 2
+    assert await consume_all(kafka_bootstrap, names.dead) == []

@@ -19,6 +19,7 @@ it). Needs root (buildah's chroot isolation) and, for the ConfigMap, helm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from packaging.utils import canonicalize_name
 from connector.localkafka.ports import free_ports
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import API_KEY, ROUTES, Names, event, produce, results, wait_until_committed
+from tests.kafka_helpers import create_topics
 from tests.test_helm import CASE_IDS, CASES, config_map, pod_mounts, render_case
 from tests.test_lock import RUNTIME_LOCK, parse_lock
 
@@ -157,12 +159,15 @@ def test_image_configuration(image: str) -> None:
 
 
 def test_runs_as_the_non_root_user_with_the_locked_dependencies(container: str) -> None:
-    proc = in_image(container, "sh", "-c", "id -u; id -g; connector --version; pip freeze")
+    # --all: on Python 3.11 a plain `pip freeze` leaves out setuptools, which the lock pins
+    # (grpcio-tools requires it; `pip check` in the build fails without it)
+    proc = in_image(container, "sh", "-c", "id -u; id -g; connector --version; pip freeze --all")
     assert proc.returncode == 0, proc.stderr
     uid, gid, version, *frozen = proc.stdout.splitlines()
     assert f"{uid}:{gid}" == USER
     assert version.startswith("connector ")
     installed = dict(line.split("==", 1) for line in frozen if "==" in line)
+    installed.pop("pip")  # the installer `python -m venv` puts in every virtualenv, not locked
     (project,) = [line for line in frozen if "==" not in line]  # installed from the wheel
     assert re.fullmatch(r"threads-connector @ file:///wheels/threads_connector-.*\.whl", project)
     # exactly the lock's packages for linux (plus the project), at the lock's versions
@@ -199,7 +204,11 @@ def test_check_config_on_the_chart_configmap(
     proc = in_image(
         container,
         "connector", "check-config", "--config", f"{CONFIG_DIR}/connector.yaml",
-        volumes={config_dir: f"{CONFIG_DIR}:ro", secrets: "/var/run/secrets:ro"},
+        # at /run/secrets: /var/run is a symlink to /run in the image, and buildah's chroot
+        # isolation does not resolve a mount's target inside the image (a mount on
+        # /var/run/secrets is not seen there); the connector reads /var/run/secrets/... as
+        # the config says, through the symlink, as in a pod
+        volumes={config_dir: f"{CONFIG_DIR}:ro", secrets: "/run/secrets:ro"},
         THREADS_CONNECTOR_API__API_KEY="test-api-key",
         THREADS_CONNECTOR_DELIVERY__INSTANCE_ID="rel-threads-connector-5d9f7c-abcde",
     )  # fmt: skip
@@ -229,6 +238,9 @@ async def test_connector_in_the_image_end_to_end(
     writable.chmod(0o1777)
     config_dir = tmp_path / "config"
     config_dir.mkdir()
+    # the domain events topic exists before the connector starts, as in production (the
+    # connector creates input topics only with kafka.create_input_topics: true; default off)
+    await create_topics(kafka_bootstrap, {names.input: 2})
     before = await asyncio.to_thread(root_filesystem, container)
     async with ThreadsApiSimulator(SimulatorSettings(seed=1)) as sim:
         (config_dir / "connector.yaml").write_text(
@@ -245,7 +257,12 @@ async def test_connector_in_the_image_end_to_end(
         )  # fmt: skip
         output = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
         try:
-            await wait_ready(port, proc)
+            try:
+                await wait_ready(port, proc)
+            except (AssertionError, TimeoutError) as exc:  # the connector's log says why
+                await kill(proc)
+                log = (await output).decode(errors="replace")
+                raise AssertionError(f"{exc}; its output:\n{log[-5000:]}") from exc
             connector_pid = leaf_process(proc.pid)
             assert process_ids(connector_pid) == (10001, 10001)
             n = 30
@@ -262,8 +279,7 @@ async def test_connector_in_the_image_end_to_end(
             code = await asyncio.wait_for(proc.wait(), 60)
         finally:
             if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+                await kill(proc)
         log = (await output).decode(errors="replace")
         assert code == 0, log[-5000:]
         assert sim.store.count_by_event_id() == {f"img-{i}": 1 for i in range(n)}
@@ -348,6 +364,28 @@ def leaf_process(pid: int) -> int:
     while tree.get(pid):
         (pid,) = tree[pid]
     return pid
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid``, children before their own children."""
+    tree = children()
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        below = tree.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    """``buildah run`` and what it started: killed alone, buildah leaves its chroot helper
+    and the connector running, reparented to init."""
+    for pid in reversed(descendants(proc.pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    await proc.wait()
 
 
 def process_ids(pid: int) -> tuple[int, int]:

@@ -79,11 +79,18 @@ class TokenEndpoint:
     def __init__(self) -> None:
         self.lifetime_s = 3600.0
         self.expired = False
+        self.expires_in_as_text = False  # Azure AD's v1 endpoint: "expires_in": "3599"
+        self.hanging = False  # requests are taken and never answered (until ``unhang``)
+        self.unhang = asyncio.Event()
+        self.received = 0
         self.issued = 0
         self.scopes: list[str | None] = []
         self.url = ""
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.received += 1
+        if self.hanging:
+            await self.unhang.wait()
         form = await request.post()
         expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
         if request.headers.get("authorization") != expected:
@@ -96,7 +103,9 @@ class TokenEndpoint:
         self.scopes.append(scope if isinstance(scope, str) else None)
         lifetime = -60 if self.expired else self.lifetime_s
         token = unsecured_jwt(CLIENT_ID, lifetime)
-        expires_in = 3600 if self.expired else self.lifetime_s
+        expires_in: Any = 3600 if self.expired else self.lifetime_s
+        if self.expires_in_as_text:
+            expires_in = str(int(expires_in))
         return web.json_response(
             {"access_token": token, "token_type": "Bearer", "expires_in": expires_in}
         )
@@ -328,6 +337,54 @@ async def test_the_provider_reuses_a_token_until_the_margin_before_its_expiry() 
         clock.now += 1
         await provider.token()
         assert endpoint.issued == 4
+
+
+async def test_an_expires_in_sent_as_text_is_read_as_the_lifetime() -> None:
+    """Azure AD's v1 token endpoint (Event Hubs' Kafka with OAuth) and some older identity
+    providers send ``"expires_in": "3599"``, a string. It was read as no lifetime: a new
+    token for every connection aiokafka opened, and an INFO line each ("valid 0s")."""
+    endpoint = TokenEndpoint()
+    endpoint.lifetime_s = 300
+    endpoint.expires_in_as_text = True
+    clock = FakeClock()
+    async with serving(endpoint) as url:
+        secret = SecretStr(CLIENT_SECRET)
+        provider = ClientCredentials(
+            url, CLIENT_ID, lambda: secret, refresh_margin_s=60, clock=clock
+        )
+        first = await provider.token()
+        for _ in range(3):
+            assert await provider.token() == first
+        assert endpoint.issued == 1
+        clock.now += 240  # the margin before its expiry
+        await provider.token()
+        assert endpoint.issued == 2
+
+
+async def test_connections_waiting_for_a_hanging_endpoint_share_one_request() -> None:
+    """An identity provider that takes the request and never answers: every Kafka
+    connection opening meanwhile (consumer, producers, admin, one per broker) queued
+    behind the one asking, then asked again itself, each for the whole timeout: the fifth
+    failed after 5 x oauth_timeout_s (50 s with the default), with 5 hanging requests.
+    Those waiting share the request under way, its token or its failure."""
+    endpoint = TokenEndpoint()
+    endpoint.hanging = True
+    async with serving(endpoint) as url:
+        secret = SecretStr(CLIENT_SECRET)
+        provider = ClientCredentials(url, CLIENT_ID, lambda: secret, timeout_s=0.5)
+        started = time.monotonic()
+        failures = await asyncio.gather(
+            *(provider.token() for _ in range(5)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+        assert all(isinstance(f, KafkaConnectionError) for f in failures), failures
+        assert all("did not answer within 0.5s" in str(f) for f in failures)
+        assert endpoint.received == 1
+        assert elapsed < 2.0, elapsed
+        endpoint.hanging = False
+        endpoint.unhang.set()
+        assert await provider.token()  # the next connection asks again, and gets one
+        assert endpoint.received == 2
 
 
 async def test_an_unreadable_secret_file_is_a_token_problem_retried_not_a_crash(

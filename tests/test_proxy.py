@@ -207,6 +207,29 @@ def test_no_proxy(no_proxy: str, bypassed: bool) -> None:
     assert (resolve(ApiSettings(base_url=HTTPS), env) is None) is bypassed
 
 
+@pytest.mark.parametrize(
+    ("base_url", "no_proxy", "bypassed"),
+    [
+        # the cluster-wide proxy's NO_PROXY of Kubernetes/OpenShift: CIDRs of the networks
+        ("https://10.40.3.7:8443", ".cluster.local,.svc,10.0.0.0/8,localhost", True),
+        ("https://10.40.3.7", "10.40.3.0/24", True),
+        ("https://10.41.3.7", "10.40.3.0/24", False),
+        ("https://[fd00::17]", "fd00::/8", True),
+        ("https://[fd00::17]:8443", "[fd00::17]:8443", True),
+        ("https://api.example.com", "10.0.0.0/8", False),
+        # Java's and Go's wildcard spelling of a domain and its subdomains
+        ("https://api.example.com", "*.example.com", True),
+        ("https://api.example.com", "*.other.com", False),
+    ],
+)
+def test_no_proxy_cidrs_and_wildcards(base_url: str, no_proxy: str, bypassed: bool) -> None:
+    """CIDR entries (curl 7.86+, Go, the NO_PROXY of a cluster-wide proxy) and ``*.``
+    wildcards were compared as host names: an API on the cluster network was sent to the
+    egress proxy, which cannot reach it (every call a proxy failure)."""
+    env = {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": no_proxy}
+    assert (resolve(ApiSettings(base_url=base_url), env) is None) is bypassed
+
+
 def test_proxy_url_wins_and_ignores_no_proxy() -> None:
     api = ApiSettings(base_url=HTTPS, proxy_url="http://mine:3128")
     env = {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "*"}
@@ -300,7 +323,11 @@ async def test_the_connector_calls_the_api_through_the_proxy_from_https_proxy(
     # proxy.py logs a connection once (its first request); the connector's pool reuses them
     posts = [line for line in proxy.access_lines() if "POST " in line and "/threads" in line]
     assert posts, proxy.access_lines()
-    assert all(f"POST {sim_hostport}/api/v1/appuid/demo-app/threads - 201" in p for p in posts)
+    # every call through the proxy; the one 400 is the start-up probe (an empty body: the
+    # API proves the key without making a thread), the rest the events' 201s
+    assert all(f"POST {sim_hostport}/api/v1/appuid/demo-app/threads - " in p for p in posts)
+    assert sum(" - 400 " in p for p in posts) <= 1, posts
+    assert any(" - 201 " in p for p in posts), posts
 
 
 async def test_check_config_online_probes_the_api_through_the_proxy(tmp_path: Path) -> None:

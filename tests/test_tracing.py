@@ -16,7 +16,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from connector.errors import RetriableApiError
+from connector.errors import ConfigError, RetriableApiError
 from connector.events import InputRecord, OutRecord
 from connector.localkafka.ports import free_ports
 from connector.tracing import TRACING, _ExportNoise
@@ -126,6 +126,26 @@ def test_a_record_gets_the_connectors_traceparent_instead_of_the_events(
 def test_otel_sdk_disabled_keeps_tracing_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     TRACING.start("test-service", exporter=InMemorySpanExporter())
+    assert not TRACING.on
+
+
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "-1"}, "max_queue_size must be a positive integer"),
+        ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"}, "max_export_batch_size must be less"),
+    ],
+)
+def test_batch_settings_the_sdk_refuses_are_a_configuration_problem(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], words: str
+) -> None:
+    """A batch size raised for throughput without the queue (4096 > 2048) made the SDK
+    raise ValueError from the start: a traceback and exit status 1, in a crash loop. Now
+    a ConfigError (``run`` exits with the configuration status, one message)."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"tracing: .*{words}"):
+        TRACING.start("test-service", exporter=InMemorySpanExporter())
     assert not TRACING.on
 
 
