@@ -64,118 +64,89 @@ def subclass(base: Any, name: str, **attrs: Any) -> Any:
 
 # -- the request and response structs (Kafka's message specs, flexible versions) ---------
 
+STRING = CompactString("utf-8")
+TAGS = ("tags", TaggedFields)  # closes every struct of a flexible version
 
-TxnOffsetCommitResponse_v3 = subclass(
-    Response,
-    "TxnOffsetCommitResponse_v3",
-    API_KEY=28,
-    API_VERSION=3,
-    SCHEMA=Schema(
-        ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32), ("error_code", Int16), ("tags", TaggedFields)
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("tags", TaggedFields),
-    ),
-)
 
-TxnOffsetCommitRequest_v3 = subclass(
-    RequestStruct,
-    "TxnOffsetCommitRequest_v3",
-    FLEXIBLE_VERSION=True,
-    API_KEY=28,
-    API_VERSION=3,
-    RESPONSE_TYPE=TxnOffsetCommitResponse_v3,
-    SCHEMA=Schema(
-        ("transactional_id", CompactString("utf-8")),
-        ("group_id", CompactString("utf-8")),
+def per_topic(*partition_fields: Any) -> tuple[str, Any]:
+    """The ``topics`` array: a name and its ``partitions`` (of ``partition_fields``)."""
+    partitions = ("partitions", CompactArray(*partition_fields, TAGS))
+    return ("topics", CompactArray(("name", STRING), partitions, TAGS))
+
+
+def flexible_api(
+    name: str, api_key: int, version: int, request: list[Any], response: list[Any]
+) -> Any:
+    """The request struct of one flexible version of an API, with its response type."""
+    response_type = subclass(
+        Response,
+        f"{name}Response_v{version}",
+        API_KEY=api_key,
+        API_VERSION=version,
+        SCHEMA=Schema(*response, TAGS),
+    )
+    return subclass(
+        RequestStruct,
+        f"{name}Request_v{version}",
+        FLEXIBLE_VERSION=True,
+        API_KEY=api_key,
+        API_VERSION=version,
+        RESPONSE_TYPE=response_type,
+        SCHEMA=Schema(*request, TAGS),
+    )
+
+
+TxnOffsetCommitRequest_v3 = flexible_api(
+    "TxnOffsetCommit",
+    28,
+    3,
+    request=[
+        ("transactional_id", STRING),
+        ("group_id", STRING),
         ("producer_id", Int64),
         ("producer_epoch", Int16),
         ("generation_id", Int32),
-        ("member_id", CompactString("utf-8")),
-        ("group_instance_id", CompactString("utf-8")),  # nullable
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("committed_metadata", CompactString("utf-8")),  # nullable
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
+        ("member_id", STRING),
+        ("group_instance_id", STRING),  # nullable
+        per_topic(
+            ("partition_index", Int32),
+            ("committed_offset", Int64),
+            ("committed_leader_epoch", Int32),
+            ("committed_metadata", STRING),  # nullable
         ),
-        ("tags", TaggedFields),
-    ),
-)
-
-OffsetFetchResponse_v7 = subclass(
-    Response,
-    "OffsetFetchResponse_v7",
-    API_KEY=9,
-    API_VERSION=7,
-    SCHEMA=Schema(
+    ],
+    response=[
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("metadata", CompactString("utf-8")),  # nullable
-                        ("error_code", Int16),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("error_code", Int16),
-        ("tags", TaggedFields),
-    ),
+        per_topic(("partition_index", Int32), ("error_code", Int16)),
+    ],
 )
+TxnOffsetCommitResponse_v3 = TxnOffsetCommitRequest_v3.RESPONSE_TYPE
 
-OffsetFetchRequest_v7 = subclass(
-    RequestStruct,
-    "OffsetFetchRequest_v7",
-    FLEXIBLE_VERSION=True,
-    API_KEY=9,
-    API_VERSION=7,
-    RESPONSE_TYPE=OffsetFetchResponse_v7,
-    SCHEMA=Schema(
-        ("group_id", CompactString("utf-8")),
+OffsetFetchRequest_v7 = flexible_api(
+    "OffsetFetch",
+    9,
+    7,
+    request=[
+        ("group_id", STRING),
         (
             "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                ("partition_indexes", CompactArray(Int32)),
-                ("tags", TaggedFields),
-            ),
+            CompactArray(("name", STRING), ("partition_indexes", CompactArray(Int32)), TAGS),
         ),
         ("require_stable", Boolean),
-        ("tags", TaggedFields),
-    ),
+    ],
+    response=[
+        ("throttle_time_ms", Int32),
+        per_topic(
+            ("partition_index", Int32),
+            ("committed_offset", Int64),
+            ("committed_leader_epoch", Int32),
+            ("metadata", STRING),  # nullable
+            ("error_code", Int16),
+        ),
+        ("error_code", Int16),
+    ],
 )
+OffsetFetchResponse_v7 = OffsetFetchRequest_v7.RESPONSE_TYPE
 
 
 class Versioned:

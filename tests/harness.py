@@ -6,20 +6,34 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from connector.app import Connector
 from connector.config import ConnectorSettings
 from connector.metrics import Metrics
+from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from connector.topics import TopicManager
 
 API_KEY = "demo-key"
+
+
+def simulator_fixture(seed: int) -> Any:
+    """A test module's ``sim`` fixture (``sim = simulator_fixture(seed=3)``): the Threads
+    API simulator with that seed, one per test."""
+
+    @pytest.fixture
+    async def sim() -> AsyncIterator[ThreadsApiSimulator]:
+        async with ThreadsApiSimulator(SimulatorSettings(seed=seed)) as simulator:
+            yield simulator
+
+    return sim
 
 
 @dataclass
@@ -132,6 +146,65 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
+async def launched(
+    settings: ConnectorSettings, stop_timeout_s: float = 30
+) -> AsyncIterator[Connector]:
+    """A connector whose ``run`` has begun, without waiting for it to start (for what holds
+    start-up back); stopped when the block ends."""
+    connector = Connector(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(connector.run(stop))
+    try:
+        yield connector
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, stop_timeout_s)
+
+
+async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``check`` every 0.1 s; ``TimeoutError(what)`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    timeout_s: float = 30,
+    what: str = "the condition never held",
+) -> None:
+    """Await ``check`` every 0.1 s until it holds; ``TimeoutError(what)`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def upstream_producer(bootstrap: str, names: Names) -> AsyncIterator[AIOKafkaProducer]:
+    """A started transactional producer of another application, stopped when the block
+    ends; with :func:`block_partition_0` it leaves a transaction open on the input."""
+    upstream = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, transactional_id=f"{names.group}-upstream"
+    )
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.stop()
+
+
+async def block_partition_0(upstream: AIOKafkaProducer, names: Names) -> None:
+    """Begin a transaction that writes event ``in-tx`` to input partition 0 and leave it
+    open: a read_committed consumer reads nothing past it until it ends."""
+    await upstream.begin_transaction()
+    await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
 
 
 async def produce(

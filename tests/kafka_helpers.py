@@ -238,3 +238,27 @@ async def tool_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         if len(parts) == 3 and parts[0] == topic and parts[1].isdigit() and parts[2].isdigit():
             offsets[int(parts[1])] = int(parts[2])
     return offsets
+
+
+async def wait_for_records(bootstrap: str, topic: str, n: int, timeout_s: float = 60) -> list[Any]:
+    """The topic's records once there are ``n`` of them, or what is there at ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = await consume_all(bootstrap, topic)
+        if len(records) >= n or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.3)
+
+
+def raw_header(record: Any, name: str) -> bytes | None:
+    """The record's first header ``name`` as sent; ``None`` when it has none."""
+    for key, value in record.headers:
+        if key == name:
+            return value
+    return None
+
+
+def header(record: Any, name: str) -> str | None:
+    """The record's last header ``name``, decoded; ``None`` when it has none."""
+    found = [v.decode() for k, v in record.headers if k == name]
+    return found[-1] if found else None

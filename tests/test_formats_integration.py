@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,8 +25,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, ti
 from connector.app import Connector
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.apicurio import Apicurio
-from tests.harness import Names, make_settings, produce, running
-from tests.kafka_helpers import consume_all, wait_for_committed
+from tests.harness import Names, eventually, make_settings, produce, running
+from tests.kafka_helpers import consume_all, header, wait_for_committed, wait_for_records
+from tests.test_hostile_api import readyz
 
 pytestmark = pytest.mark.integration
 
@@ -115,28 +115,6 @@ def protobuf_class() -> Any:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("shop.OrderShipped"))
 
 
-def header(record: Any, name: str) -> str | None:
-    found = [v.decode() for k, v in record.headers if k == name]
-    return found[-1] if found else None
-
-
-async def wait_for(bootstrap: str, topic: str, n: int, timeout_s: float = 60) -> list[Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = await consume_all(bootstrap, topic)
-        if len(records) >= n or time.monotonic() > deadline:
-            return records
-        await asyncio.sleep(0.3)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition never held")
-        await asyncio.sleep(0.1)
-
-
 def dead_letter_count(connector: Connector, stage: str, reason: str) -> float:
     """The dead letters of that stage and reason, over every app and topic label."""
     return sum(
@@ -147,12 +125,6 @@ def dead_letter_count(connector: Connector, stage: str, reason: str) -> float:
         and sample.labels["stage"] == stage
         and sample.labels["reason"] == reason
     )
-
-
-async def readyz(connector: Connector) -> tuple[int, str]:
-    async with httpx.AsyncClient() as http:
-        r = await http.get(f"http://127.0.0.1:{connector.health.port}/readyz")
-        return r.status_code, str(r.json()["detail"])
 
 
 JSON_MISMATCH = b'{"id": "j-2", "type": "order.shipped", "user": {"id": "u"}, "items": 0}'
@@ -247,8 +219,8 @@ async def test_avro_protobuf_json_schema_events_become_threads(
                 topics["json_schema"],
                 [(b"bad", wire(json_id, JSON_MISMATCH))],
             )
-            results = await wait_for(kafka_bootstrap, names.results, 3)
-            dead = await wait_for(kafka_bootstrap, names.dead, 5)
+            results = await wait_for_records(kafka_bootstrap, names.results, 3)
+            dead = await wait_for_records(kafka_bootstrap, names.dead, 5)
             assert dead_letter_count(connector, "parse", "schema_error") == 5
 
     messages = {t.event_id: t.message for t in sim.store.all()}
@@ -326,7 +298,7 @@ async def test_registry_down_pauses_then_resumes(
             # this event loop, the in-process connector's too, past its session timeout
             # (a frozen member: its commit is refused and its events replayed)
             await asyncio.to_thread(private_apicurio.start)
-            results = await wait_for(kafka_bootstrap, names.results, 3)
+            results = await wait_for_records(kafka_bootstrap, names.results, 3)
 
             async def ready() -> bool:
                 return (await readyz(connector))[0] == 200
@@ -444,8 +416,8 @@ async def test_cloudevents_binary_and_structured_headers_forwarded(
                 [(b"k", data)],
                 [h for h in ce_headers("ce-broken") if h[0] != "ce_type"],
             )
-            results = await wait_for(kafka_bootstrap, names.results, 3)
-            dead = await wait_for(kafka_bootstrap, names.dead, 2)
+            results = await wait_for_records(kafka_bootstrap, names.results, 3)
+            dead = await wait_for_records(kafka_bootstrap, names.dead, 2)
 
     threads = {t.event_id: t for t in sim.store.all()}
     assert {k: t.message for k, t in threads.items()} == {
@@ -543,7 +515,7 @@ async def test_protobuf_registered_as_proto_source_with_a_reference(
         )
         async with running(settings):
             await produce(kafka_bootstrap, names.input, [(b"k", value)])
-            results = await wait_for(kafka_bootstrap, names.results, 1)
+            results = await wait_for_records(kafka_bootstrap, names.results, 1)
         assert [orjson.loads(r.value)["eventId"] for r in results] == ["ps-1"]
         assert [t.message for t in sim.store.all()] == ["Order ps-1: 12345 cents."]
         assert await consume_all(kafka_bootstrap, names.dead) == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer
 
-from tests.harness import Names, event, make_settings, produce, read_all, results, running
+from tests.harness import (
+    Names,
+    event,
+    eventually,
+    make_settings,
+    produce,
+    read_all,
+    results,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +50,6 @@ async def fake_api(answer: Answer) -> AsyncIterator[tuple[str, list[dict[str, An
         yield str(server.make_url("")).rstrip("/"), calls
     finally:
         await server.close()
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition never held")
-        await asyncio.sleep(0.1)
 
 
 # -- a 201 whose humanUid is 1,000 lists deep ---------------------------------------------
@@ -77,7 +77,7 @@ async def test_a_201_with_a_deeply_nested_human_uid_publishes_the_thread_once(
             async def published() -> bool:
                 return len(await results(kafka_bootstrap, names.results)) == 1
 
-            await until(published)
+            await eventually(published)
             await asyncio.sleep(1.0)  # time for a replay, had there been one
         out = await results(kafka_bootstrap, names.results)
     assert len(calls) == 1
@@ -126,7 +126,7 @@ async def test_a_template_field_nested_300_deep_is_dead_lettered_not_fatal(
                 dead = await read_all(kafka_bootstrap, names.dead)
                 return len(dead) == 1 and len(await results(kafka_bootstrap, names.results)) == 1
 
-            await until(settled)
+            await eventually(settled)
         assert await dead_letters(kafka_bootstrap, names.dead) == [("bad-1", "template_error")]
         assert [r["eventId"] for r in await results(kafka_bootstrap, names.results)] == ["good-1"]
         assert len(calls) == 1
@@ -165,7 +165,7 @@ async def test_a_deep_link_field_missing_from_the_event_is_dead_lettered_before_
                 dead = await read_all(kafka_bootstrap, names.dead)
                 return len(dead) == 1 and len(await results(kafka_bootstrap, names.results)) == 1
 
-            await until(settled)
+            await eventually(settled)
         assert await dead_letters(kafka_bootstrap, names.dead) == [("no-shop", "missing_field")]
         out = await results(kafka_bootstrap, names.results)
         assert [(r["eventId"], r["deepLink"]) for r in out] == [
@@ -207,7 +207,7 @@ async def test_values_substituted_into_the_deep_link_are_percent_encoded(
             async def published() -> bool:
                 return len(await results(kafka_bootstrap, names.results)) == 1
 
-            await until(published)
+            await eventually(published)
         [out] = await results(kafka_bootstrap, names.results)
     assert out["threadUid"] == thread_uid  # the result keeps the API's value as it is
     assert out["deepLink"] == (
@@ -256,7 +256,7 @@ async def test_a_key_file_rotated_to_bytes_that_are_not_utf8_pauses_calls_then_h
 
                 return check
 
-            await until(await published(1))
+            await eventually(await published(1))
             key_file.write_bytes(b"caf\xe9-key")  # Latin-1: not UTF-8
             await asyncio.sleep(0.3)  # past secret_refresh_s: the next call re-reads it
             await produce(kafka_bootstrap, names.input, [(b"k", event("during"))])
@@ -265,10 +265,10 @@ async def test_a_key_file_rotated_to_bytes_that_are_not_utf8_pauses_calls_then_h
                 reason = connector.apps.pause_reason() or ""
                 return "api-key" in reason and "cannot be sent" in reason
 
-            await until(paused)
+            await eventually(paused)
             assert "\\xe9" not in (connector.apps.pause_reason() or "")
             key_file.write_text("demo-key")  # fixed
-            await until(await published(2))
+            await eventually(await published(2))
             assert connector.apps.pause_reason() is None
         assert await read_all(kafka_bootstrap, names.dead) == []
     assert len(calls) == 2
@@ -307,13 +307,13 @@ async def test_a_redirecting_api_opens_the_breaker_instead_of_dead_lettering_eve
             async def paused() -> bool:
                 return "HTTP 301" in (connector.apps.pause_reason() or "")
 
-            await until(paused)
+            await eventually(paused)
             assert await read_all(kafka_bootstrap, names.dead) == []
             redirecting = False
 
             async def all_published() -> bool:
                 return len(await results(kafka_bootstrap, names.results)) == 3
 
-            await until(all_published)
+            await eventually(all_published)
             assert connector.apps.pause_reason() is None
         assert await read_all(kafka_bootstrap, names.dead) == []

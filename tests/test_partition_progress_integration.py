@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator import ThreadsApiSimulator
 from tests.harness import (
     Names,
+    block_partition_0,
     committed_and_end,
     ensure_topics,
     event,
@@ -32,24 +32,16 @@ from tests.harness import (
     produce,
     results,
     running,
+    simulator_fixture,
+    until,
+    upstream_producer,
     wait_until_committed,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def sim() -> ThreadsApiSimulator:
-    async with ThreadsApiSimulator(SimulatorSettings(seed=7)) as simulator:
-        yield simulator
-
-
-async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.1)
+sim = simulator_fixture(seed=7)
 
 
 def events(prefix: str, n: int) -> list[tuple[bytes | None, bytes | None]]:
@@ -148,15 +140,10 @@ async def test_a_partition_behind_an_open_transaction_is_named_until_it_ends(
         kafka={"blocked_partition_after_s": 3},
     )
     await ensure_topics(settings)
-    upstream = AIOKafkaProducer(
-        bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
-    )
-    await upstream.start()
-    try:
+    async with upstream_producer(kafka_bootstrap, names) as upstream:
         async with running(settings) as connector:
             await until(lambda: connector._ready()[0], 30, "never ready")
-            await upstream.begin_transaction()
-            await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
+            await block_partition_0(upstream, names)
             plain = [(b"k", event(f"later-{i}")) for i in range(10)]
             producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
             await producer.start()
@@ -188,5 +175,3 @@ async def test_a_partition_behind_an_open_transaction_is_named_until_it_ends(
         wanted = [f"later-{i}" for i in range(10)] + ["other-p"]
         wanted += ["in-tx"] if end == "commit" else []
         assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
-    finally:
-        await upstream.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from connector.source import Source
 from connector.undecodable import FetchGuard
 from tests.harness import (
     Names,
+    block_partition_0,
     ensure_topics,
     event,
     make_settings,
@@ -31,6 +31,8 @@ from tests.harness import (
     read_all,
     results,
     running,
+    until,
+    upstream_producer,
     wait_until_committed,
 )
 from tests.kafka_helpers import CONSUMER_GROUP_COMMAND
@@ -38,14 +40,6 @@ from tests.raw_batches import batch, send_raw
 from tests.test_partition_progress_integration import committed_then_deleted
 
 pytestmark = pytest.mark.integration
-
-
-async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.1)
 
 
 async def test_a_blocked_partition_is_named_while_a_backlog_elsewhere_fills_the_buffer(
@@ -66,13 +60,8 @@ async def test_a_blocked_partition_is_named_while_a_backlog_elsewhere_fills_the_
             delivery={"max_buffered_events": 20},
         )
         await ensure_topics(settings)
-        upstream = AIOKafkaProducer(
-            bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
-        )
-        await upstream.start()
-        try:
-            await upstream.begin_transaction()
-            await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
+        async with upstream_producer(kafka_bootstrap, names) as upstream:
+            await block_partition_0(upstream, names)
             backlog = [(b"k", event(f"p1-{i}")) for i in range(1500)]
             producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
             await producer.start()
@@ -97,8 +86,6 @@ async def test_a_blocked_partition_is_named_while_a_backlog_elsewhere_fills_the_
                 await until(lambda: connector._ready()[0], 20, "readiness stayed red")
                 # green again while the backlog still fills the buffer
                 assert sum(sim.store.count_by_event_id().values()) < 1500
-        finally:
-            await upstream.stop()
 
 
 BAD_NAME = b"\xff\xfe trace-\xc3(-id"  # not UTF-8
@@ -381,39 +368,34 @@ async def test_a_blocked_partition_is_named_across_rebalances_that_leave_it_here
             kafka={"blocked_partition_after_s": 4},
         )
         await ensure_topics(settings)
-        upstream = AIOKafkaProducer(
-            bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
-        )
-        await upstream.start()
-        try:
-            async with running(settings) as connector:
-                await until(lambda: connector._ready()[0], 30, "never ready")
-                await upstream.begin_transaction()
-                await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
-                await produce(kafka_bootstrap, names.input, [(None, event("later"))])
-                assigns = connector.metrics.rebalances.labels("assign")
-                named = False
-                deadline = time.monotonic() + 20
-                while not named and time.monotonic() < deadline:
-                    # a member of the group on another topic: a rebalance that leaves the
-                    # input partition here
-                    before = assigns._value.get()
-                    other = AIOKafkaConsumer(
-                        names.results, bootstrap_servers=kafka_bootstrap, group_id=names.group
-                    )
-                    await other.start()
-                    await other.stop()
-                    await until(lambda b=before: assigns._value.get() > b, 30, "no rebalance")
-                    for _ in range(20):
-                        ready, why = connector._ready()
-                        named = named or (not ready and "blocked" in why)
-                        await asyncio.sleep(0.1)
-                assert named, "the blocked partition was never named"
-                await upstream.abort_transaction()
-                await until(lambda: connector._ready()[0], 20, "readiness stayed red")
-                await wait_until_committed(kafka_bootstrap, names.group, names.input)
-        finally:
-            await upstream.stop()
+        async with (
+            upstream_producer(kafka_bootstrap, names) as upstream,
+            running(settings) as connector,
+        ):
+            await until(lambda: connector._ready()[0], 30, "never ready")
+            await block_partition_0(upstream, names)
+            await produce(kafka_bootstrap, names.input, [(None, event("later"))])
+            assigns = connector.metrics.rebalances.labels("assign")
+            named = False
+            deadline = time.monotonic() + 20
+            while not named and time.monotonic() < deadline:
+                # a member of the group on another topic: a rebalance that leaves the
+                # input partition here
+                before = assigns._value.get()
+                other = AIOKafkaConsumer(
+                    names.results, bootstrap_servers=kafka_bootstrap, group_id=names.group
+                )
+                await other.start()
+                await other.stop()
+                await until(lambda b=before: assigns._value.get() > b, 30, "no rebalance")
+                for _ in range(20):
+                    ready, why = connector._ready()
+                    named = named or (not ready and "blocked" in why)
+                    await asyncio.sleep(0.1)
+            assert named, "the blocked partition was never named"
+            await upstream.abort_transaction()
+            await until(lambda: connector._ready()[0], 20, "readiness stayed red")
+            await wait_until_committed(kafka_bootstrap, names.group, names.input)
         assert sim.store.count_by_event_id() == {"later": 1}
 
 
@@ -492,42 +474,37 @@ async def test_a_blocked_partition_revoked_during_a_look_is_not_named_here_after
             kafka={"blocked_partition_after_s": 2},
         )
         await ensure_topics(settings)
-        upstream = AIOKafkaProducer(
-            bootstrap_servers=kafka_bootstrap, transactional_id=f"{names.group}-upstream"
-        )
-        await upstream.start()
-        try:
-            async with running(settings) as connector:
-                await until(lambda: connector._ready()[0], 30, "never ready")
-                await upstream.begin_transaction()
-                await upstream.send_and_wait(names.input, event("in-tx"), partition=0)
-                await produce(kafka_bootstrap, names.input, [(b"k", event("later"))])
+        async with (
+            upstream_producer(kafka_bootstrap, names) as upstream,
+            running(settings) as connector,
+        ):
+            await until(lambda: connector._ready()[0], 30, "never ready")
+            await block_partition_0(upstream, names)
+            await produce(kafka_bootstrap, names.input, [(b"k", event("later"))])
 
-                def named() -> bool:
-                    ready, why = connector._ready()
-                    return not ready and f"{names.input}/0" in why
+            def named() -> bool:
+                ready, why = connector._ready()
+                return not ready and f"{names.input}/0" in why
 
-                await until(named, 20, "never named")
-                armed.set()
-                await asyncio.wait_for(entered.wait(), 10)
-                other = AIOKafkaConsumer(
-                    names.input,
-                    bootstrap_servers=kafka_bootstrap,
-                    group_id=names.group,
-                    client_id="a-joiner",  # sorts first: round robin gives it partition 0
-                    enable_auto_commit=False,
-                )
-                await other.start()
-                try:
-                    await until(lambda: assigned(connector) == [(names.input, 1)], 30, "no move")
-                    release.set()
-                    await asyncio.sleep(3)  # a few gauge rounds
-                    assert not named(), connector._ready()[1]
-                finally:
-                    await other.stop()
-                await upstream.abort_transaction()
-        finally:
-            await upstream.stop()
+            await until(named, 20, "never named")
+            armed.set()
+            await asyncio.wait_for(entered.wait(), 10)
+            other = AIOKafkaConsumer(
+                names.input,
+                bootstrap_servers=kafka_bootstrap,
+                group_id=names.group,
+                client_id="a-joiner",  # sorts first: round robin gives it partition 0
+                enable_auto_commit=False,
+            )
+            await other.start()
+            try:
+                await until(lambda: assigned(connector) == [(names.input, 1)], 30, "no move")
+                release.set()
+                await asyncio.sleep(3)  # a few gauge rounds
+                assert not named(), connector._ready()[1]
+            finally:
+                await other.stop()
+            await upstream.abort_transaction()
 
 
 async def test_an_undecodable_record_behind_others_backlog_with_a_nearly_full_buffer(

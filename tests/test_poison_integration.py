@@ -19,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from connector.app import Connector
-from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator import ThreadsApiSimulator
 from tests.harness import (
     Names,
     event,
@@ -27,26 +27,17 @@ from tests.harness import (
     read_all,
     results,
     running,
+    simulator_fixture,
     wait_until_committed,
 )
-from tests.kafka_helpers import create_topics
+from tests.kafka_helpers import create_topics, raw_header
 
 pytestmark = pytest.mark.integration
 BIG_TOPIC_BYTES = 8 * 1024 * 1024  # input topics that accept what a careless producer sends
 LIMIT = 1_048_576
 
 
-@pytest.fixture
-async def sim() -> ThreadsApiSimulator:
-    async with ThreadsApiSimulator(SimulatorSettings(seed=3)) as simulator:
-        yield simulator
-
-
-def header(record: object, name: str) -> bytes | None:
-    for key, value in record.headers:  # type: ignore[attr-defined]
-        if key == name:
-            return value
-    return None
+sim = simulator_fixture(seed=3)
 
 
 async def big_input(bootstrap: str, names: Names, partitions: int = 1) -> None:
@@ -129,11 +120,11 @@ async def test_oversize_records_among_valid_events_block_nothing(
     assert raw.decode().startswith(big["deepLink"])
     (dead,) = await read_all(kafka_bootstrap, names.dead)
     assert dead.key == b"poison-2mb"
-    assert header(dead, "dlq-code") == b"invalid_json"
-    assert header(dead, "dlq-value-bytes") == str(len(two_mb)).encode()
-    assert header(dead, "dlq-value-sha256") == hashlib.sha256(two_mb).hexdigest().encode()
-    assert header(dead, "dlq-value-cut") == b"truncated"
-    assert header(dead, "dlq-source") == f"{names.input}/0/11".encode()
+    assert raw_header(dead, "dlq-code") == b"invalid_json"
+    assert raw_header(dead, "dlq-value-bytes") == str(len(two_mb)).encode()
+    assert raw_header(dead, "dlq-value-sha256") == hashlib.sha256(two_mb).hexdigest().encode()
+    assert raw_header(dead, "dlq-value-cut") == b"truncated"
+    assert raw_header(dead, "dlq-source") == f"{names.input}/0/11".encode()
     assert dead.value and two_mb.startswith(dead.value)
     assert record_size(dead) <= LIMIT
 
@@ -157,8 +148,8 @@ async def test_a_1048400_byte_value_is_dead_lettered_in_bounded_form(
         "b-1",
     ]
     (dead,) = await read_all(kafka_bootstrap, names.dead)
-    assert header(dead, "dlq-value-bytes") == b"1048400"
-    assert header(dead, "dlq-value-sha256") == hashlib.sha256(value).hexdigest().encode()
+    assert raw_header(dead, "dlq-value-bytes") == b"1048400"
+    assert raw_header(dead, "dlq-value-sha256") == hashlib.sha256(value).hexdigest().encode()
     assert dead.value and value.startswith(dead.value)
 
 
@@ -175,8 +166,8 @@ async def test_omit_leaves_the_value_out(kafka_bootstrap: str, sim: ThreadsApiSi
         assert connector.sessions == 1
     (dead,) = await read_all(kafka_bootstrap, names.dead)
     assert dead.value == b""
-    assert header(dead, "dlq-value-cut") == b"omitted"
-    assert header(dead, "dlq-value-bytes") == b"1500000"
+    assert raw_header(dead, "dlq-value-cut") == b"omitted"
+    assert raw_header(dead, "dlq-value-bytes") == b"1500000"
     assert [r["eventId"] for r in await results(kafka_bootstrap, names.results)] == ["g-1"]
 
 
@@ -193,9 +184,9 @@ async def test_huge_original_headers_are_dropped_and_counted(
         assert connector.sessions == 1
     (dead,) = await read_all(kafka_bootstrap, names.dead)
     assert dead.value == b"not json"
-    assert header(dead, "trace") == b"\xff\xfebinary"  # the producer's bytes, as they are
-    assert header(dead, "blob") is None
-    assert header(dead, "dlq-headers-dropped") == b"1"
+    assert raw_header(dead, "trace") == b"\xff\xfebinary"  # the producer's bytes, as they are
+    assert raw_header(dead, "blob") is None
+    assert raw_header(dead, "dlq-headers-dropped") == b"1"
 
 
 async def test_dlq_reason_cut_keeps_utf8_valid(
@@ -209,7 +200,7 @@ async def test_dlq_reason_cut_keeps_utf8_valid(
         await produce_big(kafka_bootstrap, names.input, [(b"k", body)])
         await wait_until_committed(kafka_bootstrap, names.group, names.input)
     (dead,) = await read_all(kafka_bootstrap, names.dead)
-    reason = header(dead, "dlq-reason") or b""
+    reason = raw_header(dead, "dlq-reason") or b""
     assert 990 <= len(reason) <= 1000
     assert reason.decode("utf-8").startswith("no route for event type '\u00e9\u00e9")
     for name, value in dead.headers:
@@ -271,4 +262,4 @@ async def test_topics_the_connector_creates_accept_its_largest_record(
         await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=60)
         assert connector.sessions == 1
     (dead,) = await read_all(kafka_bootstrap, names.dead)
-    assert dead.value == value and header(dead, "dlq-value-cut") is None
+    assert dead.value == value and raw_header(dead, "dlq-value-cut") is None

@@ -16,7 +16,7 @@ from connector.dlq.records import Filter
 from connector.dlq.redrive import redrive
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
 from tests.harness import Names, make_settings, running
-from tests.kafka_helpers import consume_all
+from tests.kafka_helpers import header, wait_for_records
 
 pytestmark = pytest.mark.integration
 
@@ -66,20 +66,6 @@ async def produce_at(bootstrap: str, topic: str, records: list[tuple[bytes, int 
         await producer.stop()
 
 
-def header(record: Any, name: str) -> str | None:
-    found = [v.decode() for k, v in record.headers if k == name]
-    return found[-1] if found else None
-
-
-async def wait_for(bootstrap: str, topic: str, n: int) -> list[Any]:
-    deadline = time.monotonic() + 60
-    while True:
-        records = await consume_all(bootstrap, topic)
-        if len(records) >= n or time.monotonic() > deadline:
-            return records
-        await asyncio.sleep(0.3)
-
-
 async def test_old_events_expire_fresh_ones_become_threads(kafka_bootstrap: str) -> None:
     names = Names.fresh("stale")
     now = time.time()
@@ -99,8 +85,8 @@ async def test_old_events_expire_fresh_ones_become_threads(kafka_bootstrap: str)
                     (body("fresh-record", "reminder"), None),
                 ],
             )
-            results = await wait_for(kafka_bootstrap, names.results, 2)
-            dead = await wait_for(kafka_bootstrap, names.dead, 4)
+            results = await wait_for_records(kafka_bootstrap, names.results, 2)
+            dead = await wait_for_records(kafka_bootstrap, names.dead, 4)
             counted = dead_letter_counts(connector)
             assert counted[("route", "expired")] == 3
             assert counted[("validate", "invalid_event_time")] == 1
@@ -128,7 +114,7 @@ async def test_old_events_expire_fresh_ones_become_threads(kafka_bootstrap: str)
         named = await redrive(settings, RedriveOptions(Filter(codes=frozenset({"expired"}))))
         assert named.copied == 3
         async with running(settings):
-            dead = await wait_for(kafka_bootstrap, names.dead, 7)
+            dead = await wait_for_records(kafka_bootstrap, names.dead, 7)
         again = [d for d in dead if header(d, "dlq-redrive-count") == "1"]
         assert sorted(header(d, "dlq-event-id") or "" for d in again) == [
             "old-epoch",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,18 @@ from aiohttp import ClientSession, web
 
 from connector.app import Connector
 from connector.localkafka import LocalKafka
-from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator import ThreadsApiSimulator
 from tests.harness import (
     API_KEY,
     Names,
     event,
+    eventually,
     make_settings,
     produce,
     read_all,
     results,
     running,
+    simulator_fixture,
     wait_until_committed,
 )
 from tests.kafka_helpers import create_topics
@@ -35,10 +37,7 @@ from tests.test_hostile_api import readyz
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def sim() -> ThreadsApiSimulator:
-    async with ThreadsApiSimulator(SimulatorSettings(seed=5)) as simulator:
-        yield simulator
+sim = simulator_fixture(seed=5)
 
 
 class Gateway:
@@ -91,13 +90,6 @@ def not_ready(connector: Connector) -> list[str]:
     return [r for r in NOT_READY_REASONS if sample(connector, "not_ready", {"reason": r}) == 1]
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
-
-
 async def named(connector: Connector, text: str, timeout_s: float = 30) -> str:
     """/readyz's detail once it holds ``text`` (it must be 503 then)."""
     deadline = time.monotonic() + timeout_s
@@ -141,7 +133,7 @@ async def test_a_wrong_path_pauses_the_app_at_start_and_resumes_when_the_probe_p
         async def waiting() -> bool:
             return sample(connector, "events_in_progress", {}) == len(ids)
 
-        await until(waiting, 30, "the events were not fetched")
+        await eventually(waiting, 30, "the events were not fetched")
         # the probe was sent again and again while they wait: still not one call
         await asyncio.sleep(1.0)  # probes every 0.3 s: about three more, none a call
         calls_404 = {"app": "demo-app", "status_class": "4xx", "code": "404"}
@@ -153,7 +145,7 @@ async def test_a_wrong_path_pauses_the_app_at_start_and_resumes_when_the_probe_p
 
         gateway.open = True  # the path is deployed: the next probe passes
         await wait_until_committed(kafka_bootstrap, names.group, names.input, timeout_s=30)
-        await until(lambda: _ready(connector), 10, "never ready")
+        await eventually(lambda: _ready(connector), 10, "never ready")
         assert not_ready(connector) == []
     print(f"\nwrong path at start: /readyz named it {named_after_s:.2f}s after start")
     assert await read_all(kafka_bootstrap, names.dead) == []
@@ -194,7 +186,7 @@ async def test_a_wrong_key_is_named_before_any_event_and_a_rotated_key_heals_it(
         assert not_ready(connector) == ["api_key"]
         assert sample(connector, "auth_paused", {"app": "demo-app"}) == 1
         key_file.write_text(API_KEY)
-        await until(lambda: _ready(connector), 15, "the rotated key did not heal it")
+        await eventually(lambda: _ready(connector), 15, "the rotated key did not heal it")
         assert sample(connector, "auth_paused", {"app": "demo-app"}) == 0
     assert len(sim.store) == 0  # the probes created nothing
 
@@ -209,7 +201,7 @@ async def test_a_probe_without_an_answer_pauses_nothing(kafka_bootstrap: str) ->
         # and the permission checks of a sound setup pass, once (no load after)
         await asyncio.wait_for(connector.checks.kafka_done.wait(), 30)
         assert connector.checks.reason() is None
-        await until(lambda: _ready(connector), 30, "never ready")
+        await eventually(lambda: _ready(connector), 30, "never ready")
         assert connector.apps.pause_reason() is None
         assert connector.apps.breaker.consecutive == 0
         failed = {"app": "demo-app", "status_class": "error", "code": "request_error"}
@@ -260,5 +252,5 @@ async def test_a_missing_acl_is_named_by_readyz_until_it_is_granted(
         )
         assert not_ready(connector) == ["kafka_acl"]
         allow(acl_kafka, "--operation", "Describe", "--operation", "Read", "--group", names.group)
-        await until(lambda: _ready(connector), 60, "never ready after the ACL was granted")
+        await eventually(lambda: _ready(connector), 60, "never ready after the ACL was granted")
         assert not_ready(connector) == []

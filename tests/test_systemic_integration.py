@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from connector.config import ConnectorSettings
-from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator import ThreadsApiSimulator
 from tests.harness import (
     API_KEY,
     ROUTES,
@@ -21,8 +21,10 @@ from tests.harness import (
     read_all,
     results,
     running,
+    simulator_fixture,
     wait_until_committed,
 )
+from tests.kafka_helpers import header
 from tests.test_hostile_api import readyz
 
 pytestmark = pytest.mark.integration
@@ -30,10 +32,7 @@ pytestmark = pytest.mark.integration
 THREADS_PATH = "/api/v1/appuid/demo-app/threads"
 
 
-@pytest.fixture
-async def sim() -> ThreadsApiSimulator:
-    async with ThreadsApiSimulator(SimulatorSettings(seed=3)) as simulator:
-        yield simulator
+sim = simulator_fixture(seed=3)
 
 
 def responses(connector: Any, code: str) -> float:
@@ -48,10 +47,6 @@ def with_base_url(settings: ConnectorSettings, base_url: str) -> ConnectorSettin
     """The same settings, ``api.base_url`` fixed (a restart with the corrected config)."""
     api = settings.api.model_copy(update={"base_url": base_url})
     return settings.model_copy(update={"api": api})
-
-
-def header(record: Any, name: str) -> str:
-    return dict(record.headers)[name].decode()
 
 
 async def test_a_wrong_base_url_pauses_the_route_and_dead_letters_nothing(

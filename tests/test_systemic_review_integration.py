@@ -25,6 +25,7 @@ from tests.harness import (
     running,
     wait_until_committed,
 )
+from tests.kafka_helpers import header
 from tests.test_hostile_api import readyz
 
 pytestmark = pytest.mark.integration
@@ -46,10 +47,6 @@ async def two_apps() -> ThreadsApiSimulator:
     }
     async with ThreadsApiSimulator(SimulatorSettings(seed=5, apps=apps)) as simulator:
         yield simulator
-
-
-def header(record: Any, name: str) -> str:
-    return dict(record.headers)[name].decode()
 
 
 async def test_a_quiet_apps_first_event_failing_on_its_own_does_not_stall_the_connector(

@@ -10,7 +10,6 @@ the broker, and a restart restored nothing (20 events replayed made 40 threads).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -21,7 +20,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from connector.app import Connector
 from connector.dedup import changelog_topic
 from connector.simulator import SimulatorSettings, ThreadsApiSimulator
-from tests.harness import Names, event, make_settings, produce, results, running
+from tests.harness import Names, event, launched, make_settings, produce, results, running, until
 from tests.harness import wait_until_committed as committed
 from tests.kafka_helpers import create_topics
 
@@ -59,14 +58,6 @@ async def alter(bootstrap: str, topic: str, config: dict[str, str]) -> None:
         await admin.close()
 
 
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.1)
-
-
 def not_ready_naming(connector: Connector, *words: str) -> Callable[[], bool]:
     def check() -> bool:
         ready, detail = connector._ready()
@@ -87,12 +78,10 @@ async def test_a_missing_input_topic_is_not_created_and_the_connector_waits_for_
             partitions=1,
             kafka={"create_input_topics": False, "retry_initial_s": 0.2, "retry_max_s": 0.5},
         )
-        connector = Connector(settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(connector.run(stop))
-        try:
+        async with launched(settings) as connector:
             await until(
                 not_ready_naming(connector, names.input, "create_input_topics"),
+                30,
                 "readiness never named the missing input topic",
             )
             assert connector._not_ready()[0] == "topic_missing"  # not_ready{reason}
@@ -104,9 +93,6 @@ async def test_a_missing_input_topic_is_not_created_and_the_connector_waits_for_
             await asyncio.wait_for(connector.started.wait(), 30)
             await produce(kafka_bootstrap, names.input, [(b"k", event("appeared"))])
             await committed(kafka_bootstrap, names.group, names.input)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
         out = await results(kafka_bootstrap, names.results)
         assert [r["eventId"] for r in out] == ["appeared"]
 
@@ -123,18 +109,13 @@ async def test_no_changelog_is_created_when_create_topics_is_false(kafka_bootstr
             kafka={"create_topics": False, "retry_initial_s": 0.2, "retry_max_s": 0.5},
         )
         changelog = changelog_topic(names.group, names.input, settings.dedup.changelog_suffix)
-        connector = Connector(settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(connector.run(stop))
-        try:
+        async with launched(settings) as connector:
             await until(
                 not_ready_naming(connector, changelog, "cleanup.policy=compact,delete"),
+                30,
                 "readiness never named the missing changelog",
             )
             assert not await topic_exists(kafka_bootstrap, changelog)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
 
 
 async def test_a_short_retention_changelog_is_refused_when_topics_are_not_managed(
@@ -157,20 +138,15 @@ async def test_a_short_retention_changelog_is_refused_when_topics_are_not_manage
             {changelog: 1},
             config={"cleanup.policy": "compact,delete", "retention.ms": "5000"},
         )
-        connector = Connector(settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(connector.run(stop))
-        try:
+        async with launched(settings) as connector:
             await until(
                 not_ready_naming(connector, changelog, "retention.ms=5000", f"{TTL_MS}"),
+                30,
                 "readiness never named the short retention",
             )
             assert connector._not_ready()[0] == "changelog"  # not_ready{reason}
             assert not connector.started.is_set()
             assert (await topic_config(kafka_bootstrap, changelog))["retention.ms"] == "5000"
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
 
 
 async def test_a_breached_changelog_is_corrected_when_topics_are_managed(
@@ -231,7 +207,7 @@ async def test_a_changelog_altered_while_running_turns_readiness_red(
         async with running(settings) as connector:
             await produce(kafka_bootstrap, names.input, [(b"k", event("e1"))])
             await committed(kafka_bootstrap, names.group, names.input)
-            await until(lambda: connector._ready()[0], "never ready")
+            await until(lambda: connector._ready()[0], 30, "never ready")
             await alter(
                 kafka_bootstrap,
                 changelog,
@@ -239,6 +215,7 @@ async def test_a_changelog_altered_while_running_turns_readiness_red(
             )
             await until(
                 not_ready_naming(connector, changelog, "retention.ms=5000"),
+                30,
                 "readiness never named the altered changelog",
             )
             assert connector._not_ready()[0] == "changelog"
@@ -247,6 +224,6 @@ async def test_a_changelog_altered_while_running_turns_readiness_red(
                 changelog,
                 {"cleanup.policy": "compact,delete", "retention.ms": str(TTL_MS)},
             )
-            await until(lambda: connector._ready()[0], "never ready again")
+            await until(lambda: connector._ready()[0], 30, "never ready again")
         out = await results(kafka_bootstrap, names.results)
         assert Counter(r["eventId"] for r in out) == Counter(["e1"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 
-from connector.simulator import SimulatorSettings, ThreadsApiSimulator
+from connector.simulator import ThreadsApiSimulator
 from tests.harness import (
     Names,
     ensure_topics,
@@ -21,25 +21,17 @@ from tests.harness import (
     read_all,
     results,
     running,
+    simulator_fixture,
     wait_until_committed,
 )
+from tests.kafka_helpers import raw_header
 from tests.raw_batches import batch, send_raw
 
 pytestmark = pytest.mark.integration
 BAD_NAME = b"\xff\xfe trace-\xc3(-id"  # not UTF-8
 
 
-@pytest.fixture
-async def sim() -> ThreadsApiSimulator:
-    async with ThreadsApiSimulator(SimulatorSettings(seed=5)) as simulator:
-        yield simulator
-
-
-def header(record: object, name: str) -> bytes | None:
-    for key, value in record.headers:  # type: ignore[attr-defined]
-        if key == name:
-            return value
-    return None
+sim = simulator_fixture(seed=5)
 
 
 def good(prefix: str, n: int) -> list[tuple[bytes | None, bytes | None, list[tuple[bytes, bytes]]]]:
@@ -90,12 +82,12 @@ async def test_an_undecodable_record_is_a_dead_letter_and_nothing_else_waits(
     )
     assert sim.store.count_by_event_id() == dict.fromkeys(wanted, 1)
     (letter,) = await read_all(kafka_bootstrap, names.dead)
-    assert header(letter, "dlq-code") == b"undecodable_record"
-    assert header(letter, "dlq-stage") == b"parse"
-    assert header(letter, "dlq-source") == f"{names.input}/0/6".encode()
-    assert b"not UTF-8" in (header(letter, "dlq-reason") or b"")
+    assert raw_header(letter, "dlq-code") == b"undecodable_record"
+    assert raw_header(letter, "dlq-stage") == b"parse"
+    assert raw_header(letter, "dlq-source") == f"{names.input}/0/6".encode()
+    assert b"not UTF-8" in (raw_header(letter, "dlq-reason") or b"")
     assert letter.key == b"bad"
     assert letter.value == bad_value
-    assert header(letter, "ok") == b"1"
+    assert raw_header(letter, "ok") == b"1"
     # the name's bytes, as backslash escapes (a header name must be text)
-    assert header(letter, BAD_NAME.decode("utf-8", "backslashreplace")) == b"v"
+    assert raw_header(letter, BAD_NAME.decode("utf-8", "backslashreplace")) == b"v"
