@@ -36,11 +36,15 @@ Answer = Callable[[dict[str, Any]], Awaitable[web.StreamResponse]]
 @contextlib.asynccontextmanager
 async def fake_api(answer: Answer) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     """A real HTTP server playing the Threads API: ``answer`` gets each request's JSON
-    body; yields the base URL and the bodies received (the calls made)."""
+    body; yields the base URL and the bodies received (the calls made). A body that is not
+    an object (the start-up probe's ``[]``) is answered 400, as the API answers it, and is
+    not a call."""
     calls: list[dict[str, Any]] = []
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         body = orjson.loads(await request.read())
+        if not isinstance(body, dict):
+            return web.json_response({"title": "Bad Request", "status": 400}, status=400)
         calls.append(body)
         return await answer(body)
 
