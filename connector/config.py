@@ -55,6 +55,13 @@ TEMPLATE_ID = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*"
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
 
 
+def _refuse_credentials(url: str, where: str) -> None:
+    """A URL with ``user:password@`` is refused, masked (the credentials would reach logs
+    and check-config's output); ``where`` says where they go instead."""
+    if _USERINFO.match(url):
+        raise ValueError(f"must not hold credentials ({mask_url(url)}): {where}")
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -243,11 +250,7 @@ class KafkaSettings(_Frozen):
     def _token_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if _USERINFO.match(value):
-            raise ValueError(
-                f"must not hold credentials ({mask_url(value)}): the client secret goes in "
-                "kafka.oauth_client_secret_file"
-            )
+        _refuse_credentials(value, "the client secret goes in kafka.oauth_client_secret_file")
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
         return value
@@ -446,12 +449,9 @@ class ApiSettings(_Frozen):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if _USERINFO.match(value):
-            # the credentials would reach logs and check-config's output: never echo them
-            raise ValueError(
-                f"must not hold credentials ({mask_url(value)}): the API key goes in "
-                f"{ENV_PREFIX}API__API_KEY or api.api_key_file"
-            )
+        _refuse_credentials(
+            value, f"the API key goes in {ENV_PREFIX}API__API_KEY or api.api_key_file"
+        )
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
         if "?" in value or "#" in value:
@@ -464,11 +464,7 @@ class ApiSettings(_Frozen):
     def _proxy_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if _USERINFO.match(value):
-            raise ValueError(
-                f"must not hold credentials ({mask_url(value)}): put user:password in "
-                "api.proxy_auth_file"
-            )
+        _refuse_credentials(value, "put user:password in api.proxy_auth_file")
         if not re.match(r"^http://[^/\s?#]+/?$", value):
             raise ValueError(
                 "must be http://host:port (the proxy is spoken to in plain HTTP; an https:// "
@@ -582,11 +578,11 @@ class SchemaRegistrySettings(_Frozen):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if _USERINFO.match(value):
-            raise ValueError(
-                f"must not hold credentials ({mask_url(value)}): use schema_registry.username "
-                f"and {ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD or schema_registry.password_file"
-            )
+        _refuse_credentials(
+            value,
+            "use schema_registry.username and "
+            f"{ENV_PREFIX}SCHEMA_REGISTRY__PASSWORD or schema_registry.password_file",
+        )
         if not re.match(r"^https?://[^/\s]+", value) or "?" in value or "#" in value:
             raise ValueError("must be an http:// or https:// URL without a query or fragment")
         return value.rstrip("/")
