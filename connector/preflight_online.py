@@ -280,29 +280,23 @@ def _missing_input(topic: str, hidden: bool) -> str:
 
 async def group_check(settings: ConnectorSettings, admin: AIOKafkaAdminClient) -> list[Check]:
     group = settings.kafka.group_id
-    denied = _acl("Describe and Read", "Group", group)
+    refused = [
+        Check(
+            "group",
+            Status.FAIL,
+            f"group {group}: not authorized {_acl('Describe and Read', 'Group', group)}",
+        )
+    ]
     try:
         described = await admin.describe_consumer_groups([group])
         await admin.list_consumer_group_offsets(group)
     except GroupAuthorizationFailedError:
-        return [
-            Check(
-                "group",
-                Status.FAIL,
-                f"group {group}: not authorized {denied}",
-            )
-        ]
+        return refused
     for response in described:
         for entry in response.groups:
             code, state = entry[0], entry[2]
             if code == GroupAuthorizationFailedError.errno:
-                return [
-                    Check(
-                        "group",
-                        Status.FAIL,
-                        f"group {group}: not authorized {denied}",
-                    )
-                ]
+                return refused
             return [
                 Check("group", Status.OK, f"group {group}: described (state {state or 'none'})")
             ]
