@@ -136,22 +136,12 @@ class Parser:
         if fmt.format != "json":
             return await self._data(raw, fmt.format)
         if cloudevents.is_json(attributes.get("datacontenttype")):
-            try:
-                return orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise EventRejected(
-                    Stage.PARSE, f"CloudEvent data is not valid JSON: {exc}", code="invalid_json"
-                ) from exc
+            return _json(raw, "CloudEvent data")
         return raw.decode("utf-8", "replace")
 
     async def _data(self, value: bytes, fmt: str) -> Any:
         if fmt == "json":
-            try:
-                return orjson.loads(value)
-            except orjson.JSONDecodeError as exc:
-                raise EventRejected(
-                    Stage.PARSE, f"value is not valid JSON: {exc}", code="invalid_json"
-                ) from exc
+            return _json(value, "value")
         if len(value) < WIRE_HEADER_BYTES or value[0] != MAGIC_BYTE:
             first = f"0x{value[0]:02x}" if value else "nothing"
             raise schema_error(
@@ -220,3 +210,13 @@ class Parser:
         if len(text) > CORRELATION_ID_MAX or header_value_problem(text) is not None:
             return None
         return text
+
+
+def _json(raw: bytes, what: str) -> Any:
+    """``raw`` parsed as JSON, or the dead letter ``invalid_json`` naming ``what``."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise EventRejected(
+            Stage.PARSE, f"{what} is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
